@@ -1,0 +1,71 @@
+"""Bilevel problems: ``make(name, backend=..., seed=..., dtype=..., **params)``.
+
+Importing this package never imports torch or jax; the backend is loaded by ``make``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from hypersweep.problems.base import DTYPES, Problem, ProblemData  # noqa: F401
+from hypersweep.problems.catalog import PROBLEMS
+from hypersweep.registry import BACKENDS, check_choice
+
+# Parameters every problem accepts, on top of its own (see the catalog).
+COMMON_PARAMS = {"data": None, "inner_lr": None, "w_init": None}
+
+
+def names() -> list[str]:
+    return PROBLEMS.names()
+
+
+def spec(name: str):
+    return PROBLEMS.spec(name)
+
+
+def valid_params(name: str) -> dict[str, Any]:
+    """The keyword parameters ``make`` accepts for ``name``, with their defaults."""
+    return {**PROBLEMS.spec(name).params, **COMMON_PARAMS}
+
+
+def check_params(name: str, params: dict) -> dict:
+    """Merge ``params`` over the defaults; unknown keys raise a ``ValueError``."""
+    allowed = valid_params(name)
+    for key in params:
+        if key not in allowed:
+            raise ValueError(
+                f"Unknown parameter {key!r} for problem {name!r}. "
+                f"Valid choices: {', '.join(sorted(allowed))}"
+            )
+    return {**allowed, **params}
+
+
+def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
+         **params: Any) -> Problem:
+    """Build problem ``name`` for ``backend`` ("jax" or "torch") in ``dtype``.
+
+    Data are generated in numpy from ``seed`` (or read from ``data="path.npz|.parquet"``),
+    so both backends see the same arrays.
+    """
+    problem_spec = PROBLEMS.spec(name)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("dtype", dtype, DTYPES)
+    merged = check_params(name, params)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    module = importlib.import_module(problem_spec.impl)
+    own = {k: v for k, v in merged.items() if k not in ("inner_lr", "w_init")}
+    built: ProblemData = module.build(seed=seed, **own)
+    if merged["inner_lr"] is not None:
+        lr = float(merged["inner_lr"])
+        if not lr > 0:
+            raise ValueError(f"inner_lr must be > 0; got {merged['inner_lr']!r}")
+        built.inner_lr = lr
+    if merged["w_init"] is not None:
+        built.info["w_init"] = merged["w_init"]
+    return Problem(problem_spec, module, built, backend=backend, dtype=dtype, seed=seed,
+                   params=params)
+
+
+__all__ = ["make", "names", "spec", "valid_params", "check_params", "Problem",
+           "ProblemData", "PROBLEMS"]

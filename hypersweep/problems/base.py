@@ -1,0 +1,225 @@
+"""The bound problem instance: one problem module + data + backend + dtype.
+
+A problem *module* (e.g. ``hypersweep/problems/ridge.py``) imports numpy only and
+defines its math once against an ``ops`` namespace:
+
+``build(seed, data=None, **params) -> ProblemData``
+    numpy float64 arrays, hashable static config, λ₀, the inner step η.
+``inner_loss(w, lam, arrays, static, ops)`` / ``outer_loss(w, lam, arrays, static, ops)``
+    scalar losses, identical math in numpy, JAX and PyTorch.
+``inner_grad(w, lam, arrays, static, ops)`` (optional)
+    analytic ∇_w L_in; faster in eager PyTorch than autograd. Checked against autodiff.
+``inner_loss_batch(w, lam, arrays, static, ops, idx)`` / ``outer_loss_batch(...)`` (optional)
+    minibatch losses over the rows ``idx`` (capability ``"minibatch"``; stocbio).
+``exact_inner_solution(lam, arrays, static)`` / ``exact_hypergradient(lam, arrays, static)``
+    float64 numpy oracles (closed form, or Newton to ‖∇‖ ≤ 1e-12 + a direct solve).
+``inner_hessian(w, lam, arrays, static)``
+    dense float64 ∇²_w L_in (w flattened), for the contraction factor and Newton.
+``metrics(w, lam, arrays, static) -> dict``
+    evaluation metrics in float64: ``test_loss`` and ``test_accuracy`` (None if undefined).
+
+This module imports neither torch nor jax: the backend ``ops`` module is loaded lazily.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import ModuleType
+from typing import Any, Mapping
+
+import numpy as np
+
+from hypersweep.registry import BACKENDS, ProblemSpec, check_choice
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class ProblemData:
+    """What a problem module's ``build`` returns (all numpy, float64)."""
+
+    arrays: dict[str, np.ndarray]
+    static: dict[str, Any]
+    lam0: np.ndarray
+    w_shape: tuple[int, ...]
+    inner_lr: float
+    info: dict[str, Any] = field(default_factory=dict)  # free-form description (sizes, source)
+
+
+def load_ops(backend: str) -> ModuleType:
+    if backend == "numpy":
+        return importlib.import_module("hypersweep.problems.numpy_ops")
+    check_choice("backend", backend, BACKENDS)
+    return importlib.import_module(f"hypersweep.problems.{backend}.ops")
+
+
+@dataclass(frozen=True)
+class ProblemFns:
+    """Hashable bundle of a problem's pure functions (a static argument for ``jax.jit``).
+
+    Each method takes the data ``arrays`` explicitly, so one compiled function serves
+    every instance (seed) of the same shapes.
+    """
+
+    module_name: str
+    static_items: tuple
+    backend: str
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.module_name)
+
+    @property
+    def ops(self) -> ModuleType:
+        return load_ops(self.backend)
+
+    @property
+    def static(self) -> dict:
+        return dict(self.static_items)
+
+    @property
+    def has_inner_grad(self) -> bool:
+        return hasattr(self.module, "inner_grad")
+
+    def inner_loss(self, w, lam, arrays):
+        return self.module.inner_loss(w, lam, arrays, self.static, self.ops)
+
+    def outer_loss(self, w, lam, arrays):
+        return self.module.outer_loss(w, lam, arrays, self.static, self.ops)
+
+    def inner_grad(self, w, lam, arrays):
+        """Analytic ∇_w L_in. Backends without it fall back to autodiff themselves."""
+        return self.module.inner_grad(w, lam, arrays, self.static, self.ops)
+
+    def inner_loss_batch(self, w, lam, arrays, idx):
+        return self.module.inner_loss_batch(w, lam, arrays, self.static, self.ops, idx)
+
+    def outer_loss_batch(self, w, lam, arrays, idx):
+        return self.module.outer_loss_batch(w, lam, arrays, self.static, self.ops, idx)
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class Problem:
+    """A bilevel problem bound to data, a backend and a dtype.
+
+    Created by :func:`hypersweep.problems.make`. Everything the estimators need is here:
+    ``fns`` (pure math), ``arrays`` (backend data), ``w_init``, ``inner_lr`` (η), and
+    the float64 numpy oracles.
+    """
+
+    def __init__(self, spec: ProblemSpec, module: ModuleType, built: ProblemData, *,
+                 backend: str, dtype: str, seed: int, params: Mapping[str, Any]):
+        self.spec = spec
+        self.name = spec.name
+        self.module = module
+        self.backend = backend
+        self.dtype = dtype
+        self.seed = seed
+        self.params = dict(params)
+        self.built = built
+        self.ops = load_ops(backend)
+        self.static = dict(built.static)
+        self.arrays_np = built.arrays
+        self.lam_shape = tuple(np.shape(built.lam0))
+        self.w_shape = tuple(built.w_shape)
+        self.inner_lr = float(built.inner_lr)
+        self.fns = ProblemFns(module.__name__, _freeze(self.static), backend)
+        self.capabilities = spec.capabilities
+
+    # -- data on the backend ------------------------------------------------------------
+    @cached_property
+    def arrays(self) -> dict:
+        """The data as backend arrays: floats in ``dtype``, integer labels kept integer."""
+        out = {}
+        for k, v in self.arrays_np.items():
+            v = np.asarray(v)
+            dt = "int64" if np.issubdtype(v.dtype, np.integer) else self.dtype
+            out[k] = self.ops.asarray(v, dt)
+        return out
+
+    @cached_property
+    def w_init(self):
+        w0 = self.built.info.get("w_init")
+        if w0 is None:
+            return self.ops.zeros(self.w_shape, self.dtype)
+        return self.ops.asarray(np.broadcast_to(w0, self.w_shape), self.dtype)
+
+    # -- hyperparameters ---------------------------------------------------------------
+    def initial_hyperparams(self) -> np.ndarray:
+        return np.array(self.built.lam0, dtype=np.float64, copy=True)
+
+    def lam_numpy(self, lam) -> np.ndarray:
+        """λ as float64 numpy, from numpy or a backend array; checks the shape."""
+        arr = self.ops.to_numpy(lam) if not isinstance(lam, np.ndarray) else lam
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.shape != self.lam_shape:
+            if arr.size == 1 and int(np.prod(self.lam_shape)) == 1:
+                arr = arr.reshape(self.lam_shape)
+            else:
+                raise ValueError(
+                    f"lam for problem {self.name!r} must have shape {self.lam_shape} "
+                    f"({self.spec.lam_parametrization}); got shape {arr.shape}"
+                )
+        return arr
+
+    def as_lam(self, lam):
+        """λ as a backend array in this problem's dtype (validated shape)."""
+        return self.ops.asarray(self.lam_numpy(lam), self.dtype)
+
+    # -- the math on the backend --------------------------------------------------------
+    def inner_loss(self, w, lam):
+        return self.fns.inner_loss(w, lam, self.arrays)
+
+    def outer_loss(self, w, lam):
+        return self.fns.outer_loss(w, lam, self.arrays)
+
+    # -- float64 oracles (numpy) ---------------------------------------------------------
+    def exact_inner_solution(self, lam) -> np.ndarray:
+        return np.asarray(self.module.exact_inner_solution(
+            self.lam_numpy(lam), self.arrays_np, self.static), dtype=np.float64)
+
+    def exact_hypergradient(self, lam) -> np.ndarray:
+        return np.asarray(self.module.exact_hypergradient(
+            self.lam_numpy(lam), self.arrays_np, self.static), dtype=np.float64)
+
+    def value(self, lam) -> float:
+        """F(λ) = L_out(w*(λ), λ) in float64."""
+        lam_np = self.lam_numpy(lam)
+        w = self.exact_inner_solution(lam_np)
+        return float(self.module.outer_loss(w, lam_np, self.arrays_np, self.static,
+                                            load_ops("numpy")))
+
+    def outer_loss_np(self, w, lam) -> float:
+        """L_out(w, λ) in float64 numpy for any w (e.g. an estimator's w_t)."""
+        return float(self.module.outer_loss(
+            np.asarray(self.ops.to_numpy(w)), self.lam_numpy(lam), self.arrays_np,
+            self.static, load_ops("numpy")))
+
+    def metrics(self, w, lam) -> dict:
+        """``val_loss``, ``test_loss``, ``test_accuracy`` (None where undefined), float64."""
+        w_np = np.asarray(self.ops.to_numpy(w), dtype=np.float64)
+        lam_np = self.lam_numpy(lam)
+        out = {"val_loss": float(self.module.outer_loss(
+            w_np, lam_np, self.arrays_np, self.static, load_ops("numpy")))}
+        out.update(self.module.metrics(w_np, lam_np, self.arrays_np, self.static))
+        return out
+
+    def contraction_factor(self, lam=None) -> float:
+        """q = max |1 − η·eig(∇²_w L_in(w*, λ))|: the rate of Φ near w* (q < 1: contraction)."""
+        lam_np = self.initial_hyperparams() if lam is None else self.lam_numpy(lam)
+        w = self.exact_inner_solution(lam_np)
+        H = self.module.inner_hessian(w, lam_np, self.arrays_np, self.static)
+        eig = np.linalg.eigvalsh(0.5 * (H + H.T))
+        return float(np.max(np.abs(1.0 - self.inner_lr * eig)))
+
+    def __repr__(self) -> str:
+        return (f"Problem({self.name!r}, backend={self.backend!r}, dtype={self.dtype!r}, "
+                f"seed={self.seed}, w_shape={self.w_shape}, lam_shape={self.lam_shape})")
