@@ -65,3 +65,11 @@ where = np.where
 einsum = np.einsum
 eye = np.eye
 reshape = np.reshape
+
+
+def device_name() -> str:
+    return "cpu"
+
+
+def block(x):
+    return x

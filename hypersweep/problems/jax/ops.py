@@ -59,3 +59,15 @@ where = jnp.where
 einsum = jnp.einsum
 eye = jnp.eye
 reshape = jnp.reshape
+
+
+def device_name() -> str:
+    """Where JAX computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return "cpu"
+    return f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
+
+
+def block(x):
+    return jax.block_until_ready(x)

@@ -77,3 +77,17 @@ sqrt = torch.sqrt
 where = torch.where
 einsum = torch.einsum
 reshape = torch.reshape
+
+
+def device_name() -> str:
+    """Where torch computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
+    dev = device()
+    if dev.type == "cpu":
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+
+
+def block(x):
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+    return x

@@ -1,0 +1,156 @@
+"""A cell — (problem, algorithm, backend, K, t, seed) of a study — and ``run_cell``.
+
+``run_cell`` is a plain function, runnable without Ray: it dispatches to the cell's
+pipeline, times it, and turns exceptions and non-finite numbers into statuses. The Ray
+actor (``actors.py``) is a thin shell around it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hypersweep import __version__
+from hypersweep.orchestrator.schema import empty_row, empty_trace
+from hypersweep.registry import load_object
+
+PIPELINES = {
+    "hypergradient_error": "hypersweep.pipelines.hypergradient_error:run",
+    "hpo": "hypersweep.pipelines.hpo:run",
+    "blackbox": "hypersweep.pipelines.blackbox:run",
+}
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work. ``K`` is None for algorithms that do not use K."""
+
+    study: str
+    pipeline: str
+    problem: str
+    algorithm: str
+    backend: str
+    t: int
+    K: int | None
+    seed: int
+    dtype: str = "float64"
+    problem_params: str = "{}"     # canonical JSON (hashable, stable)
+    algorithm_params: str = "{}"
+    pipeline_params: str = "{}"
+    cell_id: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if not self.cell_id:
+            object.__setattr__(self, "cell_id", make_cell_id(self))
+
+    @property
+    def problem_kwargs(self) -> dict:
+        return json.loads(self.problem_params)
+
+    @property
+    def algorithm_kwargs(self) -> dict:
+        return json.loads(self.algorithm_params)
+
+    @property
+    def pipeline_kwargs(self) -> dict:
+        return json.loads(self.pipeline_params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def shape_key(self) -> tuple:
+        """Cells with the same key reuse compiled functions inside an actor."""
+        return (self.problem, self.problem_params, self.backend, self.dtype)
+
+
+def make_cell_id(cell: "Cell") -> str:
+    """Readable and deterministic: ``problem-algorithm-backend-t-K-seed-<hash of params>``."""
+    fields = (cell.study, cell.pipeline, cell.problem, cell.algorithm, cell.backend, cell.t,
+              cell.K, cell.seed, cell.dtype, cell.problem_params, cell.algorithm_params,
+              cell.pipeline_params)
+    digest = hashlib.blake2b(canonical_json(fields).encode(), digest_size=4).hexdigest()
+    k = "-" if cell.K is None else str(cell.K)
+    return (f"{cell.problem}.{cell.algorithm}.{cell.backend}.t{cell.t}.K{k}.s{cell.seed}"
+            f".{digest}")
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline's ``run(cell)`` returns: row metrics and optional per-step traces.
+
+    ``metrics`` keys are result-schema columns (hypergrad_rel_error, val_loss, ...);
+    unknown keys go to the ``extra`` JSON column. ``device`` says where it ran.
+    """
+
+    metrics: dict
+    traces: list = field(default_factory=list)
+    device: str = "cpu"
+
+
+def _finite(value) -> bool:
+    return not (isinstance(value, float) and (math.isnan(value) or math.isinf(value)))
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
+    """Run one cell; return (result row, trace rows). Never raises for cell failures."""
+    row = empty_row()
+    row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
+               problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
+               dtype=cell.dtype, K=cell.K, t=cell.t, seed=cell.seed, attempt=attempt,
+               hostname=socket.gethostname(), hypersweep_version=__version__,
+               problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
+               pipeline_params=cell.pipeline_params)
+    row["started_at"] = _now()
+    t0 = time.perf_counter()
+    traces: list[dict] = []
+    try:
+        run = load_object(PIPELINES[cell.pipeline])
+        result: PipelineResult = run(cell)
+        extra = {}
+        for key, value in result.metrics.items():
+            if key in row and key not in ("study", "cell_id"):
+                row[key] = value
+            else:
+                extra[key] = value
+        row["extra"] = canonical_json(extra) if extra else None
+        row["device"] = result.device
+        traces = []
+        for step_row in result.traces:
+            tr = empty_trace()
+            tr.update(study=cell.study, cell_id=cell.cell_id)
+            tr.update({k: v for k, v in step_row.items() if k in tr})
+            traces.append(tr)
+        watched = ("hypergrad_rel_error", "hypergrad_abs_error", "hypergrad_norm",
+                   "val_loss", "inner_suboptimality")
+        bad = [k for k in watched if row[k] is not None and not _finite(float(row[k]))]
+        if bad:
+            row["status"] = "diverged"
+            row["error_message"] = f"non-finite {', '.join(bad)}"
+        else:
+            row["status"] = "ok"
+    except Exception as exc:  # a failing cell is recorded, never fatal for the sweep
+        row["status"] = "error"
+        msg = f"{type(exc).__name__}: {exc}".strip()
+        row["error_message"] = msg[:2000]
+        row["extra"] = canonical_json({"traceback": traceback.format_exc(limit=8)[-4000:]})
+    row["wall_time_s"] = row["wall_time_s"] if row["wall_time_s"] is not None else (
+        time.perf_counter() - t0)
+    row["finished_at"] = _now()
+    if row["device"] is None:
+        row["device"] = os.environ.get("HYPERSWEEP_DEVICE", "cpu")
+    return row, traces

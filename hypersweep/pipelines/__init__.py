@@ -1,0 +1,3 @@
+"""What is measured and shown: hypergradient-error studies, HPO, black-box baselines,
+regression benchmarks and reports. Each pipeline module has ``run(cell) -> PipelineResult``.
+"""

@@ -1,0 +1,66 @@
+"""Hypergradient-error pipeline: one estimate at a fixed λ, compared with the exact oracle.
+
+Per cell: relative/absolute error ‖ĝ − ∇F‖ (/‖∇F‖), ‖ĝ‖, inner suboptimality ‖w_t − w*‖,
+val/test metrics at w_t, wall time (after warm-up), compile time (first call minus a
+warm call, the first time this process sees the (algorithm, shapes, t-bucket)), peak extra
+heap during the call, and the evaluation counts the estimator reports.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hypersweep import algorithms
+from hypersweep.orchestrator.cell import PipelineResult
+from hypersweep.pipelines._measure import PeakHeap, timed
+from hypersweep.pipelines.common import fixed_lam, next_pow2, oracle, problem_for
+
+_WARM: set = set()
+
+
+def run(cell) -> PipelineResult:
+    problem = problem_for(cell)
+    params = cell.pipeline_kwargs
+    lam = fixed_lam(problem, params)
+    estimator = algorithms.get(cell.algorithm, cell.backend)
+    kwargs = dict(t=cell.t, K=cell.K, seed=cell.seed, **cell.algorithm_kwargs)
+    lam_b = problem.as_lam(lam)
+    block = problem.ops.block
+
+    def call():
+        return estimator(problem, lam_b, **kwargs)
+
+    key = (cell.algorithm, cell.algorithm_params, cell.shape_key(), next_pow2(cell.t))
+    compile_time = 0.0
+    if key not in _WARM:
+        _, first = timed(call, lambda r: block(r.hypergrad))
+        _WARM.add(key)
+        with PeakHeap() as mem:
+            result, wall = timed(call, lambda r: block(r.hypergrad))
+        compile_time = max(0.0, first - wall)
+    else:
+        with PeakHeap() as mem:
+            result, wall = timed(call, lambda r: block(r.hypergrad))
+
+    g = problem.ops.to_numpy(result.hypergrad)
+    g_star, w_star = oracle(problem, lam)
+    w_t = problem.ops.to_numpy(result.w_t)
+    abs_err = float(np.linalg.norm(g - g_star))
+    ref = float(np.linalg.norm(g_star))
+    metrics = dict(
+        hypergrad_abs_error=abs_err,
+        hypergrad_rel_error=abs_err / ref if ref > 0 else abs_err,
+        hypergrad_norm=float(np.linalg.norm(g)),
+        inner_suboptimality=float(np.linalg.norm(w_t - w_star)),
+        wall_time_s=wall,
+        compile_time_s=compile_time,
+        peak_memory_mb=mem.peak_mb,
+        n_inner_grad_evals=int(result.n_inner_grad_evals),
+        n_hvp_evals=int(result.n_hvp_evals),
+        solver_iters=None if result.solver_iters is None else int(result.solver_iters),
+        exact_hypergrad_norm=ref,
+    )
+    if np.all(np.isfinite(w_t)):
+        metrics.update(problem.metrics(w_t, lam))
+    else:
+        metrics["val_loss"] = float("nan")
+    return PipelineResult(metrics=metrics, device=problem.ops.device_name())
