@@ -20,8 +20,8 @@ PROBLEMS.register(ProblemSpec(
     impl="hypersweep.problems.logreg",
     lam_parametrization="h = log λ, one per feature (penalty ½ Σ exp(h_i) w_i²)",
     capabilities=frozenset({"minibatch"}),
-    params=dict(dataset="synthetic", n_train=200, n_val=200, n_test=200, n_features=20,
-                lam0=-2.0),
+    params=dict(dataset="synthetic", n_train=200, n_val=150, n_test=150, n_features=20,
+                lam0=-2.0),  # 500 examples: fits breast_cancer's 569
 ))
 PROBLEMS.register(ProblemSpec(
     name="kernel_ridge",
@@ -67,5 +67,5 @@ PROBLEMS.register(ProblemSpec(
     impl="hypersweep.problems.quadratic",
     lam_parametrization="λ ∈ R^p enters the inner linear term, no transform",
     capabilities=frozenset({"closed_form"}),
-    params=dict(dim_inner=20, dim_outer=5, cond=10.0, mu=1.0),
+    params=dict(dim_inner=20, dim_outer=5, cond=10.0, mu=1.0, rho=0.01),
 ))

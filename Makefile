@@ -1,0 +1,35 @@
+# The two commands (see README): `make demo` and `make test`. Both are idempotent:
+# they create .venv at the repository root on first use and reinstall only when
+# pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Loopback-only local Ray, no token prompt, no usage stats, no MLflow telemetry.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject: here it resolves to the CPU wheel on disk.
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hypersweep run configs/demo.yaml
+	$(BIN)/hypersweep report results/demo --out results/demo/report
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results .pytest_cache

@@ -1,0 +1,162 @@
+"""Iterative differentiation (ITD) and its truncations in JAX.
+
+w_t = Φ^t(w_init) with Φ(w, λ) = w − η ∇_w L_in(w, λ); the target is the exact derivative
+of λ ↦ L_out(w_t(λ), λ) through the t steps.
+
+Reverse mode (``itd``, ``tbptt``, ``one_step``). Reverse-mode autodiff cannot go through a
+``while_loop`` of traced length, so the pass is written by hand:
+
+* forward: ``lax.fori_loop`` over the traced t, writing w_s into a trajectory buffer of
+  static length ``bucket`` (ring buffer: slot s mod bucket);
+* reverse, over the traced number n of steps to differentiate through (n = t for ITD,
+  min(K, t) for TBPTT)::
+
+      p = ∇_w L_out(w_t, λ);  h = ∇_λ L_out(w_t, λ)
+      for s = t−1, …, t−n:  (p, dλ) = vjp of Φ at (w_s, λ) applied to p;  h += dλ
+
+  and h is returned (steps before t − n are treated as constant in λ).
+
+``bucket`` is the next power of two ≥ n, so the compilation cache key is
+(problem functions, array shapes/dtypes, bucket): at most one compilation per power-of-two
+bucket of n, and memory O(bucket · dim w) ≤ O(2 n · dim w).
+
+Forward mode (``itd_forward``) propagates Z_s = dw_s/dλ and needs no buffer (t traced,
+one compilation for every t), at dim λ Jacobian-vector products per step.
+
+Counting convention (``Hypergrad``): ``n_inner_grad_evals`` = t (the forward steps);
+``n_hvp_evals`` = reverse steps (one vjp of Φ each, which re-linearizes g at the stored
+w_s as part of that product), or t · dim λ jvps for forward mode.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.jax import _core
+
+
+@functools.partial(jax.jit, static_argnames=("fns", "bucket"))
+def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
+    _core.note_trace(f"itd_reverse[bucket={bucket}]")
+
+    def forward_step(s, carry):
+        w, trajectory = carry
+        trajectory = lax.dynamic_update_index_in_dim(trajectory, w, s % bucket, 0)
+        return _core.phi(fns, w, lam, arrays, eta), trajectory
+
+    trajectory = jnp.zeros((bucket,) + w0.shape, w0.dtype)
+    w_t, trajectory = lax.fori_loop(0, t, forward_step, (w0, trajectory))
+    p, h = _core.outer_grads(fns, w_t, lam, arrays)
+
+    def reverse_step(j, carry):
+        p, h = carry
+        w_s = lax.dynamic_index_in_dim(trajectory, (t - 1 - j) % bucket, 0, keepdims=False)
+        _, vjp_phi = jax.vjp(lambda w, lam_: _core.phi(fns, w, lam_, arrays, eta), w_s, lam)
+        p, d_lam = vjp_phi(p)
+        return p, h + d_lam
+
+    _, h = lax.fori_loop(0, n_rev, reverse_step, (p, h))
+    return h, w_t
+
+
+def _run_reverse(problem, lam, t: int, n_rev: int, extras: dict | None = None) -> Hypergrad:
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    bucket = _core.next_pow2(n_rev)
+    hypergrad, w_t = jax.block_until_ready(_reverse(
+        fns, bucket, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
+        jnp.asarray(n_rev, jnp.int32)))
+    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
+                     n_hvp_evals=n_rev, solver_iters=None,
+                     extras={"bucket": bucket, **(extras or {})})
+
+
+def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """Iterative differentiation, reverse mode: d/dλ L_out(w_t(λ), λ) exactly.
+
+    t: inner steps, all differentiated through. K, seed: unused.
+    Cost: t gradient steps forward, t vjps of Φ backward (``n_hvp_evals`` = t); memory
+    O(bucket · dim w), bucket = next power of two ≥ t (one compilation per bucket).
+    References: Maclaurin et al. 2015; Franceschi et al. 2017.
+    """
+    return _run_reverse(problem, lam, t, t)
+
+
+def tbptt(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
+    """Truncated back-propagation: reverse mode through the last min(K, t) of the t steps.
+
+    t: inner steps. K: truncation length; w_{t−K} is treated as constant in λ.
+    K ≥ t gives ``itd``; K = 0 gives ``first_order``; K = 1 gives ``one_step``.
+    Cost: t gradient steps, min(K, t) vjps of Φ; memory O(bucket · dim w) with bucket =
+    next power of two ≥ min(K, t) (one compilation per bucket). Reference: Shaban et al. 2019.
+    """
+    return _run_reverse(problem, lam, t, min(K, t))
+
+
+def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """One-step: ∇_λ L_out(w_t, λ) + ∂_λΦ(w_{t−1}, λ)ᵀ ∇_w L_out(w_t, λ) (= tbptt, K = 1).
+
+    t: inner steps. K, seed: unused. Cost: t gradient steps, 1 vjp of Φ.
+    References: Luketina et al. 2016; Baydin et al. 2018.
+    """
+    return _run_reverse(problem, lam, t, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("fns",))
+def _first_order(fns, w0, lam, arrays, eta, t):
+    _core.note_trace("first_order")
+    w_t = _core.run_inner(fns, w0, lam, arrays, eta, t)
+    return _core.outer_grads(fns, w_t, lam, arrays)[1], w_t
+
+
+def first_order(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """First-order estimate ∇_λ L_out(w_t, λ): the dependence of w_t on λ is dropped.
+
+    t: inner steps. K, seed: unused. Cost: t gradient steps, no Hessian products.
+    References: Finn et al. 2017 (FOMAML); Nichol et al. 2018.
+    """
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    hypergrad, w_t = jax.block_until_ready(
+        _first_order(fns, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32)))
+    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t, n_hvp_evals=0)
+
+
+@functools.partial(jax.jit, static_argnames=("fns",))
+def _forward(fns, w0, lam, arrays, eta, t):
+    _core.note_trace("itd_forward")
+    n_lam = lam.size
+    # Basis directions e_i of λ-space, one per vmapped tangent.
+    directions = jnp.eye(n_lam, dtype=lam.dtype).reshape((n_lam,) + lam.shape)
+    Z0 = jnp.zeros((n_lam,) + w0.shape, w0.dtype)
+
+    def step(s, carry):
+        w, Z = carry
+        # Z_{s+1} e = ∂_wΦ(w_s) Z_s e + ∂_λΦ(w_s) e, one linearization for all directions.
+        w_next, phi_jvp = jax.linearize(
+            lambda w_, lam_: _core.phi(fns, w_, lam_, arrays, eta), w, lam)
+        return w_next, jax.vmap(phi_jvp)(Z, directions)
+
+    w_t, Z = lax.fori_loop(0, t, step, (w0, Z0))
+    _, out_jvp = jax.linearize(lambda w_, lam_: fns.outer_loss(w_, lam_, arrays), w_t, lam)
+    return jax.vmap(out_jvp)(Z, directions).reshape(lam.shape), w_t
+
+
+def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """Iterative differentiation in forward mode; equals ``itd`` up to rounding.
+
+    Propagates Z_s = dw_s/dλ (one tangent per basis direction of λ, vmapped) through the t
+    steps, then hypergrad_i = ∇_w L_out(w_t)·Z_t e_i + ∂_λ L_out(w_t)·e_i.
+    t: inner steps. K, seed: unused.
+    Cost: t gradient steps and t · dim λ Jacobian-vector products (``n_hvp_evals``);
+    memory O(dim λ · dim w), independent of t; one compilation for every t.
+    Reference: Franceschi et al. 2017 (forward-mode / RTHO).
+    """
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    hypergrad, w_t = jax.block_until_ready(
+        _forward(fns, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32)))
+    n_lam = int(hypergrad.size)
+    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
+                     n_hvp_evals=t * n_lam)

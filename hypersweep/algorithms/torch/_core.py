@@ -1,0 +1,239 @@
+"""Shared PyTorch pieces of the hypergradient estimators.
+
+Conventions (the JAX backend uses the same ones):
+
+* ``g(w, λ) = ∇_w L_in(w, λ)``: the problem's analytic ``inner_grad`` when it has one
+  (plain tensor ops: no autograd overhead in the inner loop, still differentiable by
+  autograd), else ``torch.func.grad`` of ``inner_loss``. Both compose with autograd and
+  with ``torch.func`` transforms.
+* ``Φ(w, λ) = w − η g(w, λ)``, ``w_t = Φ^t(w_init)``.
+* The adjoint system is ``(I − ∂_wΦ(w_t))ᵀ v = ∇_w L_out(w_t, λ)``, i.e. ``η H v = rhs``
+  with ``H = ∇²_w L_in(w_t, λ)``, and ``∂_λΦ(w_t, λ)ᵀ v = −η (∂_λ g)ᵀ v``.
+* Solvers take a ``matvec`` and iterate on tensors of any shape. Their stop criterion is
+  evaluated on the device every iteration; once met, the iterate is frozen with
+  ``torch.where`` so the result is what a per-iteration check gives. The host only reads
+  the ``done`` flag every :func:`sync_every` iterations (1 on CPU, where reading is free;
+  8 on accelerators, to avoid a GPU→CPU sync per iteration), so up to 7 extra, discarded
+  matvecs may run on a GPU. Reported iteration counts are the iterations that changed the
+  iterate, identical on every device.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+GradFn = Callable[[Tensor, Tensor], Tensor]
+MatVec = Callable[[Tensor], Tensor]
+
+
+# -- the inner map -------------------------------------------------------------------------
+def inner_grad_fn(problem) -> GradFn:
+    """``g(w, λ) = ∇_w L_in(w, λ)`` as a pure function of ``(w, λ)`` (data bound)."""
+    fns, arrays = problem.fns, problem.arrays
+    if fns.has_inner_grad:
+        return lambda w, lam: fns.inner_grad(w, lam, arrays)
+    return torch.func.grad(lambda w, lam: fns.inner_loss(w, lam, arrays))
+
+
+def batch_inner_grad_fn(problem) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``g^B(w, λ, idx) = ∇_w L_in^B(w, λ)`` over the training rows ``idx`` (autodiff)."""
+    fns, arrays = problem.fns, problem.arrays
+    return torch.func.grad(lambda w, lam, idx: fns.inner_loss_batch(w, lam, arrays, idx))
+
+
+def run_inner(grad_fn: GradFn, w0: Tensor, lam: Tensor, eta: float, steps: int) -> Tensor:
+    """``Φ^steps(w0)`` without building a graph; updates one buffer in place."""
+    w = w0.detach().clone()
+    lam = lam.detach()
+    with torch.no_grad():
+        for _ in range(steps):
+            w.sub_(grad_fn(w, lam), alpha=eta)
+    return w
+
+
+def unroll(grad_fn: GradFn, w0: Tensor, lam: Tensor, eta: float, steps: int) -> Tensor:
+    """``Φ^steps(w0)`` with the autograd graph kept (memory O(steps · dim w))."""
+    w = w0
+    with torch.enable_grad():
+        for _ in range(steps):
+            w = w - eta * grad_fn(w, lam)
+    return w
+
+
+# -- derivatives at a point -----------------------------------------------------------------
+def outer_grads(problem, w: Tensor, lam: Tensor, idx: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """``(∇_w L_out(w, λ), ∇_λ L_out(w, λ))``, detached; zeros where L_out ignores λ.
+
+    With ``idx``: the minibatch loss ``L_out^B`` over those validation rows.
+    """
+    w_ = w.detach().requires_grad_(True)
+    lam_ = lam.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if idx is None:
+            loss = problem.fns.outer_loss(w_, lam_, problem.arrays)
+        else:
+            loss = problem.fns.outer_loss_batch(w_, lam_, problem.arrays, idx)
+        gw, glam = torch.autograd.grad(loss, (w_, lam_), allow_unused=True,
+                                       materialize_grads=True)
+    return gw.detach(), glam.detach()
+
+
+class Linearization:
+    """The graph of ``g(w, λ)`` built once at a point and reused by every VJP.
+
+    ``hvp(v) = H v = (∂_w g)ᵀ v`` (H is symmetric) and ``cross(v) = (∂_λ g)ᵀ v``; each
+    is one reverse pass through the retained graph (one HVP in the counts).
+    """
+
+    def __init__(self, grad_fn: GradFn, w: Tensor, lam: Tensor):
+        self.w = w.detach().requires_grad_(True)
+        self.lam = lam.detach().requires_grad_(True)
+        with torch.enable_grad():
+            self.g = grad_fn(self.w, self.lam)
+
+    def _vjp(self, wrt: Tensor, v: Tensor) -> Tensor:
+        if not self.g.requires_grad:  # g does not depend on w or λ at all
+            return torch.zeros_like(wrt)
+        (out,) = torch.autograd.grad(self.g, wrt, grad_outputs=v, retain_graph=True,
+                                     allow_unused=True, materialize_grads=True)
+        return out
+
+    def hvp(self, v: Tensor) -> Tensor:
+        return self._vjp(self.w, v)
+
+    def cross(self, v: Tensor) -> Tensor:
+        return self._vjp(self.lam, v)
+
+    def dense_hessian(self) -> Tensor:
+        """``∂_w g`` as a (dim w, dim w) matrix: dim w VJPs, batched when autograd can."""
+        n = self.w.numel()
+        basis = torch.eye(n, dtype=self.w.dtype, device=self.w.device)
+        basis = basis.reshape((n,) + tuple(self.w.shape))
+        if not self.g.requires_grad:
+            return torch.zeros(n, n, dtype=self.w.dtype, device=self.w.device)
+        try:
+            (rows,) = torch.autograd.grad(self.g, self.w, grad_outputs=basis,
+                                          retain_graph=True, is_grads_batched=True,
+                                          allow_unused=True, materialize_grads=True)
+        except RuntimeError:  # an op without a batching rule: one VJP per basis vector
+            rows = torch.stack([self.hvp(e) for e in basis])
+        return rows.reshape(n, n)
+
+
+# -- linear solvers on a matvec ------------------------------------------------------------
+def sync_every(device: torch.device) -> int:
+    """How often (in iterations) a solver reads its stop flag on the host."""
+    return 1 if device.type == "cpu" else 8
+
+
+class SolveResult(NamedTuple):
+    x: Tensor
+    iters: int      # iterations that changed the iterate (the algorithmic count)
+    matvecs: int    # matvecs computed, including discarded ones after convergence
+
+
+def _norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float) -> SolveResult:
+    """At most ``max_iter`` CG steps on ``A x = b`` (A symmetric positive definite) from 0.
+
+    Stops when ``‖r‖ ≤ tol·‖b‖`` (recursive residual), or — instead of dividing by a
+    vanishing or negative number — when ``pᵀAp`` is not a positive finite number (A not
+    positive definite along p, or the residual underflowed): the last finite iterate is
+    returned, so float32 runs with a large budget never produce NaN.
+    """
+    every = sync_every(b.device)
+    tiny = torch.finfo(b.dtype).tiny
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = _dot(r, r)
+    threshold = tol * _norm(b)
+    done = _norm(r) <= threshold
+    iters = torch.zeros((), dtype=torch.int64, device=b.device)
+    matvecs = 0
+    for k in range(max_iter):
+        if k % every == 0 and bool(done):
+            break
+        Ap = matvec(p)
+        matvecs += 1
+        pAp = _dot(p, Ap)
+        ok = (~done) & torch.isfinite(pAp) & (pAp > tiny)
+        alpha = torch.where(ok, rs / torch.where(ok, pAp, torch.ones_like(pAp)),
+                            torch.zeros_like(pAp))
+        ok = ok & torch.isfinite(alpha)
+        x = torch.where(ok, x + alpha * p, x)
+        r = r - alpha * Ap
+        rs_new = _dot(r, r)
+        beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)),
+                           torch.zeros_like(rs))
+        p = r + beta * p
+        rs = torch.where(ok, rs_new, rs)
+        iters = iters + ok.to(torch.int64)
+        # ~ok covers "pᵀAp ≤ 0 / not finite": stop there rather than divide by it.
+        done = done | ~ok | (torch.sqrt(rs_new) <= threshold)
+    return SolveResult(x, int(iters), matvecs)
+
+
+def fixed_point(contraction: MatVec, b: Tensor, *, max_iter: int, tol: float) -> SolveResult:
+    """At most ``max_iter`` steps of ``v_{k+1} = M v_k + b`` from ``v_0 = 0``.
+
+    ``contraction(v) = M v`` (for AID, ``M = ∂_wΦᵀ = I − ηH``). Stops after the first step
+    with ``‖v_{k+1} − v_k‖ ≤ tol·‖b‖``. The first step, ``v_1 = b``, needs no matvec, so
+    ``iters`` steps cost ``iters − 1`` matvecs.
+    """
+    if max_iter == 0:
+        return SolveResult(torch.zeros_like(b), 0, 0)
+    every = sync_every(b.device)
+    threshold = tol * _norm(b)
+    v = b.clone()
+    done = _norm(b) <= threshold  # ‖v_1 − v_0‖ = ‖b‖
+    iters = torch.ones((), dtype=torch.int64, device=b.device)
+    matvecs = 0
+    for k in range(1, max_iter):
+        if k % every == 0 and bool(done):
+            break
+        v_new = contraction(v) + b
+        matvecs += 1
+        active = ~done
+        step = _norm(v_new - v)
+        v = torch.where(active, v_new, v)
+        iters = iters + active.to(torch.int64)
+        done = done | (step <= threshold)
+    return SolveResult(v, int(iters), matvecs)
+
+
+def neumann_series(contraction: MatVec, b: Tensor, *, n_terms: int, tol: float) -> SolveResult:
+    """``Σ_{j=0}^{n_terms} M^j b`` (the first ``n_terms + 1`` terms), one matvec a term.
+
+    Stops after adding the first term with ``‖M^j b‖ ≤ tol·‖b‖``. Since the fixed-point
+    iterates are the partial sums, ``v_{k+1} = Σ_{j≤k} M^j b``, this equals
+    :func:`fixed_point` with ``max_iter = n_terms + 1`` (same stop rule, one fewer
+    iteration reported: ``iters`` counts added terms beyond ``b``).
+    """
+    every = sync_every(b.device)
+    threshold = tol * _norm(b)
+    v = b.clone()
+    term = b
+    done = _norm(b) <= threshold
+    iters = torch.zeros((), dtype=torch.int64, device=b.device)
+    matvecs = 0
+    for k in range(n_terms):
+        if k % every == 0 and bool(done):
+            break
+        term = contraction(term)
+        matvecs += 1
+        active = ~done
+        v = torch.where(active, v + term, v)
+        iters = iters + active.to(torch.int64)
+        done = done | (_norm(term) <= threshold)
+    return SolveResult(v, int(iters), matvecs)

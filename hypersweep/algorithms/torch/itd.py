@@ -1,0 +1,122 @@
+"""Iterative differentiation in PyTorch: itd, itd_forward, tbptt, first_order, one_step.
+
+All differentiate ``L_out(w_t(λ), λ)`` with ``w_t = Φ^t(w_init)``, ``Φ(w, λ) = w − η g(w, λ)``,
+``g = ∇_w L_in`` (see :mod:`hypersweep.algorithms.torch._core`); ``w_init`` does not depend
+on λ. Counts: ``n_inner_grad_evals`` = t (the forward steps; a reverse pass reuses the
+recorded graph, no replay); ``n_hvp_evals`` = the number of step Jacobian products: one
+VJP per step differentiated in reverse mode, one JVP per (step, direction of λ) in
+forward mode, +1 for the single VJP of ``one_step``.
+"""
+from __future__ import annotations
+
+import torch
+
+from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.torch import _core
+
+
+def _reverse_through_last(problem, lam, t: int, k: int) -> Hypergrad:
+    """Run t − k steps without a graph, then k recorded steps, then one reverse pass."""
+    g = _core.inner_grad_fn(problem)
+    eta = problem.inner_lr
+    w_start = _core.run_inner(g, problem.w_init, lam, eta, t - k)
+    if k == 0:
+        _, grad_lam = _core.outer_grads(problem, w_start, lam)
+        return Hypergrad(grad_lam, w_start, t, 0, None, {})
+    lam_ = lam.detach().requires_grad_(True)
+    with torch.enable_grad():
+        w_t = _core.unroll(g, w_start, lam_, eta, k)
+        loss = problem.fns.outer_loss(w_t, lam_, problem.arrays)
+        (hypergrad,) = torch.autograd.grad(loss, lam_, allow_unused=True,
+                                           materialize_grads=True)
+    return Hypergrad(hypergrad.detach(), w_t.detach(), t, k, None, {})
+
+
+def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """Iterative differentiation (reverse mode through all t inner steps).
+
+    Exact derivative of ``λ ↦ L_out(Φ^t(w_init, λ), λ)``: the t steps are recorded by
+    autograd (``g`` differentiable: analytic ``inner_grad`` needs no double backward)
+    and one ``torch.autograd.grad`` call walks them back. K is unused.
+
+    Cost: t inner gradients forward, t step VJPs backward; memory O(t · dim w).
+    References: Maclaurin et al. 2015; Franceschi et al. 2017; Grazzi et al. 2020.
+    """
+    return _reverse_through_last(problem, lam, t, t)
+
+
+def tbptt(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
+    """Truncated back-propagation: reverse mode through the last ``min(K, t)`` steps only.
+
+    The first ``t − K`` steps run without a graph and ``w_{t−K}`` is treated as a constant.
+    ``K ≥ t`` is :func:`itd`; ``K = 0`` is :func:`first_order`.
+
+    Cost: t inner gradients, min(K, t) step VJPs; memory O(min(K, t) · dim w).
+    Reference: Shaban et al. 2019.
+    """
+    return _reverse_through_last(problem, lam, t, min(K, t))
+
+
+def first_order(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """First-order estimate ``∇_λ L_out(w_t, λ)`` (w_t treated as a constant). K is unused.
+
+    Cost: t inner gradients, one gradient of L_out, no HVP.
+    References: Finn et al. 2017 (FOMAML); Nichol et al. 2018.
+    """
+    return _reverse_through_last(problem, lam, t, 0)
+
+
+def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """One-step estimate ``∇_λ L_out(w_t, λ) + ∂_λΦ(w_{t−1}, λ)ᵀ ∇_w L_out(w_t, λ)``.
+
+    Equal to ``tbptt(K=1)`` (and to ``itd`` at t = 1), computed here with a single VJP of
+    ``g`` at ``w_{t−1}``: ``∂_λΦ(w_{t−1})ᵀ u = −η (∂_λ g(w_{t−1}))ᵀ u``. K is unused.
+
+    Cost: t inner gradients, one VJP.
+    References: Luketina et al. 2016; Baydin et al. 2018.
+    """
+    g = _core.inner_grad_fn(problem)
+    eta = problem.inner_lr
+    w_prev = _core.run_inner(g, problem.w_init, lam, eta, t - 1)
+    lin = _core.Linearization(g, w_prev, lam)
+    w_t = (lin.w - eta * lin.g).detach()
+    grad_w, grad_lam = _core.outer_grads(problem, w_t, lam)
+    hypergrad = grad_lam - eta * lin.cross(grad_w)
+    return Hypergrad(hypergrad.detach(), w_t, t, 1, None, {})
+
+
+def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
+    """Iterative differentiation in forward mode.
+
+    Propagates the tangents ``Z_s = ∂w_s/∂λ`` (one per basis direction e_j of λ, stacked
+    first) with ``Z_{s+1} = ∂_wΦ Z_s + ∂_λΦ e_j``, ``Z_0 = 0``: one ``torch.func.jvp`` of Φ
+    per step, ``vmap``-ed over the dim λ directions. Then
+    ``∇F_j = ∇_λ L_out(w_t)_j + ⟨Z_t[j], ∇_w L_out(w_t)⟩``. Equals :func:`itd`. K is unused.
+
+    Cost: t inner gradients, t · dim λ JVPs (batched), memory O(dim λ · dim w) — no growth
+    with t. Reference: Franceschi et al. 2017 (forward-mode RTHO).
+    """
+    g = _core.inner_grad_fn(problem)
+    eta = problem.inner_lr
+    lam = lam.detach()
+    n_lam = lam.numel()
+    directions = torch.eye(n_lam, dtype=lam.dtype, device=lam.device)
+    directions = directions.reshape((n_lam,) + tuple(lam.shape))
+
+    def phi(w, lam_):
+        return w - eta * g(w, lam_)
+
+    def step(w, tangents):
+        def push(dw, dlam):
+            return torch.func.jvp(phi, (w, lam), (dw, dlam))
+        return torch.func.vmap(push, out_dims=(None, 0))(tangents, directions)
+
+    w = problem.w_init.detach().clone()
+    tangents = torch.zeros((n_lam,) + tuple(w.shape), dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        for _ in range(t):
+            w, tangents = step(w, tangents)
+    grad_w, grad_lam = _core.outer_grads(problem, w, lam)
+    implicit = tangents.reshape(n_lam, -1) @ grad_w.reshape(-1)
+    hypergrad = grad_lam + implicit.reshape(lam.shape)
+    return Hypergrad(hypergrad, w, t, t * n_lam, None, {})

@@ -1,0 +1,202 @@
+"""Data hyper-cleaning: multinomial logistic regression with a learned weight per example.
+
+Parametrization: λ ∈ R^n, one per training example; example i has weight σ(λ_i).
+W has shape (D, C), D = d + 1: the data arrays ``X_*`` already carry a constant-1 last
+column (the bias). ``Y_*`` are the one-hot labels (float), ``y_*`` the int64 labels.
+
+    CE(z, y)    = logsumexp(z) − z_y
+    L_in(W, λ)  = (1/n) Σ_i σ(λ_i)·CE(x_iᵀW, y_i) + (reg/2)‖W‖²
+    L_out(W, λ) = (1/m) Σ_i CE(x^val_iᵀW, y^val_i)       (clean validation labels)
+
+With p_i = softmax(x_iᵀW) and s = σ(λ): ∇_W L_in = (1/n) Xᵀ(s ⊙ (P − Y)) + reg·W,
+∇²_W L_in = (1/n) Σ_i s_i (x_i x_iᵀ) ⊗ (diag(p_i) − p_i p_iᵀ) + reg·I (W flattened row-major,
+index a·C + c), and ∇F_i = −(σ'(λ_i)/n) (x_iᵀV)(p_i − y_i) with V = (∇²_W L_in)⁻¹ ∇_W L_out
+(reshaped to (D, C)). Oracle: Newton in float64 to ‖∇‖ ≤ 1e-12 then one direct solve;
+a Newton step costs O(n (DC)² + (DC)³).
+
+η (``inner_lr``) = 1/L with L = ½ λ_max((1/n) Xᵀ diag(σ(λ₀)) X) + reg: the softmax Hessian
+diag(p) − ppᵀ has eigenvalues ≤ ½ (Gershgorin), so L bounds ∇²_W L_in for every W. L_in is
+reg-strongly convex, so q ≤ 1 − η·reg < 1; with the defaults q ≈ 0.997 (pixels that are
+always 0 and the softmax shift direction are curved by reg only): many inner steps.
+
+Default data: sklearn's bundled ``digits`` (1797 × 64, pixels scaled to [0, 1], 10 classes),
+split with a seeded shuffle. A fraction ``corruption`` of the *training* labels is replaced
+by a different class drawn uniformly (seeded); validation and test labels stay clean.
+``data="file.npz|.parquet"`` (e.g. MNIST): integer class labels, features used as given,
+corrupted the same way (pass ``corruption=0`` if the file is already noisy).
+``info["corrupted"]`` holds the boolean mask of corrupted training examples.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hypersweep.problems.base import ProblemData
+from hypersweep.problems.data import load_user_data, rng, split_arrays
+from hypersweep.problems.helpers import (broadcast_lam0, check_positive,
+                                         check_positive_int, newton_minimize)
+from hypersweep.registry import check_choice
+
+DATASETS = ("digits",)
+
+
+def _digits(seed, n_train, n_val, n_test):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return split_arrays(X / 16.0, y, n_train, n_val, n_test,
+                        rng(seed, "data_cleaning", "digits"), source="digits")
+
+
+def _integer_labels(raw, source):
+    splits = [k for k in ("y_train", "y_val", "y_test") if k in raw]
+    for key in splits:
+        y = np.asarray(raw[key])
+        if not (np.issubdtype(y.dtype, np.integer)
+                or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+            raise ValueError(f"{source}: {key} must hold integer class labels; got dtype "
+                             f"{y.dtype}")
+    classes = np.unique(np.concatenate([np.asarray(raw[k]).astype(np.int64) for k in splits]))
+    if len(classes) < 2:
+        raise ValueError(f"{source}: data_cleaning needs at least 2 classes; got "
+                         f"{classes.tolist()}")
+    return classes, {k: np.searchsorted(classes, np.asarray(raw[k]).astype(np.int64))
+                     for k in splits}
+
+
+def build(seed: int, *, dataset="digits", n_train=300, n_val=300, n_test=300,
+          corruption=0.3, reg=1e-2, lam0=0.0, data=None) -> ProblemData:
+    reg = check_positive("reg", reg)
+    corruption = float(corruption)
+    if not 0.0 <= corruption < 1.0:
+        raise ValueError(f"corruption must be in [0, 1); got {corruption!r}")
+    if data is not None:
+        raw = load_user_data(data)
+        source = str(data)
+    else:
+        check_choice("dataset", dataset, DATASETS)
+        raw = _digits(seed, check_positive_int("n_train", n_train),
+                      check_positive_int("n_val", n_val),
+                      check_positive_int("n_test", n_test, minimum=0))
+        source = dataset
+    classes, labels = _integer_labels(raw, source)
+    n_classes = len(classes)
+    y_train = labels["y_train"].copy()
+    n = len(y_train)
+    g = rng(seed, "data_cleaning", "corruption")
+    corrupted = np.zeros(n, dtype=bool)
+    corrupted[g.choice(n, size=int(round(corruption * n)), replace=False)] = True
+    # A shift in 1..C-1 modulo C: always a *different* class, uniformly.
+    y_train[corrupted] = (y_train[corrupted]
+                          + g.integers(1, n_classes, size=int(corrupted.sum()))) % n_classes
+    labels["y_train"] = y_train
+    arrays = {}
+    for split in ("train", "val", "test"):
+        if f"X_{split}" not in raw:
+            continue
+        X = raw[f"X_{split}"]
+        arrays[f"X_{split}"] = np.hstack([X, np.ones((X.shape[0], 1))])
+        arrays[f"y_{split}"] = labels[f"y_{split}"].astype(np.int64)
+        arrays[f"Y_{split}"] = np.eye(n_classes)[labels[f"y_{split}"]]
+    lam0_arr = broadcast_lam0(lam0, (n,), what="one logit weight per training example")
+    X = arrays["X_train"]
+    weighted_cov = (X.T * _sigmoid(lam0_arr)) @ X / n
+    lipschitz = 0.5 * np.linalg.eigvalsh(weighted_cov)[-1] + reg
+    D = X.shape[1]
+    return ProblemData(arrays=arrays, static={"reg": reg}, lam0=lam0_arr,
+                       w_shape=(D, n_classes), inner_lr=1.0 / lipschitz,
+                       info={"source": source, "n_train": n, "n_features": D - 1,
+                             "n_classes": n_classes, "corrupted": corrupted})
+
+
+def _sigmoid(x):
+    from scipy.special import expit
+
+    return expit(x)
+
+
+def _cross_entropy(X, Y, w, ops):
+    logits = X @ w
+    return ops.logsumexp(logits, axis=1) - ops.sum(Y * logits, axis=1)
+
+
+def inner_loss(w, lam, arrays, static, ops):
+    ce = _cross_entropy(arrays["X_train"], arrays["Y_train"], w, ops)
+    return ops.mean(ops.sigmoid(lam) * ce) + 0.5 * static["reg"] * ops.sum(w * w)
+
+
+def inner_grad(w, lam, arrays, static, ops):
+    X, Y = arrays["X_train"], arrays["Y_train"]
+    probs = ops.exp(ops.log_softmax(X @ w, axis=1))
+    weighted = ops.sigmoid(lam)[:, None] * (probs - Y)
+    return (X.T @ weighted) / X.shape[0] + static["reg"] * w
+
+
+def outer_loss(w, lam, arrays, static, ops):
+    return ops.mean(_cross_entropy(arrays["X_val"], arrays["Y_val"], w, ops))
+
+
+def inner_loss_batch(w, lam, arrays, static, ops, idx):
+    X, Y = ops.take_rows(arrays["X_train"], idx), ops.take_rows(arrays["Y_train"], idx)
+    ce = _cross_entropy(X, Y, w, ops)
+    return (ops.mean(ops.sigmoid(ops.take_rows(lam, idx)) * ce)
+            + 0.5 * static["reg"] * ops.sum(w * w))
+
+
+def outer_loss_batch(w, lam, arrays, static, ops, idx):
+    X, Y = ops.take_rows(arrays["X_val"], idx), ops.take_rows(arrays["Y_val"], idx)
+    return ops.mean(_cross_entropy(X, Y, w, ops))
+
+
+def _softmax(logits):
+    from scipy.special import softmax
+
+    return softmax(logits, axis=1)
+
+
+def inner_hessian(w, lam, arrays, static):
+    X = arrays["X_train"]
+    n, D = X.shape
+    C = w.shape[1]
+    probs = _softmax(X @ w)
+    weights = _sigmoid(lam) / n
+    # Σ_i s_i (x_i x_iᵀ) ⊗ diag(p_i): for each class c, Xᵀ diag(s ⊙ p_c) X  -> (D, C, D)
+    diag_part = np.einsum("ia,ic,ib->acb", X * weights[:, None], probs, X, optimize=True)
+    hess = np.zeros((D, C, D, C))
+    classes = np.arange(C)
+    hess[:, classes, :, classes] = diag_part.transpose(1, 0, 2)
+    # Σ_i s_i (x_i ⊗ p_i)(x_i ⊗ p_i)ᵀ as one (n, DC)ᵀ(n, DC) product: no (n, D, D) tensor.
+    outer = (X[:, :, None] * probs[:, None, :]).reshape(n, D * C)
+    hess = hess.reshape(D * C, D * C) - (outer * weights[:, None]).T @ outer
+    return hess + static["reg"] * np.eye(D * C)
+
+
+def exact_inner_solution(lam, arrays, static):
+    from hypersweep.problems import numpy_ops
+
+    w0 = np.zeros((arrays["X_train"].shape[1], arrays["Y_train"].shape[1]))
+    return newton_minimize(
+        lambda w: inner_loss(w, lam, arrays, static, numpy_ops),
+        lambda w: inner_grad(w, lam, arrays, static, numpy_ops),
+        lambda w: inner_hessian(w, lam, arrays, static),
+        w0, what="data_cleaning inner problem")
+
+
+def exact_hypergradient(lam, arrays, static):
+    w = exact_inner_solution(lam, arrays, static)
+    Xv, Yv = arrays["X_val"], arrays["Y_val"]
+    grad_out = Xv.T @ (_softmax(Xv @ w) - Yv) / Xv.shape[0]
+    adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static),
+                              grad_out.reshape(-1)).reshape(w.shape)
+    X, Y = arrays["X_train"], arrays["Y_train"]
+    s = _sigmoid(lam)
+    return -(s * (1.0 - s) / X.shape[0]) * np.sum((X @ adjoint) * (_softmax(X @ w) - Y), axis=1)
+
+
+def metrics(w, lam, arrays, static):
+    if "X_test" not in arrays:
+        return {"test_loss": None, "test_accuracy": None}
+    from hypersweep.problems import numpy_ops
+
+    X, Y, y = arrays["X_test"], arrays["Y_test"], arrays["y_test"]
+    return {"test_loss": float(np.mean(_cross_entropy(X, Y, w, numpy_ops))),
+            "test_accuracy": float(np.mean(np.argmax(X @ w, axis=1) == y))}

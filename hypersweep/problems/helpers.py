@@ -1,0 +1,99 @@
+"""Small numpy helpers shared by the problem modules (no torch, no jax).
+
+``newton_minimize``: the float64 inner oracle of the problems without a closed form.
+``broadcast_lam0``: λ₀ from a scalar or an array, with a shape check.
+``rows_to_tasks``: task-major 2-D user data -> (T, n, d) task arrays.
+``check_positive_int`` / ``check_positive``: parameter checks with one-line messages.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value) -> float:
+    value_f = float(value)
+    if not (np.isfinite(value_f) and value_f > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return value_f
+
+
+def broadcast_lam0(lam0, shape: tuple[int, ...], *, what: str) -> np.ndarray:
+    """λ₀ as a float64 array of ``shape`` from a scalar or an array of that shape."""
+    arr = np.asarray(lam0, dtype=np.float64)
+    if arr.size != 1 and arr.shape != tuple(shape):
+        raise ValueError(f"lam0 must be a scalar or have shape {tuple(shape)} ({what}); "
+                         f"got shape {arr.shape}")
+    out = np.broadcast_to(arr.reshape(()) if arr.size == 1 else arr, shape).copy()
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"lam0 must be finite; got {lam0!r}")
+    return out
+
+
+def rows_to_tasks(arrays: dict, n_tasks: int, *, source: str) -> dict[str, np.ndarray]:
+    """Reshape task-major user data: rows [i·n, (i+1)·n) of ``X_split`` belong to task i.
+
+    Returns ``X_split`` of shape (T, n, d) and ``y_split`` of shape (T, n) (float64).
+    """
+    out = {}
+    for key in ("train", "val", "test"):
+        if f"X_{key}" not in arrays:
+            continue
+        X = np.asarray(arrays[f"X_{key}"], dtype=np.float64)
+        y = np.asarray(arrays[f"y_{key}"], dtype=np.float64)
+        if X.shape[0] % n_tasks:
+            raise ValueError(
+                f"{source}: X_{key} has {X.shape[0]} rows, not a multiple of n_tasks="
+                f"{n_tasks} (rows must be task-major, the same count per task)")
+        n = X.shape[0] // n_tasks
+        out[f"X_{key}"] = X.reshape(n_tasks, n, X.shape[1])
+        out[f"y_{key}"] = y.reshape(n_tasks, n)
+    return out
+
+
+def newton_minimize(loss, grad, hessian, w0: np.ndarray, *, tol: float = 1e-12,
+                    max_iter: int = 100, what: str = "inner problem") -> np.ndarray:
+    """Minimize a smooth strongly convex function by Newton's method in float64.
+
+    Stops when ‖∇‖₂ ≤ ``tol``. Steps are damped by Armijo backtracking on ``loss`` while
+    the Newton decrement is large; once it is below 1e-10 the full step is taken (there
+    the decrease in ``loss`` is below float64 resolution, so Armijo cannot judge it, and
+    Newton converges quadratically). Cost per iteration: one ``hessian`` (dense, D×D)
+    and one D×D solve, O(D³).
+    """
+    w = np.array(w0, dtype=np.float64, copy=True)
+    shape = w.shape
+    grad_norm = np.inf
+    for _ in range(max_iter):
+        g = np.asarray(grad(w), dtype=np.float64).reshape(-1)
+        grad_norm = float(np.linalg.norm(g))
+        if grad_norm <= tol:
+            return w
+        H = np.asarray(hessian(w), dtype=np.float64)
+        step = np.linalg.solve(H, g).reshape(shape)
+        decrement = float(g @ step.reshape(-1))
+        if decrement < 1e-10:
+            w = w - step
+            continue
+        f0 = float(loss(w))
+        s = 1.0
+        while s > 1e-12:
+            if float(loss(w - s * step)) <= f0 - 1e-4 * s * decrement:
+                break
+            s *= 0.5
+        w = w - s * step
+    g = np.asarray(grad(w), dtype=np.float64).reshape(-1)
+    grad_norm = float(np.linalg.norm(g))
+    if grad_norm > tol:
+        logger.warning("Newton on the %s stopped after %d iterations at ‖∇‖ = %.3g > %.1g",
+                       what, max_iter, grad_norm, tol)
+    return w
