@@ -69,3 +69,77 @@ ALGORITHMS.register(AlgorithmSpec(
     reference="Luketina et al. 2016; Baydin et al. 2018",
     impls=_impls("itd", "one_step"),
 ))
+
+
+# --- online methods (HPO pipeline) ---
+# ``exact`` is the oracle ∇F(λ) (backend-free); the three online methods are
+# ``OnlineMethod(init, step)`` pairs run by the HPO pipeline (see
+# hypersweep/algorithms/online_common.py for what t and K mean for each).
+ALGORITHMS.register(AlgorithmSpec(
+    name="exact",
+    summary="The exact hypergradient ∇F(λ) from the problem's float64 oracle (w_t = w*).",
+    reference="ridge tutorial: gradient descent on the exact value function",
+    impls={b: "hypersweep.algorithms.oracle:exact" for b in ("jax", "torch")},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="hyperdistill",
+    summary="Online HyperDistill: EMA point w*, θ·Z_τ·α ∂_λΦ(w*); θ fit by a K-step DrMAD pass.",
+    reference="Lee et al., ICLR 2022; DrMAD: Fu et al., IJCAI 2016",
+    impls=_impls("online", "hyperdistill"), uses_K=True, kind="online",
+    params={"gamma": 0.9, "theta0": 1.0, "theta_every": 10},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="t1t2",
+    summary="Online T1-T2: one-step hypergradient, mixed term by DARTS central differences.",
+    reference="Luketina et al., ICML 2016; Liu, Simonyan & Yang, ICLR 2019 (DARTS)",
+    impls=_impls("online", "t1t2"), kind="online", params={"fd_eps": 0.01},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="greedy",
+    summary="Online greedy: Σ γ^{T−s} ∇_w L_out(w_s)·∂_λΦ over a window of T = t steps.",
+    reference="Generalized greedy gradient-based HPO (ICLR 2025 submission)",
+    impls=_impls("online", "greedy"), kind="online", params={"gamma": 0.9},
+))
+# --- end online methods ---
+
+# --- black-box searchers (Ray Tune) ---
+# kind="blackbox": ``get(name, backend)`` returns a searcher factory
+# ``fn(space, *, num_samples, seed, max_t, **params) -> TuneSearch`` (backend-free: both
+# backends point at the same entry); the ``blackbox`` pipeline runs it. t = inner steps
+# per trial, K unused. ``params`` are the searcher's options (algorithm params in a study).
+def _blackbox(fn: str) -> dict:
+    return {b: f"hypersweep.algorithms.blackbox:{fn}" for b in ("jax", "torch")}
+
+
+ALGORITHMS.register(AlgorithmSpec(
+    name="grid",
+    summary="Grid search over the λ box (Ray Tune BasicVariantGenerator); small dim λ only.",
+    reference="Bergstra & Bengio 2012 (as the baseline random search beats)",
+    impls=_blackbox("grid"), kind="blackbox", params={"grid_points": None},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="random",
+    summary="Uniform random search over the λ box (Ray Tune BasicVariantGenerator, seeded).",
+    reference="Bergstra & Bengio 2012",
+    impls=_blackbox("random_search"), kind="blackbox",
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="tpe",
+    summary="Tree-structured Parzen estimator (Optuna TPESampler via Ray Tune OptunaSearch).",
+    reference="Bergstra et al. 2011; Akiba et al. 2019",
+    impls=_blackbox("tpe"), kind="blackbox", params={"n_startup_trials": 10},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="hyperopt",
+    summary="HyperOpt TPE via Ray Tune HyperOptSearch (seeded).",
+    reference="Bergstra, Yamins & Cox 2013",
+    impls=_blackbox("hyperopt"), kind="blackbox", params={"n_initial_points": 10},
+))
+ALGORITHMS.register(AlgorithmSpec(
+    name="asha",
+    summary="Random search + ASHA early stopping; the inner steps are the resource.",
+    reference="Li et al. 2020 (ASHA)",
+    impls=_blackbox("asha"), kind="blackbox",
+    params={"grace_period": None, "reduction_factor": 3.0, "workers": 4,
+            "report_every": None},
+))

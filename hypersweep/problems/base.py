@@ -22,6 +22,7 @@ This module imports neither torch nor jax: the backend ``ops`` module is loaded 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -151,6 +152,18 @@ class Problem:
         if w0 is None:
             return self.ops.zeros(self.w_shape, self.dtype)
         return self.ops.asarray(np.broadcast_to(w0, self.w_shape), self.dtype)
+
+    def with_w_init(self, w) -> "Problem":
+        """A shallow copy whose inner iterations start at ``w`` (a backend array).
+
+        Used for warm starts (HPO pipeline: the next outer step starts from the previous
+        w_t). Data, cached backend ``arrays`` and ``fns`` are shared, so compiled
+        estimators are reused; the oracles do not depend on ``w_init``.
+        """
+        self.arrays  # materialize the cache first, so the copy shares it
+        clone = copy.copy(self)
+        clone.__dict__["w_init"] = w  # overrides the cached_property on the copy only
+        return clone
 
     # -- hyperparameters ---------------------------------------------------------------
     def initial_hyperparams(self) -> np.ndarray:

@@ -68,8 +68,10 @@ def newton_minimize(loss, grad, hessian, w0: np.ndarray, *, tol: float = 1e-12,
     the Newton decrement is large; once it is below 1e-10 the full step is taken (there
     the decrease in ``loss`` is below float64 resolution, so Armijo cannot judge it, and
     Newton converges quadratically). Cost per iteration: one ``hessian`` (dense, D×D)
-    and one D×D solve, O(D³).
+    and one D×D Cholesky solve, O(D³).
     """
+    from scipy.linalg import solve
+
     w = np.array(w0, dtype=np.float64, copy=True)
     shape = w.shape
     grad_norm = np.inf
@@ -79,7 +81,7 @@ def newton_minimize(loss, grad, hessian, w0: np.ndarray, *, tol: float = 1e-12,
         if grad_norm <= tol:
             return w
         H = np.asarray(hessian(w), dtype=np.float64)
-        step = np.linalg.solve(H, g).reshape(shape)
+        step = solve(H, g, assume_a="pos").reshape(shape)
         decrement = float(g @ step.reshape(-1))
         if decrement < 1e-10:
             w = w - step

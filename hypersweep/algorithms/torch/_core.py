@@ -146,10 +146,11 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float) -> SolveResult:
     """At most ``max_iter`` CG steps on ``A x = b`` (A symmetric positive definite) from 0.
 
-    Stops when ``‖r‖ ≤ tol·‖b‖`` (recursive residual), or — instead of dividing by a
-    vanishing or negative number — when ``pᵀAp`` is not a positive finite number (A not
-    positive definite along p, or the residual underflowed): the last finite iterate is
-    returned, so float32 runs with a large budget never produce NaN.
+    Stops when ``‖r‖ ≤ tol·‖b‖`` (recursive residual), or — without applying the step and
+    instead of dividing by a vanishing or negative number — when ``pᵀAp`` is not a positive
+    normal finite number (A not positive definite along p, or p underflowed) or the new
+    residual is not finite: the last finite iterate is returned, so float32 runs with a
+    large budget never produce NaN. ``iters`` counts applied steps only.
     """
     every = sync_every(b.device)
     tiny = torch.finfo(b.dtype).tiny
@@ -170,10 +171,10 @@ def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float) 
         ok = (~done) & torch.isfinite(pAp) & (pAp > tiny)
         alpha = torch.where(ok, rs / torch.where(ok, pAp, torch.ones_like(pAp)),
                             torch.zeros_like(pAp))
-        ok = ok & torch.isfinite(alpha)
-        x = torch.where(ok, x + alpha * p, x)
         r = r - alpha * Ap
         rs_new = _dot(r, r)
+        ok = ok & torch.isfinite(alpha) & torch.isfinite(rs_new)
+        x = torch.where(ok, x + alpha * p, x)
         beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)),
                            torch.zeros_like(rs))
         p = r + beta * p

@@ -65,6 +65,8 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
                                        and not isinstance(neumann_lr, bool)
                                        and neumann_lr > 0):
         raise ValueError(f"neumann_lr must be a number > 0 or None; got {neumann_lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
     eta = problem.inner_lr
     eta_n = eta if neumann_lr is None else float(neumann_lr)
     device = lam.device
@@ -98,4 +100,5 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     lin = shared if shared is not None else linearize(cross_idx)
     hypergrad = grad_lam - lin.cross(v)
     return Hypergrad(hypergrad.detach(), w, t, K + 1, K,
-                     {"batch_size": batch_size, "full_batch": train.full and val.full})
+                     {"batch_size": batch_size, "neumann_lr": eta_n,
+                      "full_batch": train.full and val.full})

@@ -1,0 +1,4 @@
+"""``python -m hypersweep`` is the ``hypersweep`` command."""
+from hypersweep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,522 @@
+"""Black-box hyperparameter searchers (Ray Tune's own classes), by name, and one trainable.
+
+A black-box baseline treats ``F(λ) ≈ L_out(w_t(λ), λ)`` as an opaque function: each trial
+picks a λ, solves the inner problem with t steps of Φ from ``w_init`` (t inner-gradient
+evaluations, no hypergradient), and reports the validation loss in float64. The cell's
+``t`` is therefore the per-trial inner budget, and ``K`` is unused.
+
+=====================  ===========================================================
+name                   Ray Tune objects (imported lazily, like Tune's SEARCH_ALG_IMPORT)
+=====================  ===========================================================
+``grid``               ``BasicVariantGenerator`` over ``tune.grid_search`` per coordinate
+``random``             ``BasicVariantGenerator(random_state=seed)``, ``tune.uniform``
+``tpe``                ``ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed)))``
+``hyperopt``           ``ConcurrencyLimiter(HyperOptSearch(random_state_seed=seed))``
+``asha``               random search + ``AsyncHyperBandScheduler``, inner steps = resource
+=====================  ===========================================================
+
+(``bohb`` is not offered: it needs ``hpbandster`` and ``ConfigSpace``, which are not
+dependencies of hypersweep.)
+
+Where trials run — the design
+-----------------------------
+A cell already runs inside a Ray actor that holds its CPUs. Calling ``Tuner.fit()`` there
+would ask the same cluster for more CPUs: on a 2-CPU machine whose CPUs the actor pool
+holds, the trials wait forever (a resource deadlock), and on a cluster every cell would
+spawn its own trial actors, Tune driver state and ``storage_path`` tree. So a cell drives
+the Tune *search algorithms* in-process, through the same calls Tune's controller makes:
+``Searcher.suggest`` / ``on_trial_complete`` (``BasicVariantGenerator.next_trial`` for
+grid and random) and, for ASHA, ``TrialScheduler.on_trial_add`` / ``on_trial_result`` /
+``on_trial_complete``. Trials are evaluated one after another in the cell's process, so
+a cell costs exactly what its trials cost, uses only the resources its actor holds,
+writes nothing under ``~/ray_results`` (the variant generator's experiment is pointed at
+a temporary directory that is removed afterwards), and its wall time is directly
+comparable with a gradient-based HPO cell on the same resources. Model-based searchers
+are wrapped in ``ConcurrencyLimiter(max_concurrent=1)``, which is what sequential
+evaluation means. ASHA interleaves ``workers`` trials round-robin (one report interval
+each), as that many parallel workers would, so its rungs fill the way they do in Tune.
+
+Non-finite objectives (a diverging inner loop at an extreme λ) never reach a searcher:
+they are reported as :data:`OBJECTIVE_CAP` (finite values above it are clipped to it
+too) and flagged in the trial record; the trial is stopped at once.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import math
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRIC = "val_loss"
+MODE = "min"
+#: the ASHA resource: inner steps of Φ run so far in the trial
+RESOURCE = "inner_steps"
+#: what a searcher is told for a non-finite (or larger) validation loss
+OBJECTIVE_CAP = 1e30
+#: grid search over more coordinates than this is refused (the grid grows as points^d)
+MAX_GRID_DIMS = 3
+
+#: default search box per problem, in the problem's λ parametrization
+DEFAULT_BOUNDS = {
+    "ridge": (-6.0, 3.0),          # h = log λ
+    "logreg": (-6.0, 3.0),         # log penalty per feature
+    "kernel_ridge": (-6.0, 3.0),   # [log γ, log μ]
+    "data_cleaning": (-6.0, 6.0),  # logits of the example weights
+}
+#: half-width of the default box around λ₀ for problems whose λ has no transform
+DEFAULT_HALF_WIDTH = 2.0
+
+
+# ---------------------------------------------------------------------------------------
+# The search space
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A box in the problem's λ parametrization: one ``tune.uniform`` per coordinate.
+
+    ``names[i]`` (``lam_0``, ``lam_1``, ...) is the i-th coordinate of λ flattened in C
+    order; ``shape`` is λ's shape.
+    """
+
+    names: tuple[str, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    def tune_space(self) -> dict:
+        from ray import tune
+        return {n: tune.uniform(lo, hi) for n, lo, hi in zip(self.names, self.low, self.high)}
+
+    def grid_space(self, points: int) -> dict:
+        from ray import tune
+        return {n: tune.grid_search([float(v) for v in np.linspace(lo, hi, points)])
+                for n, lo, hi in zip(self.names, self.low, self.high)}
+
+    def to_lam(self, config: dict) -> np.ndarray:
+        return np.array([float(config[n]) for n in self.names],
+                        dtype=np.float64).reshape(self.shape)
+
+    def center(self) -> np.ndarray:
+        return (0.5 * (np.array(self.low) + np.array(self.high))).reshape(self.shape)
+
+
+def _bounds_array(value: Any, size: int, key: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(size, float(arr))
+    arr = arr.reshape(-1)
+    if arr.size != size:
+        raise ValueError(f"space.{key} must be a number or a list of {size} numbers (one "
+                         f"per coordinate of λ); got {len(arr)} values")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"space.{key} must be finite; got {value!r}")
+    return arr
+
+
+def search_space(problem, spec: dict | None = None) -> SearchSpace:
+    """The box searched for ``problem``: ``spec`` = ``{low, high}`` (numbers, or one per
+    coordinate), or ``{problem_name: {low, high}, ...}``; None: :data:`DEFAULT_BOUNDS`, or
+    λ₀ ± :data:`DEFAULT_HALF_WIDTH` for problems not listed there."""
+    lam0 = problem.initial_hyperparams()
+    size = int(lam0.size)
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError(f"space must be a mapping like {{low: -6, high: 3}}; got {spec!r}")
+    if spec and "low" not in spec and "high" not in spec:
+        spec = spec.get(problem.name)
+    if spec:
+        unknown = sorted(set(spec) - {"low", "high"})
+        if unknown or "low" not in spec or "high" not in spec:
+            raise ValueError(f"space for problem {problem.name!r} needs exactly the keys "
+                             f"low, high; got {sorted(spec)}")
+        low = _bounds_array(spec["low"], size, "low")
+        high = _bounds_array(spec["high"], size, "high")
+    elif problem.name in DEFAULT_BOUNDS:
+        low, high = (np.full(size, b) for b in DEFAULT_BOUNDS[problem.name])
+    else:
+        low = lam0.reshape(-1) - DEFAULT_HALF_WIDTH
+        high = lam0.reshape(-1) + DEFAULT_HALF_WIDTH
+    if np.any(low >= high):
+        raise ValueError(f"space for problem {problem.name!r} needs low < high in every "
+                         f"coordinate; got low={low.tolist()}, high={high.tolist()}")
+    return SearchSpace(tuple(f"lam_{i}" for i in range(size)), tuple(map(float, low)),
+                       tuple(map(float, high)), tuple(lam0.shape))
+
+
+# ---------------------------------------------------------------------------------------
+# Searchers, driven in-process
+
+
+@dataclasses.dataclass
+class Suggestion:
+    trial_id: str
+    config: dict
+    trial: Any = None  # the Tune ``Trial`` (variant generator) or None (Searcher)
+
+
+class TuneSearch:
+    """A Ray Tune search algorithm (and optional scheduler) driven without a Tuner.
+
+    ``suggest()`` returns the next :class:`Suggestion` or None when the search is
+    exhausted; ``complete(s, objective)`` tells the searcher the final objective.
+    ``workers``: trials interleaved round-robin (1 = strictly sequential).
+    ``report_every``: inner steps between two reports of a trial (None: one report at t).
+    """
+
+    name: str = ""
+    scheduler: Any = None
+    workers: int = 1
+    report_every: int | None = None
+
+    def __init__(self, space: SearchSpace, seed: int):
+        self.space = space
+        self.seed = seed
+
+    def suggest(self) -> Suggestion | None:
+        raise NotImplementedError
+
+    def complete(self, suggestion: Suggestion, objective: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _VariantSearch(TuneSearch):
+    """Grid or random search through ``BasicVariantGenerator``."""
+
+    def __init__(self, space: SearchSpace, seed: int, *, config: dict, num_samples: int):
+        super().__init__(space, seed)
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        # The experiment spec needs a storage_path; Tune only writes a marker file there.
+        self._storage = tempfile.TemporaryDirectory(prefix="hypersweep-bvg-")
+        self.generator = BasicVariantGenerator(random_state=seed)
+        self.generator.add_configurations({"blackbox": {
+            "run": _unused_tune_trainable, "config": config, "num_samples": num_samples,
+            "storage_path": self._storage.name}})
+
+    def suggest(self) -> Suggestion | None:
+        trial = self.generator.next_trial()
+        if trial is None:
+            return None
+        return Suggestion(trial.trial_id, dict(trial.config), trial)
+
+    def complete(self, suggestion: Suggestion, objective: float) -> None:
+        self.generator.on_trial_complete(suggestion.trial_id, {METRIC: objective})
+
+    def close(self) -> None:
+        self._storage.cleanup()
+
+
+class _SearcherSearch(TuneSearch):
+    """A model-based ``Searcher`` behind ``ConcurrencyLimiter(max_concurrent=1)``."""
+
+    def __init__(self, space: SearchSpace, seed: int, *, searcher):
+        super().__init__(space, seed)
+        from ray.tune.search import ConcurrencyLimiter
+        self.searcher = ConcurrencyLimiter(searcher, max_concurrent=1)
+        # What Tuner does with param_space: converts the tune.uniform domains.
+        if not self.searcher.set_search_properties(METRIC, MODE, space.tune_space()):
+            raise ValueError(f"searcher {type(searcher).__name__} refused the search space")
+        self._count = 0
+
+    def suggest(self) -> Suggestion | None:
+        from ray.tune.search import Searcher
+        trial_id = f"{self.name}_{self._count:05d}"
+        config = self.searcher.suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return None
+        self._count += 1
+        return Suggestion(trial_id, dict(config))
+
+    def complete(self, suggestion: Suggestion, objective: float) -> None:
+        self.searcher.on_trial_complete(suggestion.trial_id, {METRIC: objective})
+
+
+def _unused_tune_trainable(config):  # pragma: no cover - never run; names the experiment
+    raise RuntimeError("hypersweep drives Tune searchers in-process; see blackbox.py")
+
+
+def grid(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
+         grid_points: int | None = None) -> TuneSearch:
+    """Grid search: ``grid_points`` evenly spaced values per coordinate (default: the
+    largest n with nᵈ ≤ num_samples, at least 2). Refused for d > :data:`MAX_GRID_DIMS`.
+    ``seed``, ``max_t`` unused. Cost: nᵈ trials (capped at num_samples by the pipeline)."""
+    if space.dim > MAX_GRID_DIMS:
+        raise ValueError(f"grid search needs a λ of at most {MAX_GRID_DIMS} coordinates; "
+                         f"this problem's has {space.dim}. Valid choices for it: random, "
+                         f"tpe, hyperopt, asha")
+    if grid_points is None:
+        grid_points = max(2, int(math.floor(num_samples ** (1.0 / space.dim) + 1e-9)))
+    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+        raise ValueError(f"grid_points must be an integer >= 2; got {grid_points!r}")
+    search = _VariantSearch(space, seed, config=space.grid_space(grid_points), num_samples=1)
+    search.name = "grid"
+    return search
+
+
+def random_search(space: SearchSpace, *, num_samples: int, seed: int,
+                  max_t: int) -> TuneSearch:
+    """Uniform random search in the box (``BasicVariantGenerator(random_state=seed)``)."""
+    search = _VariantSearch(space, seed, config=space.tune_space(), num_samples=num_samples)
+    search.name = "random"
+    return search
+
+
+def tpe(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
+        n_startup_trials: int = 10) -> TuneSearch:
+    """Optuna's Tree-structured Parzen Estimator; the first ``n_startup_trials`` are
+    uniform random. Reference: Bergstra et al. 2011; Akiba et al. 2019 (Optuna)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(n_startup_trials))
+    search = _SearcherSearch(space, seed, searcher=OptunaSearch(sampler=sampler))
+    search.name = "tpe"
+    return search
+
+
+def hyperopt(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
+             n_initial_points: int = 10) -> TuneSearch:
+    """HyperOpt's TPE; the first ``n_initial_points`` are random. Reference: Bergstra et
+    al. 2013 (hyperopt)."""
+    from ray.tune.search.hyperopt import HyperOptSearch
+    logging.getLogger("hyperopt").setLevel(logging.WARNING)
+    search = _SearcherSearch(space, seed, searcher=HyperOptSearch(
+        random_state_seed=seed, n_initial_points=int(n_initial_points)))
+    search.name = "hyperopt"
+    return search
+
+
+def asha(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
+         grace_period: int | None = None, reduction_factor: float = 3.0,
+         workers: int = 4, report_every: int | None = None) -> TuneSearch:
+    """Random search + asynchronous successive halving with the inner steps as resource.
+
+    A trial reports ``L_out(w_s, λ)`` every ``report_every`` inner steps (default: the
+    grace period) up to ``max_t`` = the cell's t; at rungs grace·rfᵏ ASHA stops it unless
+    it is in the top 1/rf of the trials recorded there. ``grace_period`` defaults to
+    max(1, round(t / rf³)) (four rungs). ``workers`` trials are interleaved.
+    Reference: Li et al. 2020 (ASHA).
+    """
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+    rf = float(reduction_factor)
+    if not rf > 1:
+        raise ValueError(f"reduction_factor must be > 1; got {reduction_factor!r}")
+    if grace_period is None:
+        grace_period = max(1, int(round(max_t / rf ** 3)))
+    if not isinstance(grace_period, int) or not 1 <= grace_period <= max_t:
+        raise ValueError(f"grace_period must be an integer in [1, t={max_t}]; "
+                         f"got {grace_period!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    search = random_search(space, num_samples=num_samples, seed=seed, max_t=max_t)
+    search.name = "asha"
+    search.scheduler = AsyncHyperBandScheduler(
+        time_attr=RESOURCE, metric=METRIC, mode=MODE, max_t=max_t,
+        grace_period=grace_period, reduction_factor=rf)
+    search.workers = workers
+    search.report_every = int(report_every or grace_period)
+    return search
+
+
+#: name -> factory; the catalog registers these same entries (kind="blackbox")
+SEARCHERS: dict[str, Callable[..., TuneSearch]] = {
+    "grid": grid, "random": random_search, "tpe": tpe, "hyperopt": hyperopt, "asha": asha}
+
+
+def searcher_seed(*fields: Any) -> int:
+    """A stable 31-bit seed from the cell's fields (blake2b; never Python's ``hash``)."""
+    text = "|".join(map(str, fields)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big") >> 1
+
+
+# ---------------------------------------------------------------------------------------
+# The generic trainable and the trial loop
+
+
+@dataclasses.dataclass
+class Report:
+    """One report of a trial: after ``steps`` inner steps (``evals`` new ∇_w L_in since
+    the previous report), validation loss ``val_loss`` (float64) at the iterate ``w``;
+    ``final``: the trial's budget t is used up."""
+
+    steps: int
+    evals: int
+    val_loss: float
+    w: Any
+    final: bool
+
+
+def inner_trainable(problem, lam: np.ndarray, *, t: int,
+                    report_every: int | None = None) -> Iterator[Report]:
+    """The generic trainable: t steps of Φ from ``w_init`` at λ, reporting every
+    ``report_every`` steps (and at t) the float64 validation loss L_out(w_s, λ).
+
+    The steps are the backend's ``first_order`` estimator (so JAX compiles once for every
+    t: t is traced), resumed from the previous iterate. Cost: t inner-gradient
+    evaluations plus one L_out gradient per report; memory O(dim w).
+    """
+    from hypersweep import algorithms
+    first_order = algorithms.get("first_order", problem.backend)
+    lam_backend = problem.as_lam(lam)
+    problem.arrays  # noqa: B018 - convert the data once, shared by the copy below
+    resumed = copy.copy(problem)  # shares data and compiled shapes; only w_init differs
+    every = t if report_every is None else max(1, min(int(report_every), t))
+    done = 0
+    while done < t:
+        steps = min(every, t - done)
+        out = first_order(resumed, lam_backend, t=steps)
+        resumed.__dict__["w_init"] = out.w_t  # overrides the cached_property
+        done += steps
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported, not warned
+            val_loss = problem.outer_loss_np(out.w_t, lam)
+        yield Report(done, int(out.n_inner_grad_evals), val_loss, out.w_t, final=done >= t)
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    """A finished trial. ``val_loss`` is what was measured (may be NaN/inf: then
+    ``nonfinite``); ``objective`` what the searcher was told; ``elapsed_s`` and
+    ``total_evals`` are the search's running totals when the trial finished."""
+
+    index: int
+    trial_id: str
+    lam: np.ndarray
+    val_loss: float
+    objective: float
+    steps: int
+    evals: int
+    nonfinite: bool
+    stopped_early: bool
+    elapsed_s: float
+    total_evals: int
+    w: Any = None
+
+
+def objective_of(val_loss: float) -> tuple[float, bool]:
+    """(what the searcher is told, whether the measurement was non-finite)."""
+    if not math.isfinite(val_loss):
+        return OBJECTIVE_CAP, True
+    return min(val_loss, OBJECTIVE_CAP), False
+
+
+@dataclasses.dataclass
+class _Running:
+    suggestion: Suggestion
+    lam: np.ndarray
+    reports: Iterator[Report]
+    last: Report | None = None
+    evals: int = 0
+
+
+def run_search(search: TuneSearch, trainable: Callable[..., Iterator[Report]], *,
+               num_samples: int, time_budget_s: float | None = None,
+               clock: Callable[[], float] = time.perf_counter,
+               ) -> tuple[list[TrialRecord], str]:
+    """Run up to ``num_samples`` trials of ``trainable(lam, report_every=...)``.
+
+    Returns the finished trials in completion order and why the search stopped:
+    ``"num_samples"``, ``"time_budget"`` (no trial starts after ``time_budget_s``; trials
+    in flight are then closed with their last report) or ``"exhausted"`` (the searcher
+    had no more points, e.g. a full grid). A trial whose report is non-finite is stopped
+    and its searcher told :data:`OBJECTIVE_CAP`.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
+    start = clock()
+    records: list[TrialRecord] = []
+    running: list[_Running] = []
+    started = 0
+    total_evals = 0
+    reason = None
+    scheduler = search.scheduler
+
+    def finish(run: _Running, stopped_early: bool) -> None:
+        report = run.last
+        objective, nonfinite = objective_of(report.val_loss)
+        search.complete(run.suggestion, objective)
+        if scheduler is not None:
+            scheduler.on_trial_complete(None, run.suggestion.trial,
+                                        {RESOURCE: report.steps, METRIC: objective})
+        records.append(TrialRecord(
+            index=len(records), trial_id=run.suggestion.trial_id, lam=run.lam,
+            val_loss=float(report.val_loss), objective=objective, steps=report.steps,
+            evals=run.evals, nonfinite=nonfinite, stopped_early=stopped_early,
+            elapsed_s=clock() - start, total_evals=total_evals, w=report.w))
+
+    try:
+        while True:
+            while reason is None and len(running) < search.workers:
+                if started >= num_samples:
+                    reason = "num_samples"
+                elif time_budget_s is not None and clock() - start >= time_budget_s:
+                    reason = "time_budget"
+                elif (suggestion := search.suggest()) is None:
+                    reason = "exhausted"
+                else:
+                    started += 1
+                    lam = search.space.to_lam(suggestion.config)
+                    if scheduler is not None:
+                        scheduler.on_trial_add(None, suggestion.trial)
+                    running.append(_Running(suggestion, lam, iter(
+                        trainable(lam, report_every=search.report_every))))
+            if not running:
+                break
+            if (reason == "time_budget" or (
+                    time_budget_s is not None and clock() - start >= time_budget_s)):
+                reason = "time_budget"
+                for run in running:
+                    if run.last is not None:
+                        finish(run, stopped_early=True)
+                running.clear()
+                break
+            run = running.pop(0)
+            report = next(run.reports)
+            run.last = report
+            run.evals += report.evals
+            total_evals += report.evals
+            objective, nonfinite = objective_of(report.val_loss)
+            if report.final or nonfinite:
+                # a diverged inner loop cannot recover: stop it at once
+                finish(run, stopped_early=not report.final)
+                continue
+            if scheduler is not None:
+                from ray.tune.schedulers import TrialScheduler
+                decision = scheduler.on_trial_result(
+                    None, run.suggestion.trial, {RESOURCE: report.steps, METRIC: objective})
+                if decision == TrialScheduler.STOP:
+                    finish(run, stopped_early=True)
+                    continue
+            running.append(run)
+    finally:
+        search.close()
+    return records, reason or "num_samples"
+
+
+def best_so_far(values: Sequence[float]) -> list[float]:
+    """Running minimum over the finite values (NaN until the first finite one)."""
+    out, best = [], math.nan
+    for v in values:
+        if math.isfinite(v) and (math.isnan(best) or v < best):
+            best = v
+        out.append(best)
+    return out
+
+
+__all__ = ["SEARCHERS", "SearchSpace", "search_space", "TuneSearch", "grid",
+           "random_search", "tpe", "hyperopt", "asha", "inner_trainable", "run_search",
+           "TrialRecord", "Report", "objective_of", "searcher_seed", "best_so_far",
+           "OBJECTIVE_CAP", "METRIC", "MODE", "RESOURCE", "DEFAULT_BOUNDS"]

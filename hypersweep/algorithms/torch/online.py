@@ -1,0 +1,219 @@
+"""Online hypergradient methods in PyTorch: HyperDistill, T1-T2 (DARTS), Greedy.
+
+The same math, state and counts as :mod:`hypersweep.algorithms.jax.online` (read its
+docstring for the formulas); eager loops instead of ``lax.fori_loop``. Functions are pure:
+a ``step`` returns a new :class:`OnlineState` and never mutates the old one, and nothing is
+left in ``.grad``. The outer optimizer is a functional Adam/SGD whose update equations are
+those of ``torch.optim.Adam``/``SGD`` (and of ``optax.adam``/``sgd``): m̂/(√v̂ + ε) with
+bias corrections, ε = 1e-8 added after the square root.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from hypersweep.algorithms.online_common import (
+    ADAM_B1, ADAM_B2, ADAM_EPS, OnlineConfig, OnlineInfo, OnlineMethod, check_t_K,
+    decay_sum, make_config)
+from hypersweep.algorithms.torch import _core
+from hypersweep.registry import check_choice
+
+Tensor = torch.Tensor
+
+
+# -- the outer optimizer (functional) -------------------------------------------------------
+class AdamState(NamedTuple):
+    count: int
+    mu: Tensor
+    nu: Tensor
+
+
+class OuterOptimizer(NamedTuple):
+    """``init(lam) -> state``; ``apply(lam, grad, state) -> (lam, state)``."""
+
+    init: Any
+    apply: Any
+
+
+def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
+    """Functional Adam (torch.optim.Adam defaults: β = (0.9, 0.999), ε = 1e-8) or plain SGD."""
+    check_choice("optimizer", name, ("adam", "sgd"))
+    lr = float(lr)
+    if name == "sgd":
+        return OuterOptimizer(init=lambda lam: None,
+                              apply=lambda lam, grad, state: (lam - lr * grad, None))
+
+    def init(lam):
+        return AdamState(0, torch.zeros_like(lam), torch.zeros_like(lam))
+
+    def apply(lam, grad, state: AdamState):
+        count = state.count + 1
+        mu = ADAM_B1 * state.mu + (1.0 - ADAM_B1) * grad
+        nu = ADAM_B2 * state.nu + (1.0 - ADAM_B2) * grad * grad
+        mu_hat = mu / (1.0 - ADAM_B1 ** count)
+        nu_hat = nu / (1.0 - ADAM_B2 ** count)
+        return lam - lr * mu_hat / (torch.sqrt(nu_hat) + ADAM_EPS), AdamState(count, mu, nu)
+
+    return OuterOptimizer(init=init, apply=apply)
+
+
+# -- state -------------------------------------------------------------------------------
+class OnlineState(NamedTuple):
+    """Same fields as the JAX ``OnlineState`` (see there)."""
+
+    w: Tensor
+    lam: Tensor
+    opt_state: Any
+    n_updates: int
+    n_inner: int
+    w_ema: Tensor | None
+    w_start: Tensor | None
+    theta: float | None
+    config: OnlineConfig
+
+
+def _init(method: str):
+    def init(problem, lam0, *, seed: int = 0, optimizer: str = "adam",
+             outer_lr: float = 0.1, **params) -> OnlineState:
+        config = make_config(method, optimizer=optimizer, outer_lr=outer_lr, **params)
+        lam = problem.as_lam(lam0).detach()
+        w0 = problem.w_init.detach().clone()
+        hd = method == "hyperdistill"
+        return OnlineState(
+            w=w0, lam=lam,
+            opt_state=outer_optimizer(config.optimizer, config.outer_lr).init(lam),
+            n_updates=0, n_inner=0,
+            w_ema=w0.clone() if hd else None, w_start=w0.clone() if hd else None,
+            theta=float(config.theta0) if hd else None, config=config)
+    init.__name__ = f"{method}_init"
+    return init
+
+
+def _outer_update(config: OnlineConfig, lam, grad, opt_state):
+    return outer_optimizer(config.optimizer, config.outer_lr).apply(lam, grad, opt_state)
+
+
+def _phi_fn(problem):
+    g = _core.inner_grad_fn(problem)
+    eta = problem.inner_lr
+    return lambda w, lam: w - eta * g(w, lam)
+
+
+def _vjp_lam(phi, w: Tensor, lam: Tensor, cotangent: Tensor) -> Tensor:
+    """∂_λΦ(w, λ)ᵀ cotangent (one vjp)."""
+    _, vjp = torch.func.vjp(lambda l_: phi(w, l_), lam)
+    return vjp(cotangent)[0]
+
+
+def _vdot(a: Tensor, b: Tensor) -> float:
+    return float(torch.sum(a * b))
+
+
+# -- HyperDistill ------------------------------------------------------------------------
+def _drmad_second_order(phi, w_start, w_end, lam, alpha, tau: int, n: int) -> Tensor:
+    """DrMAD's reverse pass over the last n steps of the straight path w_0 → w_τ."""
+    p, acc = alpha, torch.zeros_like(lam)
+    for j in range(n):
+        w_prev = w_start + ((tau - j - 1.0) / tau) * (w_end - w_start)
+        _, vjp = torch.func.vjp(phi, w_prev, lam)
+        p, p_lam = vjp(p)
+        acc = acc + p_lam
+    return acc
+
+
+def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
+    """See ``hypersweep.algorithms.jax.online.hyperdistill_step`` (same math and counts)."""
+    t, K = check_t_K(t, K)
+    c = state.config
+    phi = _phi_fn(problem)
+    gamma = c.gamma
+    w, w_ema, lam = state.w, state.w_ema, state.lam.detach()
+    with torch.no_grad():
+        for i in range(t):
+            tau_i = state.n_inner + i + 1
+            p = gamma * decay_sum(gamma, tau_i - 1) / decay_sum(gamma, tau_i)
+            w_ema = p * w_ema + (1.0 - p) * w
+            w = phi(w, lam)
+    tau = state.n_inner + t
+    alpha, g_fo = _core.outer_grads(problem, w, lam)
+    distilled = decay_sum(gamma, tau) * _vjp_lam(phi, w_ema, lam, alpha)
+    refit = K > 0 and state.n_updates % c.theta_every == 0
+    n_drmad = min(tau, K) if refit else 0
+    theta = state.theta
+    if refit:
+        target = _drmad_second_order(phi, state.w_start, w, lam, alpha, tau, n_drmad)
+        xx = _vdot(distilled, distilled)
+        if xx > torch.finfo(distilled.dtype).tiny:
+            theta = _vdot(distilled, target) / xx
+    g = (g_fo + theta * distilled).detach()
+    lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
+    new = state._replace(w=w.detach(), lam=lam_new.detach(), opt_state=opt_state,
+                         n_updates=state.n_updates + 1, n_inner=tau,
+                         w_ema=w_ema.detach(), theta=theta)
+    info = OnlineInfo(lam=state.lam, w=new.w, hypergrad=g, n_inner_grad_evals=t,
+                      n_hvp_evals=1 + n_drmad,
+                      extras={"theta": float(theta), "theta_refit": bool(refit)})
+    return new, info
+
+
+# -- T1-T2 with DARTS finite differences ---------------------------------------------------
+def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
+    """See ``hypersweep.algorithms.jax.online.t1t2_step`` (same math and counts)."""
+    t, _ = check_t_K(t, K)
+    c = state.config
+    g_in = _core.inner_grad_fn(problem)
+    eta = problem.inner_lr
+    lam = state.lam.detach()
+    w_prev = _core.run_inner(g_in, state.w, lam, eta, t - 1)
+    with torch.no_grad():
+        w_new = w_prev - eta * g_in(w_prev, lam)
+    alpha, g_fo = _core.outer_grads(problem, w_new, lam)
+    alpha_norm = float(torch.linalg.vector_norm(alpha))
+    g = g_fo
+    if alpha_norm > 0:
+        eps = c.fd_eps / alpha_norm
+        fns, arrays = problem.fns, problem.arrays
+        grad_lam_in = torch.func.grad(lambda w_, l_: fns.inner_loss(w_, l_, arrays),
+                                      argnums=1)
+        mixed = (grad_lam_in(w_prev + eps * alpha, lam)
+                 - grad_lam_in(w_prev - eps * alpha, lam)) / (2.0 * eps)
+        g = g_fo - eta * mixed
+    g = g.detach()
+    lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
+    new = state._replace(w=w_new, lam=lam_new.detach(), opt_state=opt_state,
+                         n_updates=state.n_updates + 1, n_inner=state.n_inner + t)
+    info = OnlineInfo(lam=state.lam, w=w_new, hypergrad=g, n_inner_grad_evals=t,
+                      n_hvp_evals=0, extras={"n_fd_grad_evals": 2})
+    return new, info
+
+
+# -- Greedy --------------------------------------------------------------------------------
+def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
+    """See ``hypersweep.algorithms.jax.online.greedy_step`` (same math and counts)."""
+    t, _ = check_t_K(t, K)
+    c = state.config
+    phi = _phi_fn(problem)
+    lam = state.lam.detach()
+    w = state.w
+    acc = torch.zeros_like(lam)
+    for _ in range(t):
+        w_next, vjp = torch.func.vjp(lambda l_: phi(w, l_), lam)
+        alpha, _ = _core.outer_grads(problem, w_next, lam)
+        acc = c.gamma * acc + vjp(alpha)[0]  # Σ γ^{T−s} α_s B_s
+        w = w_next.detach()
+    g = (_core.outer_grads(problem, w, lam)[1] + acc).detach()
+    lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
+    new = state._replace(w=w, lam=lam_new.detach(), opt_state=opt_state,
+                         n_updates=state.n_updates + 1, n_inner=state.n_inner + t)
+    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t, n_hvp_evals=t,
+                      extras={})
+    return new, info
+
+
+hyperdistill = OnlineMethod(init=_init("hyperdistill"), step=hyperdistill_step)
+t1t2 = OnlineMethod(init=_init("t1t2"), step=t1t2_step)
+greedy = OnlineMethod(init=_init("greedy"), step=greedy_step)
+
+__all__ = ["hyperdistill", "t1t2", "greedy", "OnlineState", "outer_optimizer",
+           "OuterOptimizer"]

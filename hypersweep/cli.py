@@ -1,0 +1,355 @@
+"""The ``hypersweep`` command: parses arguments and calls the orchestrator; nothing else.
+
+Subcommands::
+
+    hypersweep run STUDY.yaml [--address ADDR] [--quiet] [--retry-failed]
+    hypersweep plan STUDY.yaml
+    hypersweep status OUTPUT_DIR
+    hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
+    hypersweep problems | algorithms
+    hypersweep report ... | regress ...      (forwarded to hypersweep.pipelines.*:main)
+
+Exit codes: 0 success (a sweep whose cells failed still succeeded: failures are rows),
+1 an internal failure, 2 bad input (command line or study file), with a one-line message
+on stderr. ``run``, ``plan`` and validation never import Ray before the study is valid;
+``plan`` never imports it at all.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from hypersweep import __version__
+
+PROG = "hypersweep"
+
+#: Subcommands owned by other modules: name -> ("module:function", help). The function is
+#: called as ``main(argv) -> int | None`` with the arguments after the subcommand name.
+FORWARDED = {
+    "report": ("hypersweep.pipelines.report:main",
+               "figures and tables from results: report RESULTS... --out DIR"),
+    "regress": ("hypersweep.pipelines.regression:main",
+                "regression suite against a baseline: regress --suite ... --baseline ... "
+                "[--update-baseline]"),
+}
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in a file it names: one line, exit 2."""
+
+
+class NotAvailable(Exception):
+    """A subcommand whose module is not part of this installation yet: one line, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output keeps long rows whole rather than wrapping them at 80 columns.
+    return Console(file=stream, width=None if stream.isatty() else 200, soft_wrap=False)
+
+
+def _say(console, text: str) -> None:
+    """Print data as written: no rich markup (``[log γ, log μ]`` is not a style tag)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def _table(title: str | None, columns: Sequence[str], rows, **kwargs):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", min_width=len(title or ""), **kwargs)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(str(value)) for value in row))
+    return table
+
+
+def _load_study(path: str):
+    from hypersweep.orchestrator.spec import StudyError, load_study
+
+    try:
+        return load_study(path)
+    except StudyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _import_optional(module: str, attribute: str, *, what: str) -> Callable:
+    """Import ``module.attribute``; a missing module (not one of its imports) is one line."""
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (exc.name == module or module.startswith(exc.name + ".")):
+            raise NotAvailable(f"{what} is not available: module {module} does not exist in "
+                               "this version of hypersweep") from None
+        raise  # the module exists but one of its own imports failed: show the traceback
+    except AttributeError:
+        raise NotAvailable(f"{what} is not available: {module} has no {attribute}()") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Subcommands.
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hypersweep.orchestrator.spec import plan
+
+    study = _load_study(args.study)
+    start = time.perf_counter()
+    summary = plan(study)
+    elapsed = time.perf_counter() - start
+    console = _console()
+    _say(console, f"study {study.study}: pipeline {study.pipeline}, backend "
+                  f"{', '.join(study.backend)}, dtype {study.dtype}")
+    _say(console, f"{summary.total} cells (expanded and checked in {elapsed:.2f} s) -> "
+                  f"{study.output}")
+    resources = study.resources
+    memory = f", memory {resources.memory_mb:g} MB" if resources.memory_mb else ""
+    _say(console, f"per actor: num_cpus {resources.num_cpus:g}, num_gpus "
+                  f"{resources.num_gpus:g}{memory}; actors "
+                  f"{study.num_actors or 'from the cluster'}; max_retries {study.max_retries};"
+                  f" cell_timeout_s {study.cell_timeout_s or 'none'}")
+    console.print(_table("cells per (problem, algorithm)", ["problem", "algorithm", "cells"],
+                         [(p.problem, p.algorithm, p.cells) for p in summary.pairs]))
+    if summary.skipped:
+        console.print(_table("skipped combinations", ["problem", "algorithm", "backend",
+                                                       "reason"],
+                             [(s.problem, s.algorithm, s.backend or "all", s.reason)
+                              for s in summary.skipped]))
+    else:
+        _say(console, "skipped combinations: none")
+    _say(console, "sample cell_ids:")
+    for cell_id in summary.sample_cell_ids:
+        _say(console, f"  {cell_id}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    study = _load_study(args.study)  # validated before Ray is ever imported
+    quiet = args.quiet or not sys.stdout.isatty()
+    run_study = _import_optional("hypersweep.orchestrator.driver", "run_study",
+                                 what="the driver")
+    driver = sys.modules["hypersweep.orchestrator.driver"]
+    interrupted = getattr(driver, "SweepInterrupted", None)
+    try:
+        summary = run_study(study, address=args.address or os.environ.get("RAY_ADDRESS"),
+                            quiet=quiet, retry_failed=args.retry_failed)
+    except Exception as exc:
+        if interrupted is None or not isinstance(exc, interrupted):
+            raise
+        # SIGTERM (ray job stop) or Ctrl-C: finished rows are saved; exit 128 + signal
+        _error(exc)
+        return int(getattr(exc, "exit_code", 130))
+    print_summary = getattr(driver, "print_summary", None)
+    if callable(print_summary) and summary:
+        print_summary(summary, _console())
+    else:
+        _print_summary(summary or {})
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    console = _console()
+    counts = summary.get("counts") or {}
+    if counts:
+        console.print(_table("cells by status", ["status", "cells"],
+                             sorted(counts.items(), key=lambda item: -item[1])))
+    for key, value in summary.items():
+        if key != "counts":
+            _say(console, f"{key}: {value}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.output_dir):
+        raise UsageError(f"output directory {args.output_dir!r} not found")
+    read_results = _import_optional("hypersweep.orchestrator.sinks", "read_results",
+                                    what="reading results")
+    try:
+        table = read_results(args.output_dir)
+    except ValueError as exc:  # not a study output, unreadable schema
+        raise UsageError(str(exc)) from None
+    console = _console()
+    if table is None or table.num_rows == 0:
+        _say(console, f"{args.output_dir}: no results yet")
+        return 0
+    by_status = _group_counts(table, ["status"])
+    _say(console, f"{args.output_dir}: {table.num_rows} cells")
+    console.print(_table("cells by status", ["status", "cells"],
+                         sorted(((k[0], n) for k, n in by_status.items()),
+                                key=lambda item: -item[1])))
+    statuses = sorted({k[0] for k in by_status}, key=_status_order)
+    by_pair = _group_counts(table, ["problem", "algorithm", "status"])
+    pairs = sorted({(p, a) for p, a, _ in by_pair})
+    rows = [(problem, algorithm, *(by_pair.get((problem, algorithm, s), 0) for s in statuses))
+            for problem, algorithm in pairs]
+    console.print(_table("cells by (problem, algorithm)", ["problem", "algorithm", *statuses],
+                         rows))
+    return 0
+
+
+def _status_order(status: str) -> tuple:
+    from hypersweep.orchestrator.schema import STATUSES
+
+    return (STATUSES.index(status) if status in STATUSES else len(STATUSES), status)
+
+
+def _group_counts(table, keys: list[str]) -> dict[tuple, int]:
+    grouped = table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    columns = [grouped.column(key).to_pylist() for key in keys]
+    counts = grouped.column("count_all").to_pylist()
+    return {tuple(str(col[i]) for col in columns): counts[i] for i in range(len(counts))}
+
+
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.output_dir):
+        raise UsageError(f"output directory {args.output_dir!r} not found")
+    sync_mlflow = _import_optional("hypersweep.orchestrator.sinks", "sync_mlflow",
+                                   what="MLflow sync")
+    try:
+        result = sync_mlflow(args.output_dir, tracking_uri=args.tracking_uri)
+    except ValueError as exc:  # not a study output
+        raise UsageError(str(exc)) from None
+    console = _console()
+    if isinstance(result, dict):
+        for key, value in result.items():
+            _say(console, f"{key}: {value}")
+    elif isinstance(result, int):
+        _say(console, f"backfilled {result} cell(s) into MLflow")
+    else:
+        _say(console, f"backfilled: {result}")
+    return 0
+
+
+def cmd_problems(args: argparse.Namespace) -> int:
+    from hypersweep.problems.catalog import PROBLEMS
+
+    rows = [(s.name, s.summary, s.lam_parametrization,
+             ", ".join(sorted(s.capabilities)) or "-", s.reference) for s in PROBLEMS]
+    _console().print(_table("problems", ["name", "summary", "λ parametrization",
+                                         "capabilities", "reference"], rows, show_lines=True))
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from hypersweep.algorithms.catalog import ALGORITHMS
+
+    rows = [(s.name, s.kind, s.summary, "yes" if s.uses_K else "no",
+             ", ".join(sorted(s.requires)) or "-", ", ".join(s.impls), s.reference)
+            for s in ALGORITHMS]
+    _console().print(_table("algorithms", ["name", "kind", "summary", "uses K", "requires",
+                                           "backends", "reference"], rows, show_lines=True))
+    return 0
+
+
+def run_forwarded(name: str, argv: list[str]) -> int:
+    """Call another module's ``main(argv)`` for subcommand ``name``."""
+    path, _ = FORWARDED[name]
+    module, _, attribute = path.partition(":")
+    main_fn = _import_optional(module, attribute, what=f"'{PROG} {name}'")
+    result = main_fn(argv)
+    return int(result or 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The parser.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Large studies of hypergradient algorithms on "
+                     "Ray; results to Parquet and MLflow.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: info, -vv: debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="validate a study, then run its pending cells")
+    run.add_argument("study", metavar="STUDY.yaml")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress display (implied when stdout is not a terminal)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="re-run cells whose latest status is error, diverged, timeout "
+                          "or crashed (ok cells are always skipped)")
+    run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser("plan", help="validate a study and show its cells; no Ray")
+    plan.add_argument("study", metavar="STUDY.yaml")
+    plan.set_defaults(handler=cmd_plan)
+
+    status = commands.add_parser("status", help="cell counts by status from a study's output")
+    status.add_argument("output_dir", metavar="OUTPUT_DIR")
+    status.set_defaults(handler=cmd_status)
+
+    sync = commands.add_parser("sync-mlflow",
+                               help="log to MLflow the results it is missing (backfill)")
+    sync.add_argument("output_dir", metavar="OUTPUT_DIR")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI (default: the one the study used)")
+    sync.set_defaults(handler=cmd_sync_mlflow)
+
+    problems = commands.add_parser("problems", help="list the registered problems")
+    problems.set_defaults(handler=cmd_problems)
+    algorithms = commands.add_parser("algorithms", help="list the registered algorithms")
+    algorithms.set_defaults(handler=cmd_algorithms)
+
+    for name, (_, help_text) in FORWARDED.items():  # dispatched in main(), listed here
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
+        else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _error(message: str) -> None:
+    text = " ".join(str(message).split())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m hypersweep``; returns the exit
+    status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Forwarded subcommands parse their own arguments: hand over everything after them.
+        first = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+        if first is not None and argv[first] in FORWARDED:
+            _configure_logging(sum(arg.count("v") for arg in argv[:first]
+                                   if arg.startswith("-") and set(arg[1:]) == {"v"})
+                               + argv[:first].count("--verbose"))
+            return run_forwarded(argv[first], argv[first + 1:])
+        args = build_parser().parse_args(argv)
+        _configure_logging(args.verbose)
+        return args.handler(args)
+    except UsageError as exc:
+        _error(exc)
+        return 2
+    except NotAvailable as exc:
+        _error(exc)
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+__all__ = ["main", "build_parser", "FORWARDED", "UsageError", "NotAvailable"]

@@ -1,0 +1,727 @@
+"""The sweep driver: validated study -> cells -> skip done -> actor pool -> Parquet -> MLflow.
+
+``run_study(study)`` is what ``hypersweep run study.yaml`` calls (the study is validated
+before). It starts an embedded loopback-only Ray (or joins a cluster: ``address`` or
+``$RAY_ADDRESS`` as set by ``ray job submit``), builds a pool of long-lived
+:class:`~.actors.CellRunner` actors sized from ``resources``, and streams cells to them:
+
+* **Feeding** — at most ``IN_FLIGHT_PER_ACTOR`` cells queued per actor, completions
+  collected with ``ray.wait`` (timeout 0.2 s, so signals and flushes stay prompt); cells are
+  pulled lazily from the ``expand`` generator through a small look-ahead window from which
+  an actor preferably takes a cell with the ``shape_key`` it ran last (its process caches
+  that problem instance and its compiled functions).
+* **Resume** — cells whose latest Parquet row is ``ok`` are skipped; so are failed ones
+  unless ``retry_failed``.
+* **Faults** — a cell that raises or diverges is a row (``run_cell`` does it); a cell
+  running longer than ``cell_timeout_s`` gets a ``timeout`` row and its actor is killed and
+  restarted; a dead actor process (segfault, OOM, ``os._exit``) costs the cell that was
+  running one attempt — it is retried up to ``max_retries`` times on a restarted or another
+  actor, then recorded ``crashed`` — while the cells merely queued behind it are re-sent
+  without being charged. The sweep always goes on.
+* **Sinks** — rows go to Parquet first (one atomic part per 50 rows or 2 s), then to one
+  background MLflow writer thread; MLflow being down costs one warning.
+* **Signals** — SIGTERM (``ray job stop``) and SIGINT flush the finished rows, mark the
+  MLflow parent run KILLED and raise :class:`SweepInterrupted` (exit code 128 + signal).
+
+The driver never imports torch or jax; the actors do, through the pipeline.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from hypersweep import __version__
+from hypersweep.orchestrator import sinks
+from hypersweep.orchestrator.cell import Cell
+from hypersweep.orchestrator.progress import SweepProgress
+from hypersweep.orchestrator.schema import FAILED_STATUSES, STATUSES, empty_row
+from hypersweep.registry import BACKENDS
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_ACTOR = 2
+POLL_S = 0.2
+PING_FAILURES_BEFORE_REPLACE = 3
+PING_RETRY_S = 0.25
+LOOKAHEAD = 256
+#: Parquet flush policy: a part every FLUSH_ROWS rows or FLUSH_SECONDS, and on exit
+FLUSH_ROWS = 50
+FLUSH_SECONDS = 2.0
+
+
+class SweepInterrupted(RuntimeError):
+    """Raised by :func:`run_study` after a SIGTERM/SIGINT once finished rows are flushed."""
+
+    def __init__(self, signum: int, summary: dict):
+        self.signum = signum
+        self.summary = summary
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"sweep interrupted by signal {signum}; {summary.get('cells_done', 0)}"
+                         f" cells finished and saved in {summary.get('results_dir')}")
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def failure_row(cell: Cell, attempt: int, status: str, message: str,
+                started_at: _dt.datetime | None = None, wall_time_s: float | None = None
+                ) -> dict:
+    """A result row the driver writes for a cell that produced none (timeout, crash)."""
+    row = empty_row()
+    row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
+               problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
+               dtype=cell.dtype, K=cell.K, t=cell.t, seed=cell.seed, attempt=attempt,
+               status=status, error_message=message[:2000], hypersweep_version=__version__,
+               problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
+               pipeline_params=cell.pipeline_params, started_at=started_at or _now(),
+               finished_at=_now(), wall_time_s=wall_time_s)
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# Pool bookkeeping
+
+
+class _Task:
+    __slots__ = ("cell", "attempt", "ref", "started_at", "submitted")
+
+    def __init__(self, cell: Cell, attempt: int, ref: Any):
+        self.cell, self.attempt, self.ref = cell, attempt, ref
+        self.started_at = _now()
+        self.submitted = time.monotonic()
+
+
+class _Slot:
+    """One actor and the cells queued on it (the head is the one running)."""
+
+    def __init__(self, index: int, actor: Any):
+        self.index = index
+        self.actor = actor
+        self.queue: deque[_Task] = deque()
+        self.ready = False
+        self.ping: Any = None
+        self.ping_failures = 0
+        self.last_key: tuple | None = None
+        self.head_since = 0.0
+        self.ping_at: float | None = None  # when to re-ping a restarting actor
+
+
+class _Feed:
+    """Pending cells: retries first, then a look-ahead window over the cell stream."""
+
+    def __init__(self, cells: Iterable[Cell], should_run: Callable[[Cell], bool],
+                 lookahead: int = LOOKAHEAD):
+        self._source = iter(cells)
+        self._should_run = should_run
+        self._lookahead = lookahead
+        self.retry: deque[tuple[Cell, int]] = deque()
+        self.window: deque[tuple[Cell, tuple]] = deque()
+        self.source_done = False
+        self.seen = 0
+        self.skipped = 0
+
+    def _fill(self) -> None:
+        while len(self.window) < self._lookahead and not self.source_done:
+            try:
+                cell = next(self._source)
+            except StopIteration:
+                self.source_done = True
+                return
+            self.seen += 1
+            if self._should_run(cell):
+                self.window.append((cell, cell.shape_key()))
+            else:
+                self.skipped += 1
+
+    def take(self, shape_key: tuple | None) -> tuple[Cell, int] | None:
+        if self.retry:
+            return self.retry.popleft()
+        self._fill()
+        if not self.window:
+            return None
+        if shape_key is not None:
+            for position, (cell, key) in enumerate(self.window):
+                if key == shape_key:
+                    del self.window[position]
+                    return cell, 1
+        return self.window.popleft()[0], 1
+
+    def empty(self) -> bool:
+        self._fill()
+        return not self.retry and not self.window
+
+
+def pool_size(study: Any, cluster: dict) -> int:
+    """``num_actors``, else floor(cluster CPUs / num_cpus) (and GPUs / num_gpus), ≥ 1."""
+    requested = _get(study, "num_actors")
+    if requested:
+        return int(requested)
+    resources = _get(study, "resources")
+    num_cpus = float(_get(resources, "num_cpus", 1.0) or 0.0)
+    num_gpus = float(_get(resources, "num_gpus", 0.0) or 0.0)
+    limits = []
+    if num_cpus > 0:
+        limits.append(math.floor(cluster.get("CPU", 1.0) / num_cpus + 1e-9))
+    if num_gpus > 0:
+        limits.append(math.floor(cluster.get("GPU", 0.0) / num_gpus + 1e-9))
+    return max(1, min(limits)) if limits else 1
+
+
+# ---------------------------------------------------------------------------------------
+# Ray
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
+    Returns whether this call started it (only then does the driver shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Errors of refs we abandoned on purpose (timeouts, crashed actors) are handled; do not
+    # let Ray print them again when the refs are garbage collected.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return True
+    # Loopback only: without this Ray binds every interface (see docs/infra notes).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    temp_dir = os.path.join(tempfile.gettempdir(), f"hypersweep-ray-{os.getuid()}")
+    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir,
+             logging_level="ERROR", log_to_driver=False)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep
+
+
+class _Sweep:
+    def __init__(self, study: Any, cells: Iterable[Cell], *, total: int | None,
+                 quiet: bool, retry_failed: bool, stop_event: threading.Event,
+                 ensure_ray: Callable[[], Any]):
+        self.study = study
+        self.name = _get(study, "study")
+        self.output = Path(_get(study, "output")).expanduser().absolute()
+        self.max_retries = int(_get(study, "max_retries", 2))
+        timeout = _get(study, "cell_timeout_s")
+        self.cell_timeout_s = float(timeout) if timeout else None
+        self.stop_event = stop_event
+        self.ensure_ray = ensure_ray
+        self.total = total
+        self.retry_failed = retry_failed
+        self.quiet = quiet
+        self.slots: list[_Slot] = []
+        self.by_ref: dict = {}
+        self.pings: dict = {}
+        self.replacements = 0
+        self.counts: Counter = Counter()
+        self.retries = 0
+        self.timings: dict[str, float] = {}
+        self.previous: dict[str, str] = {}
+        self.cells = cells
+
+    # -- resume ----------------------------------------------------------------------------
+    def _load_previous(self) -> None:
+        table = sinks.read_results(self.output)
+        self.previous = dict(zip(table.column("cell_id").to_pylist(),
+                                 table.column("status").to_pylist()))
+
+    def _should_run(self, cell: Cell) -> bool:
+        status = self.previous.get(cell.cell_id)
+        if status is None:
+            return True
+        return self.retry_failed and status in FAILED_STATUSES
+
+    # -- pool ------------------------------------------------------------------------------
+    def _new_actor(self) -> Any:
+        from hypersweep.orchestrator.actors import CellRunner, actor_options
+
+        resources = _get(self.study, "resources")
+        options = actor_options(num_cpus=float(_get(resources, "num_cpus", 1.0)),
+                                num_gpus=float(_get(resources, "num_gpus", 0.0) or 0.0),
+                                memory_mb=_get(resources, "memory_mb"))
+        backends = _get(self.study, "backend", ()) or ()
+        if isinstance(backends, str):
+            backends = (backends,)
+        preload = tuple(b for b in backends if b in BACKENDS)
+        return CellRunner.options(**options).remote(preload)
+
+    def _ping(self, slot: _Slot) -> None:
+        slot.ready = False
+        slot.ping_at = None
+        slot.ping = slot.actor.ping.remote()
+        self.pings[slot.ping] = slot
+
+    def _start_pool(self) -> None:
+        import ray
+
+        start = time.perf_counter()
+        self.ensure_ray()
+        self.timings["ray_init_s"] = time.perf_counter() - start
+        size = pool_size(self.study, ray.cluster_resources())
+        if self.total is not None:
+            size = max(1, min(size, self.total))
+        self.slots = [_Slot(i, self._new_actor()) for i in range(size)]
+        for slot in self.slots:
+            self._ping(slot)
+        self.pool_started = time.perf_counter()
+        log.info("study %s: %d actor(s)", self.name, size)
+
+    def _restart(self, slot: _Slot, *, kill: bool) -> None:
+        import ray
+
+        if kill:
+            ray.kill(slot.actor, no_restart=False)
+        for task in slot.queue:
+            self.by_ref.pop(task.ref, None)
+        slot.queue.clear()
+        self._ping(slot)
+
+    def _on_ping(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayError
+
+        slot = self.pings.pop(ref)
+        if slot.ping is not ref:
+            return
+        slot.ping = None
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            # Restarting (after a crash or our kill): ask again shortly; a restart that
+            # never completes ends as ActorDiedError below.
+            slot.ping_at = time.monotonic() + PING_RETRY_S
+            return
+        except RayError as exc:
+            slot.ping_failures += 1
+            if slot.ping_failures >= PING_FAILURES_BEFORE_REPLACE:
+                self.replacements += 1
+                if self.replacements > 3 * len(self.slots) + 10:
+                    raise RuntimeError(f"cell runners keep dying before they can run a cell; "
+                                       f"last error: {exc}") from exc
+                log.warning("replacing cell runner %d after %d failed restarts: %s",
+                            slot.index, slot.ping_failures, str(exc).splitlines()[0][:200])
+                ray.kill(slot.actor, no_restart=True)
+                slot.actor = self._new_actor()
+                slot.ping_failures = 0
+            self._ping(slot)
+            return
+        slot.ready = True
+        slot.ping_failures = 0
+
+    def _submit(self, slot: _Slot) -> bool:
+        item = self.feed.take(slot.last_key)
+        if item is None:
+            return False
+        cell, attempt = item
+        task = _Task(cell, attempt, slot.actor.run.remote(cell, attempt))
+        if not slot.queue:
+            slot.head_since = time.monotonic()
+        slot.queue.append(task)
+        slot.last_key = cell.shape_key()
+        self.by_ref[task.ref] = task
+        return True
+
+    # -- outcomes --------------------------------------------------------------------------
+    def _record(self, row: dict, traces: list) -> None:
+        self.sink.add(row, traces)
+        self.counts[row["status"]] += 1
+        self.progress.record(row["status"])
+
+    def _pop_head(self, slot: _Slot, task: _Task) -> None:
+        slot.queue.remove(task)
+        self.by_ref.pop(task.ref, None)
+        slot.head_since = time.monotonic()
+
+    def _finished(self, slot: _Slot, task: _Task) -> None:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            row, traces = ray.get(task.ref)  # ready already: this does not wait
+        except RayTaskError as exc:  # the actor shell itself raised: an error row
+            self._pop_head(slot, task)
+            self._record(failure_row(task.cell, task.attempt, "error",
+                                     f"{type(exc).__name__}: {exc}", task.started_at), [])
+            return
+        except RayError as exc:  # the process died: actor error, OOM kill, lost worker
+            self._actor_died(slot, exc)
+            return
+        self._pop_head(slot, task)
+        self._record(row, traces)
+
+    def _actor_died(self, slot: _Slot, exc: BaseException) -> None:
+        blamed, queued = slot.queue[0], list(slot.queue)[1:]
+        for task in reversed(queued):  # innocent: re-sent, not charged an attempt
+            self.feed.retry.appendleft((task.cell, task.attempt))
+        message = f"{type(exc).__name__}: {exc}".strip()
+        if blamed.attempt <= self.max_retries:
+            self.feed.retry.appendleft((blamed.cell, blamed.attempt + 1))
+            self.retries += 1
+            self.progress.retries += 1
+            log.info("cell %s: runner died (attempt %d), retrying", blamed.cell.cell_id,
+                     blamed.attempt)
+        else:
+            self._record(failure_row(
+                blamed.cell, blamed.attempt, "crashed",
+                f"worker process died on each of {blamed.attempt} attempts; last: {message}",
+                blamed.started_at), [])
+        self._restart(slot, kill=False)
+
+    def _check_timeouts(self) -> None:
+        if self.cell_timeout_s is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.ready or not slot.queue:
+                continue
+            running = now - slot.head_since
+            if running <= self.cell_timeout_s:
+                continue
+            head, queued = slot.queue[0], list(slot.queue)[1:]
+            for task in reversed(queued):
+                self.feed.retry.appendleft((task.cell, task.attempt))
+            self._record(failure_row(
+                head.cell, head.attempt, "timeout",
+                f"exceeded cell_timeout_s={self.cell_timeout_s:g} (stopped after "
+                f"{running:.1f} s); its runner was restarted", head.started_at, running), [])
+            self._restart(slot, kill=True)
+
+    def _flush(self) -> None:
+        rows = self.sink.flush()
+        if rows and self.writer is not None:
+            self.writer.submit(rows)
+
+    # -- main loop -------------------------------------------------------------------------
+    def _loop(self) -> bool:
+        """Run until every cell is recorded (True) or a stop is requested (False)."""
+        import ray
+
+        while True:
+            if self.stop_event.is_set():
+                return False
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.ping_at is not None and now >= slot.ping_at:
+                    self._ping(slot)
+                while slot.ready and len(slot.queue) < IN_FLIGHT_PER_ACTOR:
+                    if not self._submit(slot):
+                        break
+            if not self.by_ref and self.feed.empty():
+                return True
+            refs = list(self.by_ref) + list(self.pings)
+            timeout = POLL_S
+            if not refs:  # only restarting actors waiting for their next ping
+                time.sleep(PING_RETRY_S / 5)
+                continue
+            if self.cell_timeout_s is not None:
+                heads = [s.head_since + self.cell_timeout_s for s in self.slots
+                         if s.ready and s.queue]
+                if heads:
+                    timeout = max(0.0, min(timeout, min(heads) - time.monotonic() + 0.01))
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ready_set = set(ready)
+                for ref in ready:
+                    if ref in self.pings:
+                        self._on_ping(ref)
+                for slot in self.slots:
+                    for task in list(slot.queue):
+                        if task.ref in ready_set and task in slot.queue:
+                            self._finished(slot, task)
+            self._check_timeouts()
+            if self.sink.due():
+                self._flush()
+            self.progress.refresh()
+
+    def _mlflow_writer(self) -> sinks.MlflowWriter | None:
+        config = _get(self.study, "mlflow")
+        if not _get(config, "enabled", True):
+            return None
+        uri = _get(config, "tracking_uri", "sqlite:///results/mlflow.db")
+        fields_set = getattr(config, "model_fields_set", None)
+        if fields_set is not None and "tracking_uri" not in fields_set and os.environ.get(
+                "MLFLOW_TRACKING_URI"):
+            uri = os.environ["MLFLOW_TRACKING_URI"]  # study left the default: env wins
+        uri = sinks.resolve_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # never mlflow's cwd default
+        sinks.set_mlflow_env_defaults()
+        experiment = _get(config, "experiment") or self.name
+        logger = sinks.MlflowLogger(uri, experiment, self.name,
+                                    study_params=sinks.study_params(self.study),
+                                    study_yaml=self._study_text(),
+                                    artifact_root=sinks.default_artifact_root(uri))
+        return sinks.MlflowWriter(logger).start()
+
+    def _study_text(self) -> str:
+        text = _get(self.study, "source_text")
+        if text:
+            return text
+        if hasattr(self.study, "model_dump"):
+            return yaml.safe_dump(self.study.model_dump(mode="json"), sort_keys=False)
+        plain = {k: v for k, v in vars(self.study).items() if not k.startswith("_")}
+        return yaml.safe_dump(plain, sort_keys=False, default_flow_style=None) \
+            if all(isinstance(v, (str, int, float, bool, list, dict, type(None)))
+                   for v in plain.values()) else f"study: {self.name}\n"
+
+    def run(self) -> dict:
+        wall_start = time.perf_counter()
+        self.output.mkdir(parents=True, exist_ok=True)
+        sinks.write_text_atomic(self.output / sinks.STUDY_FILE, self._study_text())
+        self.sink = sinks.ParquetSink(self.output, flush_rows=FLUSH_ROWS,
+                                      flush_seconds=FLUSH_SECONDS)
+        self._load_previous()
+        self.writer = self._mlflow_writer()
+        self.feed = _Feed(self.cells, self._should_run)
+        self.progress = SweepProgress(None, quiet=self.quiet, label=self.name)
+        completed = False
+        interrupted = False
+        crashed = True
+        try:
+            if not self.feed.empty():
+                self._start_pool()
+                if self.total is not None:
+                    # Exact once the source is exhausted; until then an upper bound
+                    # corrected by the previously finished cells we know of.
+                    todo = self.total - sum(1 for s in self.previous.values()
+                                            if s == "ok" or not self.retry_failed)
+                    self.progress.set_total(max(todo, len(self.feed.window)))
+                loop_start = time.perf_counter()
+                completed = self._loop()
+                interrupted = not completed
+                self.timings["loop_s"] = time.perf_counter() - loop_start
+            else:
+                completed = True
+            crashed = False
+        finally:
+            self._flush()
+            self.progress.close()
+            self._stop_actors()
+            status = "FINISHED" if completed else ("FAILED" if crashed else "KILLED")
+            summary = self._summary(wall_start, interrupted)
+            if self.writer is not None:
+                self.writer.close(status=status,
+                                  summary=None if interrupted else summary,
+                                  timeout=1.0 if not completed else None)
+                summary["mlflow"] = self._mlflow_summary()
+            summary["wall_time_s"] = time.perf_counter() - wall_start
+            summary["timings"]["mlflow_drain_wait_s"] = (
+                self.writer.drain_wait_s if self.writer else 0.0)
+        return summary
+
+    def _stop_actors(self) -> None:
+        if not self.slots:
+            return
+        import ray
+
+        for slot in self.slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _mlflow_summary(self) -> dict:
+        logger = self.writer.logger
+        return {"tracking_uri": logger.tracking_uri, "experiment": logger.experiment_name,
+                "parent_run_id": logger.parent_run_id, "cells_logged": logger.cells_logged,
+                "runs_created": logger.runs_created, "dropped": self.writer.dropped,
+                "error": self.writer.error, "seconds": logger.seconds}
+
+    def _summary(self, wall_start: float, interrupted: bool) -> dict:
+        table = sinks.read_results(self.output)
+        study_counts = Counter(table.column("status").to_pylist())
+        pairs: dict[tuple, dict[str, list]] = {}
+        for row in table.select(["problem", "algorithm", "status", "hypergrad_rel_error",
+                                 "wall_time_s"]).to_pylist():
+            entry = pairs.setdefault((row["problem"], row["algorithm"]),
+                                     {"rel": [], "wall": [], "n": 0, "ok": 0})
+            entry["n"] += 1
+            if row["status"] == "ok":
+                entry["ok"] += 1
+                if row["hypergrad_rel_error"] is not None:
+                    entry["rel"].append(row["hypergrad_rel_error"])
+                if row["wall_time_s"] is not None:
+                    entry["wall"].append(row["wall_time_s"])
+        per_pair = [{"problem": p, "algorithm": a, "cells": e["n"], "ok": e["ok"],
+                     "median_rel_error": statistics.median(e["rel"]) if e["rel"] else None,
+                     "median_wall_time_s": statistics.median(e["wall"]) if e["wall"] else None}
+                    for (p, a), e in sorted(pairs.items())]
+        self.timings["parquet_s"] = self.sink.seconds
+        return {
+            "study": self.name,
+            "output": str(self.output),
+            "results_dir": str(self.sink.results_dir),
+            "traces_dir": str(self.sink.traces_dir),
+            "study_yaml": str(self.output / sinks.STUDY_FILE),
+            "cells_seen": self.feed.seen,
+            "cells_skipped": self.feed.skipped,
+            "cells_done": sum(self.counts.values()),
+            "counts": {s: self.counts.get(s, 0) for s in STATUSES},
+            "study_counts": {s: study_counts.get(s, 0) for s in STATUSES},
+            "retries": self.retries,
+            "actors": len(self.slots),
+            "actor_replacements": self.replacements,
+            "interrupted": interrupted,
+            "per_pair": per_pair,
+            "timings": dict(self.timings),
+            "parquet_files": self.sink.files_written,
+        }
+
+
+def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
+              quiet: bool = False, retry_failed: bool = False,
+              stop_event: threading.Event | None = None, address: str | None = None) -> dict:
+    """Run ``cells`` of ``study`` (attributes as in ``StudySpec``) on the current Ray, or
+    on one started/joined as in :func:`run_study` when none is initialized (and then left
+    running). Returns the summary; ``summary["interrupted"]`` if ``stop_event`` was set."""
+    if total is None and hasattr(cells, "__len__"):
+        total = len(cells)  # type: ignore[arg-type]
+    sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
+                   stop_event=stop_event or threading.Event(),
+                   ensure_ray=lambda: _init_ray(address))
+    return sweep.run()
+
+
+def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
+              retry_failed: bool = False, cells: Iterable[Cell] | None = None,
+              total: int | None = None) -> dict:
+    """Run a validated study to completion; return its summary (see ``print_summary``).
+
+    ``address``: a Ray cluster to join ("auto", "ray://…", "host:port"); default
+    ``$RAY_ADDRESS`` (set by ``ray job submit``) or else an embedded local Ray on
+    127.0.0.1 that is shut down at the end. ``retry_failed``: re-run cells whose latest
+    status is error/diverged/timeout/crashed (``ok`` cells are always skipped).
+    ``cells``/``total``: run these instead of ``spec.expand(study)`` (tests, tools).
+    Raises :class:`SweepInterrupted` after SIGTERM/SIGINT (rows flushed first).
+    """
+    if cells is None:
+        from hypersweep.orchestrator import spec
+
+        cells = spec.expand(study)
+        total = spec.count_cells(study)
+    stop_event = threading.Event()
+    received: list[int] = []
+    started: list[bool] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if stop_event.is_set():  # a second signal: stop waiting for anything
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("signal %d: flushing finished cells and stopping", signum)
+        stop_event.set()
+
+    def ensure_ray():
+        started.append(_init_ray(address))
+        install_handlers()  # after ray.init, which installs its own SIGTERM handler
+
+    previous: dict = {}
+
+    def install_handlers():
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous.setdefault(signum, signal.getsignal(signum))
+                signal.signal(signum, on_signal)
+
+    install_handlers()
+    sinks.set_mlflow_env_defaults()
+    try:
+        sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
+                       stop_event=stop_event, ensure_ray=ensure_ray)
+        summary = sweep.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if any(started):
+            import ray
+
+            ray.shutdown()
+    if summary["interrupted"]:
+        raise SweepInterrupted(received[0] if received else signal.SIGTERM, summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text table: counts by status, then per (problem, algorithm) medians."""
+    lines = [f"study {summary['study']}: {summary['cells_done']} cells run, "
+             f"{summary['cells_skipped']} skipped (done before), "
+             f"{summary['wall_time_s']:.1f} s; results in {summary['results_dir']}"]
+    counts = summary["study_counts"]
+    lines.append("status   " + "  ".join(f"{s} {counts[s]}" for s in STATUSES))
+    if summary["per_pair"]:
+        width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
+        lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
+                     f"median wall s")
+        for pair in summary["per_pair"]:
+            rel = pair["median_rel_error"]
+            wall = pair["median_wall_time_s"]
+            lines.append(f"{pair['problem'] + ' × ' + pair['algorithm']:<{width}}  "
+                         f"{pair['cells']:5d} {pair['ok']:5d}  "
+                         f"{'-' if rel is None else f'{rel:.3e}':>14}  "
+                         f"{'-' if wall is None else f'{wall:.4f}':>13}")
+    mlflow = summary.get("mlflow")
+    if mlflow:
+        state = f"unavailable ({mlflow['error']})" if mlflow["error"] else "ok"
+        lines.append(f"mlflow {state}: {mlflow['cells_logged']} cells logged to "
+                     f"{mlflow['tracking_uri']} (experiment {mlflow['experiment']})")
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict, console: Any = None) -> None:
+    """Print :func:`format_summary` with rich (the CLI's end-of-run table)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    console.print(format_summary(summary).splitlines()[0])
+    table = Table(title="status")
+    for status in STATUSES:
+        table.add_column(status, justify="right")
+    table.add_row(*(str(summary["study_counts"][s]) for s in STATUSES))
+    console.print(table)
+    if summary["per_pair"]:
+        pairs = Table(title="per (problem, algorithm), ok cells")
+        for column in ("problem", "algorithm", "cells", "ok", "median rel error",
+                       "median wall s"):
+            pairs.add_column(column, justify="left" if column in ("problem", "algorithm")
+                             else "right")
+        for pair in summary["per_pair"]:
+            rel, wall = pair["median_rel_error"], pair["median_wall_time_s"]
+            pairs.add_row(pair["problem"], pair["algorithm"], str(pair["cells"]),
+                          str(pair["ok"]), "-" if rel is None else f"{rel:.3e}",
+                          "-" if wall is None else f"{wall:.4f}")
+        console.print(pairs)
+    mlflow = summary.get("mlflow")
+    if mlflow:
+        console.print(format_summary(summary).splitlines()[-1])
+
+
+__all__ = ["run_study", "run_cells", "read_results", "sync_mlflow", "SweepInterrupted",
+           "format_summary", "print_summary", "pool_size", "failure_row"]
+
+read_results = sinks.read_results
+sync_mlflow = sinks.sync_mlflow

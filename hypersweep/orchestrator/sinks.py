@@ -1,0 +1,684 @@
+"""Where finished cells go: Parquet parts (the source of truth) and MLflow (a view of them).
+
+Only the driver process writes. Layout under a study's ``output`` directory::
+
+    study.yaml                      the study as written (after validation)
+    results/part-<ns>-<uuid8>.parquet   result rows, schema.RESULT_SCHEMA, one file per flush
+    traces/part-<ns>-<uuid8>.parquet    per-step trace rows, schema.TRACE_SCHEMA
+
+Every file is written under a dot-prefixed temporary name, fsynced, renamed into place and
+its directory fsynced, so a SIGKILL at any moment leaves either a complete part or an
+invisible ``.part-*.tmp`` (readers skip names starting with ``.``; the next run deletes
+them). Retried or re-run cells append new rows; :func:`read_results` keeps the latest row
+per ``cell_id`` (by ``finished_at``), so a study read back has every cell exactly once.
+
+MLflow granularity (why not one run per cell): the MLflow UI compares *runs* and draws a
+*metric against its step*. The question this project asks is "how does the hypergradient
+error fall as the inner budget t grows", so one child run per (problem, algorithm, backend,
+K, seed, dtype, params) group with ``t`` as the metric step gives exactly that curve per
+run, and a 1,000-cell study with 10 values of t needs ~100 runs instead of 1,000 — which
+also divides MLflow's cost (~30–65 ms per run create/log on sqlite/HTTP) by len(t).
+Parameters of the group become run params; the numeric result columns become metrics at
+step t; each logged cell leaves a tag ``hypersweep.t.<t> = <status>@<finished_at>`` on its
+run, which is what makes logging idempotent: a cell is (re)logged only when its latest
+Parquet row is not the one the tag records. The parent run (tag ``hypersweep.study``)
+holds the study's params, ``study.yaml`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from hypersweep.orchestrator.schema import RESULT_SCHEMA, TRACE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = "results"
+TRACES_DIR = "traces"
+STUDY_FILE = "study.yaml"
+
+# ---------------------------------------------------------------------------------------
+# Parquet
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
+    """Write ``table`` as a new ``part-<time_ns>-<uuid8>.parquet`` in ``directory``.
+
+    tmp (dot-prefixed, invisible to readers) + fsync + ``os.replace`` + directory fsync:
+    after a crash the part is either complete or absent. Cost: ~1.5 ms for 50 rows.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = directory / f".{final.name}.tmp"
+    with open(tmp, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sweep_stale_tmp(directory: str | Path) -> int:
+    """Delete ``.*.tmp`` left by a killed writer; returns how many were removed."""
+    directory = Path(directory)
+    removed = 0
+    if directory.is_dir():
+        for stale in directory.glob(".*.tmp"):
+            try:
+                stale.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _dataset(directory: Path, schema: pa.Schema) -> pa.Table:
+    if not directory.is_dir() or not any(directory.glob("*.parquet")):
+        return schema.empty_table()
+    # ds.dataset ignores names starting with "." or "_" (our temporary files).
+    return ds.dataset(directory, format="parquet", schema=schema).to_table()
+
+
+def latest_per_cell(table: pa.Table) -> pa.Table:
+    """Keep the row with the greatest ``finished_at`` for each ``cell_id``."""
+    if table.num_rows == 0:
+        return table
+    ordered = table.sort_by([("cell_id", "ascending"), ("finished_at", "descending")])
+    ids = ordered.column("cell_id").to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return ordered.filter(pa.array(first))
+
+
+def read_results(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
+    """The study's result rows (``RESULT_SCHEMA``), by default the latest row per cell.
+
+    ``output_dir`` is the study's ``output`` (``results/`` below it is read) or the
+    ``results`` directory itself. The files are plain Parquet with one schema: pandas
+    (``pd.read_parquet(dir)``), polars (``pl.read_parquet(dir + "/*.parquet")``) and
+    duckdb (``read_parquet('dir/*.parquet')``) read them too — but only this function
+    dedupes retried cells.
+    """
+    directory = Path(output_dir)
+    if (directory / RESULTS_DIR).is_dir() or not directory.name == RESULTS_DIR:
+        directory = directory / RESULTS_DIR
+    table = _dataset(directory, RESULT_SCHEMA)
+    return latest_per_cell(table) if latest else table
+
+
+def read_traces(output_dir: str | Path) -> pa.Table:
+    """Every trace row (``TRACE_SCHEMA``); a re-run cell's traces appear once per run."""
+    return _dataset(Path(output_dir) / TRACES_DIR, TRACE_SCHEMA)
+
+
+class ParquetSink:
+    """Buffers rows in the driver and writes one atomic part per flush.
+
+    ``flush_rows`` / ``flush_seconds``: flush when that many rows are buffered or the
+    oldest buffered row is that old (and always on ``flush()``), so a SIGKILL loses at most
+    ``flush_seconds`` of finished cells plus the in-flight ones.
+    """
+
+    def __init__(self, output_dir: str | Path, *, flush_rows: int = 50,
+                 flush_seconds: float = 2.0):
+        self.output_dir = Path(output_dir)
+        self.results_dir = self.output_dir / RESULTS_DIR
+        self.traces_dir = self.output_dir / TRACES_DIR
+        for directory in (self.results_dir, self.traces_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+            removed = sweep_stale_tmp(directory)
+            if removed:
+                log.info("removed %d stale temporary file(s) in %s", removed, directory)
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._rows: list[dict] = []
+        self._traces: list[dict] = []
+        self._oldest: float | None = None
+        self.rows_written = 0
+        self.files_written = 0
+        self.seconds = 0.0  # time spent converting and writing (for the overhead report)
+
+    def add(self, row: dict, traces: Iterable[dict] = ()) -> None:
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        self._rows.append(row)
+        self._traces.extend(traces)
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def due(self) -> bool:
+        if not self._rows:
+            return False
+        return (len(self._rows) >= self.flush_rows
+                or time.monotonic() - self._oldest >= self.flush_seconds)
+
+    def flush(self) -> list[dict]:
+        """Write buffered rows (traces first, then results); returns the rows written."""
+        if not self._rows and not self._traces:
+            return []
+        start = time.perf_counter()
+        rows, traces = self._rows, self._traces
+        self._rows, self._traces, self._oldest = [], [], None
+        if traces:
+            write_table_atomic(pa.Table.from_pylist(traces, schema=TRACE_SCHEMA),
+                               self.traces_dir)
+            self.files_written += 1
+        if rows:
+            write_table_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA),
+                               self.results_dir)
+            self.files_written += 1
+        self.rows_written += len(rows)
+        self.seconds += time.perf_counter() - start
+        return rows
+
+
+# ---------------------------------------------------------------------------------------
+# MLflow
+
+#: numeric result columns logged as metrics at step t
+METRIC_COLUMNS = ("hypergrad_rel_error", "hypergrad_abs_error", "hypergrad_norm",
+                  "inner_suboptimality", "val_loss", "test_loss", "test_accuracy",
+                  "wall_time_s", "compile_time_s", "peak_memory_mb", "n_inner_grad_evals",
+                  "n_hvp_evals", "solver_iters", "attempt")
+#: the cell fields (all but t) that define one child run
+GROUP_FIELDS = ("study", "pipeline", "problem", "algorithm", "backend", "K", "seed",
+                "dtype", "problem_params", "algorithm_params", "pipeline_params")
+TAG_STUDY = "hypersweep.study"
+TAG_ROLE = "hypersweep.role"
+TAG_GROUP = "hypersweep.group_id"
+TAG_CELL_PREFIX = "hypersweep.t."
+_MAX_PARAM_CHARS = 500
+# MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per request.
+_MAX_BATCH_METRICS, _MAX_BATCH_PARAMS, _MAX_BATCH_TAGS = 1000, 100, 100
+
+#: set in the driver unless the user set them: a dead HTTP server then fails a request in
+#: ~2.4 s (connection refused) or ~30 s (blackhole) instead of ~4 min / ~16 min.
+MLFLOW_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def set_mlflow_env_defaults() -> None:
+    for key, value in MLFLOW_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute (from the cwd) and create its folder;
+    other URIs are returned unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri[len(prefix):]).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def group_id(row: dict) -> str:
+    fields = [row.get(name) for name in GROUP_FIELDS]
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+    return str(value)
+
+
+def cell_fingerprint(row: dict) -> str:
+    """What the run tag records for a logged cell: its status and when it finished."""
+    return f"{row.get('status')}@{_iso(row.get('finished_at'))}"
+
+
+def _millis(value: Any) -> int:
+    if isinstance(value, _dt.datetime):
+        return int(value.timestamp() * 1000)
+    return int(time.time() * 1000)
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    else:
+        out[prefix] = value
+
+
+def group_params(row: dict) -> dict[str, str]:
+    """The child run's params: the cell's identity minus t, params flattened."""
+    params = {name: row.get(name) for name in ("pipeline", "problem", "algorithm", "backend",
+                                                "K", "seed", "dtype")}
+    for column, prefix in (("problem_params", "problem"), ("algorithm_params", "algorithm"),
+                           ("pipeline_params", "pipeline")):
+        try:
+            loaded = json.loads(row.get(column) or "{}")
+        except (TypeError, ValueError):
+            loaded = {}
+        flat: dict = {}
+        _flatten(prefix, loaded, flat)
+        params.update(flat)
+    return {key: ("None" if value is None else str(value))[:_MAX_PARAM_CHARS]
+            for key, value in params.items()}
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the tracking store cannot be reached" (vs a bad request)."""
+    text = f"{type(exc).__name__}: {exc}"
+    markers = ("Max retries exceeded", "Connection refused", "ConnectionError",
+               "ConnectTimeout", "ReadTimeout", "timed out", "Failed to establish",
+               "RemoteDisconnected", "Connection aborted", "database is locked",
+               "unable to open database", "OperationalError", "API request to")
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
+        marker in text for marker in markers)
+
+
+class MlflowLogger:
+    """Synchronous MLflow logging of result rows (used by the writer thread and by sync).
+
+    ``connect()`` imports mlflow (~3–5 s the first time), finds or creates the experiment
+    and the study's parent run and loads the existing child runs with their cell tags
+    (one paginated search). ``log_rows(rows)`` then costs one ``log_batch`` per touched
+    group (+ a ``create_run`` and ``set_terminated`` for a new group).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str, *,
+                 study_params: dict | None = None, study_yaml: str | None = None,
+                 artifact_root: str | None = None, resume_parent: bool = True):
+        self.resume_parent = resume_parent  # mark an existing parent RUNNING again
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment
+        self.study_name = study_name
+        self.study_params = study_params or {}
+        self.study_yaml = study_yaml
+        self.artifact_root = artifact_root
+        self.client = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.parent_created = False
+        self._groups: dict[str, str] = {}          # group_id -> run_id
+        self._logged: dict[str, dict[str, str]] = {}  # run_id -> {tag key: fingerprint}
+        self.cells_logged = 0
+        self.cells_already_logged = 0
+        self.runs_created = 0
+        self.seconds = 0.0
+
+    # -- setup ---------------------------------------------------------------------------
+    def connect(self) -> None:
+        start = time.perf_counter()
+        set_mlflow_env_defaults()
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
+
+        self._Param, self._RunTag = Param, RunTag
+        from mlflow.entities import Metric
+        self._Metric = Metric
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_root)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self._find_or_create_parent()
+        self._load_children()
+        self.seconds += time.perf_counter() - start
+
+    def _search(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _find_or_create_parent(self) -> None:
+        found = self._search(f"tags.`{TAG_STUDY}` = '{self.study_name}' and "
+                             f"tags.`{TAG_ROLE}` = 'parent'")
+        if found:
+            found.sort(key=lambda run: run.info.start_time or 0)
+            self.parent_run_id = found[0].info.run_id
+            if self.resume_parent:
+                self.client.update_run(self.parent_run_id, status="RUNNING")
+            return
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                     tags={TAG_STUDY: self.study_name, TAG_ROLE: "parent"})
+        self.parent_run_id = run.info.run_id
+        self.parent_created = True
+        params = [self._Param(key, str(value)[:_MAX_PARAM_CHARS])
+                  for key, value in self.study_params.items()]
+        for i in range(0, len(params), _MAX_BATCH_PARAMS):
+            self.client.log_batch(self.parent_run_id, params=params[i:i + _MAX_BATCH_PARAMS])
+        if self.study_yaml:
+            self.client.log_text(self.parent_run_id, self.study_yaml, STUDY_FILE)
+
+    def _load_children(self) -> None:
+        for run in self._search(f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+            gid = run.data.tags.get(TAG_GROUP)
+            if gid is None:
+                continue
+            self._groups.setdefault(gid, run.info.run_id)
+            self._logged[run.info.run_id] = {
+                key: value for key, value in run.data.tags.items()
+                if key.startswith(TAG_CELL_PREFIX)}
+
+    # -- logging -------------------------------------------------------------------------
+    def _child_run(self, gid: str, row: dict) -> tuple[str, list]:
+        """(run_id, params to log with the first batch); creates the run if new."""
+        run_id = self._groups.get(gid)
+        if run_id is not None:
+            return run_id, []
+        k = "-" if row.get("K") is None else row.get("K")
+        name = f"{row.get('problem')}.{row.get('algorithm')}.{row.get('backend')}.K{k}" \
+               f".s{row.get('seed')}"
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": self.parent_run_id, TAG_STUDY: self.study_name,
+                  TAG_ROLE: "group", TAG_GROUP: gid})
+        run_id = run.info.run_id
+        self._groups[gid] = run_id
+        self._logged[run_id] = {}
+        self.runs_created += 1
+        params = [self._Param(key, value) for key, value in group_params(row).items()]
+        return run_id, params
+
+    def log_rows(self, rows: Iterable[dict]) -> int:
+        """Log the rows not yet logged (per the run tags); returns how many were logged."""
+        start = time.perf_counter()
+        by_group: dict[str, list[dict]] = {}
+        for row in rows:
+            by_group.setdefault(group_id(row), []).append(row)
+        logged = 0
+        for gid, group_rows in by_group.items():
+            run_id = self._groups.get(gid)
+            tags_done = self._logged.get(run_id, {}) if run_id else {}
+            todo = []
+            for row in group_rows:
+                key = f"{TAG_CELL_PREFIX}{row.get('t')}"
+                if tags_done.get(key) == cell_fingerprint(row):
+                    self.cells_already_logged += 1
+                else:
+                    todo.append(row)
+            if not todo:
+                continue
+            created = run_id is None
+            run_id, params = self._child_run(gid, todo[0])
+            metrics, tags = [], []
+            for row in todo:
+                stamp, step = _millis(row.get("finished_at")), int(row.get("t") or 0)
+                for column in METRIC_COLUMNS:
+                    value = row.get(column)
+                    if value is None:
+                        continue
+                    value = float(value)
+                    if math.isfinite(value):
+                        metrics.append(self._Metric(column, value, stamp, step))
+                metrics.append(self._Metric("ok", 1.0 if row.get("status") == "ok" else 0.0,
+                                            stamp, step))
+                tags.append(self._RunTag(f"{TAG_CELL_PREFIX}{row.get('t')}",
+                                         cell_fingerprint(row)))
+            self._log_batch(run_id, metrics, params, tags)
+            if created:
+                # Children are complete views as soon as they exist; later cells of the
+                # group append steps (MLflow accepts logging to a finished run), and a
+                # killed driver never leaves children RUNNING.
+                self.client.set_terminated(run_id, "FINISHED")
+            for tag in tags:
+                self._logged[run_id][tag.key] = tag.value
+            logged += len(todo)
+        self.cells_logged += logged
+        self.seconds += time.perf_counter() - start
+        return logged
+
+    def _log_batch(self, run_id: str, metrics: list, params: list, tags: list) -> None:
+        # Tags go last: a partially logged group is re-logged by the next sync.
+        while metrics or params or tags:
+            chunk_p, params = params[:_MAX_BATCH_PARAMS], params[_MAX_BATCH_PARAMS:]
+            room = _MAX_BATCH_METRICS - len(chunk_p)
+            chunk_m, metrics = metrics[:room], metrics[room:]
+            chunk_t: list = []
+            if not metrics and not params:
+                room = min(_MAX_BATCH_TAGS, _MAX_BATCH_METRICS - len(chunk_p) - len(chunk_m))
+                chunk_t, tags = tags[:room], tags[room:]
+            self.client.log_batch(run_id, metrics=chunk_m, params=chunk_p, tags=chunk_t)
+
+    def finish(self, status: str = "FINISHED", summary: dict | None = None) -> None:
+        if self.client is None or self.parent_run_id is None:
+            return
+        if summary is not None:
+            self.client.log_text(self.parent_run_id,
+                                 json.dumps(summary, indent=2, default=str), "summary.json")
+        self.client.set_terminated(self.parent_run_id, status)
+
+
+class MlflowWriter:
+    """One background thread that feeds :class:`MlflowLogger` from a bounded queue.
+
+    The driver calls ``submit(rows)`` only after those rows are in Parquet. The first
+    failure that looks like "store unreachable" logs ONE warning and turns the writer off
+    for the rest of the run (rows are then dropped, they are safe in Parquet and
+    ``sync_mlflow`` backfills them); a full queue drops rows the same way instead of
+    blocking the sweep.
+    """
+
+    _STOP = object()
+
+    def __init__(self, logger: MlflowLogger, *, max_backlog: int = 20000):
+        self.logger = logger
+        self.queue: queue.Queue = queue.Queue(maxsize=max_backlog)
+        self.dead = False
+        self.error: str | None = None
+        self.dropped = 0
+        self._abort = threading.Event()
+        self._final_status = "FINISHED"
+        self._summary: dict | None = None
+        self._thread = threading.Thread(target=self._run, name="hypersweep-mlflow",
+                                        daemon=True)
+        self.drain_wait_s = 0.0
+
+    def start(self) -> "MlflowWriter":
+        self._thread.start()
+        return self
+
+    def submit(self, rows: list[dict]) -> None:
+        if self.dead or not rows:
+            if rows:
+                self.dropped += len(rows)
+            return
+        try:
+            self.queue.put_nowait(rows)
+        except queue.Full:
+            self.dropped += len(rows)
+            self._warn_once(RuntimeError(f"backlog above {self.queue.maxsize} batches"),
+                            what="is too slow")
+
+    def _warn_once(self, exc: BaseException, what: str = "is unreachable") -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("MLflow at %s %s (%s); the sweep goes on and Parquet keeps every "
+                        "row; run `hypersweep sync-mlflow <output>` later to backfill.",
+                        self.logger.tracking_uri, what, self.error.splitlines()[0][:300])
+
+    def _fail(self, exc: BaseException) -> None:
+        self.dead = True
+        self._warn_once(exc)
+
+    def _run(self) -> None:
+        try:
+            self.logger.connect()
+        except Exception as exc:  # noqa: BLE001 - any failure disables MLflow, never the sweep
+            self._fail(exc)
+        while True:
+            item = self.queue.get()
+            if item is self._STOP:
+                break
+            batch = list(item)
+            while len(batch) < 2000:  # coalesce what is queued: fewer, larger log_batch calls
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is self._STOP:
+                    self.queue.put(self._STOP)
+                    break
+                batch.extend(more)
+            if self.dead or self._abort.is_set():
+                self.dropped += len(batch)
+                continue
+            try:
+                self.logger.log_rows(batch)
+            except Exception as exc:  # noqa: BLE001
+                if _connection_error(exc):
+                    self._fail(exc)
+                    self.dropped += len(batch)
+                else:  # a bad value in one batch: skip it, keep logging the rest
+                    self.dropped += len(batch)
+                    log.warning("MLflow rejected a batch of %d rows: %s", len(batch), exc)
+        if not self.dead:
+            try:
+                self.logger.finish(self._final_status, self._summary)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc)
+
+    def close(self, *, status: str = "FINISHED", summary: dict | None = None,
+              timeout: float | None = None) -> None:
+        """Stop after the backlog is logged (``timeout``: give up waiting, drop the rest)."""
+        self._final_status, self._summary = status, summary
+        start = time.perf_counter()
+        if status != "FINISHED":
+            self._abort.set()  # interrupted: end the runs now, skip the backlog
+        self.queue.put(self._STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abort.set()
+            log.warning("MLflow writer still busy after %.1f s; leaving it (rows are in "
+                        "Parquet; `hypersweep sync-mlflow` backfills)", timeout or 0.0)
+        self.drain_wait_s = time.perf_counter() - start
+
+
+def study_params(study: Any) -> dict:
+    """The parent run's params: the study's keys, compactly."""
+    out = {}
+    for key in ("study", "pipeline", "backend", "dtype", "t", "K", "seeds", "num_actors",
+                "max_retries", "cell_timeout_s", "output"):
+        if hasattr(study, key):
+            value = getattr(study, key)
+            out[key] = list(value) if isinstance(value, tuple) else value
+    for key in ("problems", "algorithms"):
+        entries = getattr(study, key, None) or ()
+        out[key] = [getattr(entry, "label", getattr(entry, "name", entry)) for entry in entries]
+    resources = getattr(study, "resources", None)
+    if resources is not None:
+        for name in ("num_cpus", "num_gpus", "memory_mb"):
+            value = resources.get(name) if isinstance(resources, dict) else getattr(
+                resources, name, None)
+            out[f"resources.{name}"] = value
+    pipeline_params = getattr(study, "pipeline_params", None) or {}
+    flat: dict = {}
+    _flatten("pipeline_params", dict(pipeline_params), flat)
+    out.update(flat)
+    return {key: json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
+            for key, value in out.items()}
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """For a sqlite store, artifacts next to the database (not in the cwd's ./mlruns)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
+    return None
+
+
+def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
+                experiment: str | None = None) -> dict:
+    """Log to MLflow exactly the cells of ``output_dir`` that it lacks (idempotent).
+
+    Reads ``output_dir/study.yaml`` for the study name, experiment and tracking URI
+    (``tracking_uri`` / ``experiment`` override them) and the latest Parquet row per cell;
+    a cell is logged when its group's run lacks the tag recording that very row. Running it
+    twice logs nothing the second time. Returns counts.
+    """
+    import yaml
+
+    output_dir = Path(output_dir)
+    study_file = output_dir / STUDY_FILE
+    if not study_file.is_file():
+        raise ValueError(f"{str(output_dir)!r} is not a study output: {STUDY_FILE} is "
+                         f"missing (run `hypersweep run` first)")
+    text = study_file.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text) or {}
+    mlflow_cfg = raw.get("mlflow") or {}
+    name = raw.get("study")
+    if tracking_uri:
+        uri = tracking_uri
+    elif mlflow_cfg.get("tracking_uri"):
+        uri = mlflow_cfg["tracking_uri"]
+    else:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
+    uri = resolve_tracking_uri(uri)
+    set_mlflow_env_defaults()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    experiment = experiment or mlflow_cfg.get("experiment") or name
+    table = read_results(output_dir)
+    logger = MlflowLogger(uri, experiment, name, study_yaml=text,
+                          study_params={"study": name, "output": str(output_dir)},
+                          artifact_root=default_artifact_root(uri), resume_parent=False)
+    logger.connect()
+    rows = table.to_pylist()
+    logged = logger.log_rows(rows)
+    if logger.parent_created:
+        logger.finish("FINISHED")
+    return {"cells": len(rows), "logged": logged,
+            "already_logged": logger.cells_already_logged,
+            "runs_created": logger.runs_created, "tracking_uri": uri,
+            "experiment": experiment, "parent_run_id": logger.parent_run_id}

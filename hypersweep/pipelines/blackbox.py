@@ -1,0 +1,137 @@
+"""Black-box baseline pipeline: one Ray Tune search per cell, trials evaluated in-process.
+
+A cell (problem, searcher, backend, t, seed) runs up to ``num_samples`` trials; each trial
+solves the inner problem at its λ with t steps of Φ from ``w_init`` (t inner-gradient
+evaluations; ASHA may stop it earlier) and scores ``L_out(w_t, λ)`` in float64. Why the
+searchers are driven inside the cell rather than through ``Tuner.fit()``: see
+:mod:`hypersweep.algorithms.blackbox`.
+
+``pipeline_params``:
+
+``num_samples`` (default 20)
+    trials per cell (for ``grid``: a cap; the grid has ``grid_points``ᵈ points).
+``time_budget_s`` (default none)
+    no trial starts after this many seconds of search.
+``space``
+    the box in λ's parametrization: ``{low: -6, high: 3}`` (numbers, or one per
+    coordinate) or ``{problem_name: {low, high}}``; default: per problem (see
+    :data:`hypersweep.algorithms.blackbox.DEFAULT_BOUNDS`).
+
+Output, in the shared schemas: one result row — ``val_loss`` = the best validation loss
+found, ``test_loss``/``test_accuracy`` at that trial's iterate, ``wall_time_s`` = the
+search (after a warm-up call, whose time is ``compile_time_s``), ``n_inner_grad_evals`` =
+all inner steps run, and the best λ in ``extra`` — and one trace row per trial in
+completion order (``step`` = trial index, cumulative ``wall_time_s`` and
+``n_inner_grad_evals``, the trial's ``val_loss`` as measured, ``best_val_loss`` so far,
+``lam_mean/min/max``), so budgets compare with gradient-based HPO in trials, inner-gradient
+evaluations and seconds.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import numpy as np
+
+from hypersweep import algorithms
+from hypersweep.algorithms import blackbox
+from hypersweep.orchestrator.cell import PipelineResult, canonical_json
+from hypersweep.pipelines._measure import timed
+from hypersweep.pipelines.common import problem_for
+
+DEFAULTS = {"num_samples": 20, "time_budget_s": None, "space": None}
+#: λ with at most this many coordinates is written out in full in ``extra``
+MAX_LAM_IN_EXTRA = 64
+
+_WARM: set = set()
+
+
+def check_params(params: dict) -> dict:
+    """Merge the cell's ``pipeline_params`` over :data:`DEFAULTS`; bad keys/values raise."""
+    for key in params:
+        if key not in DEFAULTS:
+            raise ValueError(f"Unknown pipeline_params key {key!r} for pipeline 'blackbox'. "
+                             f"Valid choices: {', '.join(DEFAULTS)}")
+    merged = {**DEFAULTS, **params}
+    n = merged["num_samples"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"pipeline_params.num_samples must be an integer >= 1; got {n!r}")
+    budget = merged["time_budget_s"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not budget > 0):
+        raise ValueError(f"pipeline_params.time_budget_s must be a number > 0 or null; "
+                         f"got {budget!r}")
+    return merged
+
+
+def _lam_summary(lam: np.ndarray) -> dict:
+    return {"lam_mean": float(np.mean(lam)), "lam_min": float(np.min(lam)),
+            "lam_max": float(np.max(lam))}
+
+
+def run(cell) -> PipelineResult:
+    if cell.K is not None:
+        raise ValueError(f"K must be null for black-box searcher {cell.algorithm!r} (t is "
+                         f"the inner steps per trial); got K={cell.K!r}")
+    params = check_params(cell.pipeline_kwargs)
+    algo = algorithms.spec(cell.algorithm)
+    if algo.kind != "blackbox":
+        raise ValueError(f"pipeline 'blackbox' runs black-box searchers; {cell.algorithm!r} "
+                         f"is of kind {algo.kind!r}. Valid choices: "
+                         f"{', '.join(algorithms.names('blackbox'))}")
+    problem = problem_for(cell)
+    space = blackbox.search_space(problem, params["space"])
+    seed = blackbox.searcher_seed(cell.seed, cell.algorithm, "blackbox")
+    make_search = algorithms.get(cell.algorithm, cell.backend)
+    search = make_search(space, num_samples=params["num_samples"], seed=seed, max_t=cell.t,
+                         **algorithms.check_params(cell.algorithm, cell.algorithm_kwargs))
+    trainable = functools.partial(blackbox.inner_trainable, problem, t=cell.t)
+
+    # Warm-up (JAX compiles here, once per process and shapes; t is traced): its time is
+    # compile_time_s, so that wall_time_s is the search alone.
+    compile_time = 0.0
+    key = (cell.shape_key(), cell.problem_params)
+    if key not in _WARM:
+        _, compile_time = timed(lambda: list(trainable(space.center(), report_every=None)),
+                                lambda r: None)
+        _WARM.add(key)
+
+    t0 = time.perf_counter()
+    records, stop_reason = blackbox.run_search(
+        search, trainable, num_samples=params["num_samples"],
+        time_budget_s=params["time_budget_s"])
+    wall = time.perf_counter() - t0
+
+    best = blackbox.best_so_far([r.val_loss for r in records])
+    traces = []
+    for rec, best_val in zip(records, best):
+        traces.append(dict(
+            step=rec.index, wall_time_s=rec.elapsed_s, val_loss=rec.val_loss,
+            best_val_loss=best_val, n_inner_grad_evals=rec.total_evals, n_hvp_evals=0,
+            **_lam_summary(rec.lam),
+            extra=canonical_json({"trial_id": rec.trial_id, "inner_steps": rec.steps,
+                                  "objective": rec.objective, "nonfinite": rec.nonfinite,
+                                  "stopped_early": rec.stopped_early})))
+
+    finite = [r for r in records if not r.nonfinite]
+    total_evals = records[-1].total_evals if records else 0
+    metrics = dict(
+        wall_time_s=wall, compile_time_s=compile_time, n_inner_grad_evals=total_evals,
+        n_hvp_evals=0, solver_iters=None, n_trials=len(records),
+        n_nonfinite=len(records) - len(finite), stop_reason=stop_reason,
+        searcher_seed=seed, space_low=list(space.low) if space.dim <= MAX_LAM_IN_EXTRA
+        else None, space_high=list(space.high) if space.dim <= MAX_LAM_IN_EXTRA else None)
+    if finite:
+        top = min(finite, key=lambda r: r.val_loss)
+        metrics.update(problem.metrics(top.w, top.lam))  # val_loss, test_loss, test_accuracy
+        metrics.update(best_trial=top.index, best_inner_steps=top.steps,
+                       **{f"best_{k}": v for k, v in _lam_summary(top.lam).items()})
+        if top.lam.size <= MAX_LAM_IN_EXTRA:
+            metrics["best_lam"] = top.lam.reshape(-1).tolist()
+        if not math.isclose(metrics["val_loss"], top.val_loss, rel_tol=1e-12, abs_tol=0.0):
+            raise RuntimeError(f"val loss of the best trial re-evaluated as "
+                               f"{metrics['val_loss']!r}, recorded {top.val_loss!r}")
+    else:
+        metrics["val_loss"] = float("nan")  # every trial diverged: the row is "diverged"
+    return PipelineResult(metrics=metrics, traces=traces, device=problem.ops.device_name())

@@ -1,0 +1,332 @@
+"""Gradient-based HPO pipeline: an outer loop on λ driven by the cell's algorithm.
+
+Two kinds of algorithm run here:
+
+* ``kind="hypergradient"`` (itd, aid_*, one_step, first_order, exact, …): each outer step
+  calls the estimator at the current λ with the cell's t (inner steps) and K (its linear
+  system / truncation budget), then takes one step of the outer optimizer on λ.
+  With ``warm_start_w`` the inner loop of step k+1 starts from step k's w_t (so
+  ``first_order``/``one_step`` with warm starts are the classic online baselines).
+* ``kind="online"`` (hyperdistill, t1t2, greedy): ``init`` once, then one ``step`` per
+  outer step (t inner steps on the carried w and one λ update; see
+  :mod:`hypersweep.algorithms.online_common` for t and K per method). w is always carried.
+
+``pipeline_params`` (defaults in :data:`DEFAULTS`):
+
+``outer_steps`` (100)      λ updates to run at most.
+``time_budget_s`` (none)   stop once the timed wall clock passes this many seconds.
+``optimizer`` ("adam")     outer optimizer on λ: "adam" or "sgd" (optax in JAX, a
+                           functional copy of torch.optim's equations in PyTorch).
+``outer_lr`` (0.1)         its step size.
+``warm_start_w`` (false)   start each inner loop from the previous w_t (hypergradient kind).
+``warm_start_v`` (false)   adjoint warm start: not supported yet (raises ``ValueError``).
+``lam0`` (none)            initial λ: a scalar broadcast to λ's shape, or a full list;
+                           default: the problem's λ₀.
+``eval_every`` (1)         write a trace row every this many outer steps (and the last).
+
+Output, in the shared schemas. One trace row per evaluated outer step k (0-based): the
+state *at which step k's hypergradient was computed* — λ_k (mean/min/max), ``val_loss`` =
+L_out(w_t, λ_k) in float64 at that step's inner iterate, ``test_loss``/``test_accuracy``
+there, ``best_val_loss`` so far, ``hypergrad_norm``, cumulative ``wall_time_s`` (estimator
++ λ update only; evaluation excluded) and cumulative evaluation counts; ``extra`` holds
+``value`` = F(λ_k) (the exact value function, on problems with a closed form) and
+method diagnostics (e.g. HyperDistill's θ). The result row: ``val_loss`` = the *exact*
+value function F(λ_final) = ``problem.value`` at the λ after the last update (not the
+last iterate's L_out, which is ``extra.last_iterate_val_loss``), ``test_*`` at
+w*(λ_final), total ``wall_time_s``, ``compile_time_s`` (warm-up call minus a timed step),
+total counts, and the final λ in ``extra`` (``lam_final_mean/min/max``, the full λ when
+small).
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from hypersweep import algorithms
+from hypersweep.algorithms.common import check_budget
+from hypersweep.algorithms.online_common import OUTER_OPTIMIZERS
+from hypersweep.orchestrator.cell import PipelineResult, canonical_json
+from hypersweep.pipelines.common import problem_for
+from hypersweep.registry import check_choice
+
+DEFAULTS: dict[str, Any] = {
+    "outer_steps": 100, "time_budget_s": None, "optimizer": "adam", "outer_lr": 0.1,
+    "warm_start_w": False, "warm_start_v": False, "lam0": None, "eval_every": 1,
+}
+#: λ with at most this many coordinates is written out in full in ``extra``
+MAX_LAM_IN_EXTRA = 64
+
+
+def check_params(params: dict) -> dict:
+    """Merge ``pipeline_params`` over :data:`DEFAULTS`; bad keys/values raise ``ValueError``."""
+    for key in params:
+        if key not in DEFAULTS:
+            raise ValueError(f"Unknown pipeline_params key {key!r} for pipeline 'hpo'. "
+                             f"Valid choices: {', '.join(DEFAULTS)}")
+    p = {**DEFAULTS, **params}
+    for key in ("outer_steps", "eval_every"):
+        v = p[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"pipeline_params.{key} must be an integer >= 1; got {v!r}")
+    budget = p["time_budget_s"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not budget > 0):
+        raise ValueError(f"pipeline_params.time_budget_s must be a number > 0 or null; "
+                         f"got {budget!r}")
+    check_choice("pipeline_params.optimizer", p["optimizer"], OUTER_OPTIMIZERS)
+    lr = p["outer_lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and lr > 0):
+        raise ValueError(f"pipeline_params.outer_lr must be a finite number > 0; got {lr!r}")
+    for key in ("warm_start_w", "warm_start_v"):
+        if not isinstance(p[key], bool):
+            raise ValueError(f"pipeline_params.{key} must be true or false; got {p[key]!r}")
+    if p["warm_start_v"]:
+        raise ValueError("pipeline_params.warm_start_v: adjoint warm starts are not supported "
+                         "yet (the AID estimators have no v0 argument). Valid choices: false")
+    return p
+
+
+def initial_lam(problem, lam0) -> np.ndarray:
+    """λ₀ from ``lam0`` (scalar broadcast to λ's shape, or a full list) or the problem's."""
+    if lam0 is None:
+        return problem.initial_hyperparams()
+    try:
+        lam = np.asarray(lam0, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"pipeline_params.lam0 must be a number or a list of numbers; "
+                         f"got {lam0!r}") from None
+    if lam.ndim == 0:
+        lam = np.full(problem.lam_shape, float(lam))
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(f"pipeline_params.lam0 must be finite; got {lam0!r}")
+    return problem.lam_numpy(lam)
+
+
+def _lam_summary(lam: np.ndarray, prefix: str = "lam") -> dict:
+    return {f"{prefix}_mean": float(np.mean(lam)), f"{prefix}_min": float(np.min(lam)),
+            f"{prefix}_max": float(np.max(lam))}
+
+
+def _backend_online(backend: str):
+    return importlib.import_module(f"hypersweep.algorithms.{backend}.online")
+
+
+class _HypergradientLoop:
+    """Outer loop for ``kind="hypergradient"``: estimator + outer optimizer on λ."""
+
+    def __init__(self, cell, problem, params, lam0):
+        self.cell, self.problem = cell, problem
+        self.estimator = algorithms.get(cell.algorithm, cell.backend)
+        self.algo_kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
+        self.warm_w = params["warm_start_w"]
+        self.opt = _backend_online(cell.backend).outer_optimizer(params["optimizer"],
+                                                                 float(params["outer_lr"]))
+        self.lam = problem.as_lam(lam0)
+        self.opt_state = self.opt.init(self.lam)
+        self.w_prev = None
+        self.k = 0
+
+    def _call(self, problem, lam, k):
+        # A distinct, reproducible seed per outer step (minibatches of stocbio differ).
+        seed = (self.cell.seed * 1_000_003 + k) % 2**31
+        return self.estimator(problem, lam, t=self.cell.t, K=self.cell.K, seed=seed,
+                              **self.algo_kwargs)
+
+    def warm_up(self):
+        hg = self._call(self.problem, self.lam, 0)
+        out = self.opt.apply(self.lam, hg.hypergrad, self.opt_state)
+        self.problem.ops.block(out[0])
+
+    def step(self):
+        problem = self.problem
+        if self.warm_w and self.w_prev is not None:
+            problem = problem.with_w_init(self.w_prev)
+        lam = self.lam
+        hg = self._call(problem, lam, self.k)
+        self.lam, self.opt_state = self.opt.apply(lam, hg.hypergrad, self.opt_state)
+        self.problem.ops.block(self.lam)
+        self.w_prev = hg.w_t
+        self.k += 1
+        return dict(lam=lam, w=hg.w_t, hypergrad=hg.hypergrad,
+                    n_inner=int(hg.n_inner_grad_evals), n_hvp=int(hg.n_hvp_evals),
+                    extras={} if hg.solver_iters is None else {"solver_iters":
+                                                                int(hg.solver_iters)})
+
+
+class _OnlineLoop:
+    """Outer loop for ``kind="online"``: ``init`` once, ``step`` per outer step."""
+
+    def __init__(self, cell, problem, params, lam0):
+        self.cell, self.problem = cell, problem
+        self.method = algorithms.get(cell.algorithm, cell.backend)
+        kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
+        self.state = self.method.init(problem, lam0, seed=cell.seed,
+                                      optimizer=params["optimizer"],
+                                      outer_lr=float(params["outer_lr"]), **kwargs)
+
+    @property
+    def lam(self):
+        return self.state.lam
+
+    def warm_up(self):
+        state, _ = self.method.step(self.problem, self.state, t=self.cell.t, K=self.cell.K)
+        self.problem.ops.block(state.lam)  # steps are pure: the warm-up state is dropped
+
+    def step(self):
+        self.state, info = self.method.step(self.problem, self.state, t=self.cell.t,
+                                            K=self.cell.K)
+        self.problem.ops.block(self.state.lam)
+        return dict(lam=info.lam, w=info.w, hypergrad=info.hypergrad,
+                    n_inner=int(info.n_inner_grad_evals), n_hvp=int(info.n_hvp_evals),
+                    extras=dict(info.extras))
+
+
+def run(cell) -> PipelineResult:
+    params = check_params(cell.pipeline_kwargs)
+    spec = algorithms.spec(cell.algorithm)
+    if spec.kind not in ("hypergradient", "online"):
+        raise ValueError(f"pipeline 'hpo' runs hypergradient or online algorithms; "
+                         f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
+                         f"{', '.join(algorithms.names('hypergradient') + algorithms.names('online'))}")
+    check_budget(cell.t, cell.K, uses_K=spec.uses_K)
+    problem = problem_for(cell)
+    lam0 = initial_lam(problem, params["lam0"])
+    loop_cls = _OnlineLoop if spec.kind == "online" else _HypergradientLoop
+    loop = loop_cls(cell, problem, params, lam0)
+    ops = problem.ops
+    closed_form = "closed_form" in problem.capabilities
+
+    # Warm-up (JAX compiles here; t and K are traced so one compilation serves the run).
+    t0 = time.perf_counter()
+    loop.warm_up()
+    warm_up_s = time.perf_counter() - t0
+
+    traces: list[dict] = []
+    wall = 0.0
+    first_step_s = None
+    n_inner = n_hvp = 0
+    best = math.inf
+    stop_reason = "outer_steps"
+    last = None
+    steps_done = 0
+    for k in range(params["outer_steps"]):
+        t0 = time.perf_counter()
+        out = loop.step()
+        elapsed = time.perf_counter() - t0
+        first_step_s = elapsed if first_step_s is None else first_step_s
+        wall += elapsed
+        n_inner += out["n_inner"]
+        n_hvp += out["n_hvp"]
+        steps_done = k + 1
+        last = out
+        lam_k = ops.to_numpy(out["lam"])
+        g = ops.to_numpy(out["hypergrad"])
+        w = ops.to_numpy(out["w"])
+        finite = bool(np.all(np.isfinite(g)) and np.all(np.isfinite(w))
+                      and np.all(np.isfinite(ops.to_numpy(loop.lam))))
+        is_last = (k + 1 == params["outer_steps"] or not finite or (
+            params["time_budget_s"] is not None and wall >= params["time_budget_s"]))
+        if k % params["eval_every"] == 0 or is_last:
+            if finite:
+                m = problem.metrics(w, lam_k)
+            else:
+                m = {"val_loss": float("nan"), "test_loss": None, "test_accuracy": None}
+            if math.isfinite(m["val_loss"]):
+                best = min(best, m["val_loss"])
+            extra = dict(out["extras"])
+            if closed_form and finite:
+                extra["value"] = problem.value(lam_k)
+            traces.append(dict(
+                step=k, wall_time_s=wall, val_loss=m["val_loss"], test_loss=m["test_loss"],
+                test_accuracy=m["test_accuracy"],
+                best_val_loss=best if math.isfinite(best) else None,
+                hypergrad_norm=float(np.linalg.norm(g)), n_inner_grad_evals=n_inner,
+                n_hvp_evals=n_hvp, extra=canonical_json(extra), **_lam_summary(lam_k)))
+        if not finite:
+            stop_reason = "diverged"
+            break
+        if params["time_budget_s"] is not None and wall >= params["time_budget_s"]:
+            stop_reason = "time_budget"
+            break
+
+    lam_final = ops.to_numpy(loop.lam)
+    metrics: dict[str, Any] = dict(
+        wall_time_s=wall, compile_time_s=max(0.0, warm_up_s - (first_step_s or 0.0)),
+        n_inner_grad_evals=n_inner, n_hvp_evals=n_hvp, outer_steps_done=steps_done,
+        stop_reason=stop_reason, val_loss_is="exact value function F(lam_final)",
+        **_lam_summary(lam_final, "lam_final"))
+    if lam_final.size <= MAX_LAM_IN_EXTRA:
+        metrics["lam_final"] = lam_final.reshape(-1).tolist()
+    g_last = ops.to_numpy(last["hypergrad"])
+    metrics["hypergrad_norm"] = float(np.linalg.norm(g_last))
+    if stop_reason == "diverged" or not np.all(np.isfinite(lam_final)):
+        metrics["val_loss"] = float("nan")  # the row becomes "diverged"
+    else:
+        w_star = problem.exact_inner_solution(lam_final)
+        metrics.update(problem.metrics(w_star, lam_final))  # val_loss = F(λ_final)
+        w_last = ops.to_numpy(last["w"])
+        lam_last = ops.to_numpy(last["lam"])
+        metrics["inner_suboptimality"] = float(np.linalg.norm(
+            w_last - problem.exact_inner_solution(lam_last)))
+        metrics["last_iterate_val_loss"] = problem.outer_loss_np(last["w"], lam_last)
+        metrics["best_val_loss"] = best if math.isfinite(best) else None
+    return PipelineResult(metrics=metrics, traces=traces, device=ops.device_name())
+
+
+# -- the ridge tutorial's summary table ---------------------------------------------------
+def _rows(results) -> list[dict]:
+    """Result rows as dicts, from a list of dicts, a pandas DataFrame or a pyarrow Table."""
+    if hasattr(results, "to_pylist"):
+        return results.to_pylist()
+    if hasattr(results, "to_dict") and hasattr(results, "columns"):
+        return results.to_dict("records")
+    return [dict(r) for r in results]
+
+
+def _final_log_lam(row: dict) -> float | None:
+    extra = row.get("extra")
+    extra = json.loads(extra) if isinstance(extra, str) and extra else (extra or {})
+    for key in ("lam_final_mean", "best_lam_mean"):  # hpo, blackbox
+        if extra.get(key) is not None:
+            return float(extra[key])
+    return None
+
+
+def tutorial_table(results, *, file=sys.stdout) -> str:
+    """The ridge tutorial's summary table from result rows (list of dicts, DataFrame, Table).
+
+    One line per ``ok`` row: method, t, final λ (ridge's h = log λ is shown as exp(h),
+    the tutorial's λ), final validation loss (``val_loss``: F(λ_final) for hpo rows, the
+    best trial's loss for grid search) and runtime (``wall_time_s``). Rows are ordered
+    grid, exact, aid_exact, itd, then the rest, by t. Writes to ``file`` (None: don't) and
+    returns the text.
+    """
+    order = {"grid": 0, "exact": 1, "aid_exact": 2, "itd": 3}
+    rows = [r for r in _rows(results) if r.get("status", "ok") == "ok"]
+    rows.sort(key=lambda r: (order.get(r["algorithm"], 9), r["algorithm"], r.get("t") or 0,
+                             r.get("backend") or ""))
+    buf = io.StringIO()
+    header = (f"{'method':<14} {'backend':<7} {'t':>5} {'final λ':>12} {'final val loss':>15}"
+              f" {'runtime (s)':>12}")
+    buf.write(header + "\n" + "-" * len(header) + "\n")
+    for r in rows:
+        h = _final_log_lam(r)
+        lam_txt = "n/a" if h is None else f"{math.exp(h):.4f}"
+        val = r.get("val_loss")
+        val_txt = "n/a" if val is None else f"{val:.4f}"
+        wall = r.get("wall_time_s")
+        wall_txt = "n/a" if wall is None else f"{wall:.4f}"
+        buf.write(f"{r['algorithm']:<14} {str(r.get('backend', '')):<7} {r.get('t') or '':>5}"
+                  f" {lam_txt:>12} {val_txt:>15} {wall_txt:>12}\n")
+    text = buf.getvalue()
+    if file is not None:
+        file.write(text)
+    return text

@@ -1,0 +1,55 @@
+"""A test-only pipeline for the driver's tests: behaviour chosen per seed by pipeline_params.
+
+Loaded in the actors through ``$HYPERSWEEP_EXTRA_PIPELINES`` (tests/conftest.py), never in
+production. Keys of ``pipeline_params`` (all optional):
+
+``sleep_s``            seconds every cell sleeps (default 0)
+``raise_seeds``        seeds whose cell raises RuntimeError          -> "error"
+``nan_seeds``          seeds whose metrics are NaN                   -> "diverged"
+``crash_seeds``        seeds whose cell kills its own process        -> retried, "crashed"
+``crash_once_seeds``   as above but only on the first attempt (a marker file in
+                       ``marker_dir`` remembers it)                  -> "ok" on attempt 2
+``hang_seeds``         seeds whose cell sleeps ``hang_s`` (default 120) -> "timeout"
+``done_dir``           a file named after the cell_id is created there when a cell ends
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hypersweep.orchestrator.cell import PipelineResult
+
+NAME = "sweep_test"
+SPEC = "sweep_test_pipeline:run"
+
+
+def expected_rel_error(t: int, K, seed: int) -> float:
+    """The deterministic "error" a healthy cell reports (tests compare against it)."""
+    return (1.0 + seed) / (t * (1 + (K or 0)))
+
+
+def run(cell) -> PipelineResult:
+    params = cell.pipeline_kwargs
+    seed = cell.seed
+    if seed in params.get("crash_seeds", ()):
+        os._exit(13)
+    if seed in params.get("crash_once_seeds", ()):
+        marker = Path(params["marker_dir"]) / f"{cell.cell_id}.crashed"
+        if not marker.exists():
+            marker.touch()
+            os._exit(13)
+    if seed in params.get("raise_seeds", ()):
+        raise RuntimeError(f"injected failure for seed {seed}")
+    if seed in params.get("hang_seeds", ()):
+        time.sleep(params.get("hang_s", 120))
+    start = time.perf_counter()
+    if params.get("sleep_s"):
+        time.sleep(params["sleep_s"])
+    rel = float("nan") if seed in params.get("nan_seeds", ()) else \
+        expected_rel_error(cell.t, cell.K, seed)
+    metrics = dict(hypergrad_rel_error=rel, val_loss=0.5 * rel,
+                   wall_time_s=time.perf_counter() - start, pid=os.getpid())
+    if params.get("done_dir"):
+        Path(params["done_dir"], cell.cell_id).touch()
+    return PipelineResult(metrics=metrics, device="cpu")

@@ -1,0 +1,318 @@
+"""The ``hypersweep`` command without a cluster: bad input, plan, tables, status, hooks.
+
+Bad input runs the real CLI in its own process (all processes started at once, so the
+table costs about one interpreter start per core): exit status 2, exactly one stderr line
+naming the key path, nothing created on disk, and neither Ray nor torch nor jax imported.
+``run`` itself is checked against a stand-in driver; the real driver has its own tests.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hypersweep import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "configs" / "example_small.yaml"
+
+# Runs cli.main, then reports which heavy modules the process imported.
+WRAPPER = textwrap.dedent("""
+    import sys
+    from hypersweep.cli import main
+    rc = main(sys.argv[1:])
+    heavy = sorted(m for m in ("ray", "torch", "jax", "mlflow") if m in sys.modules)
+    sys.stdout.write("\\nIMPORTED=" + ",".join(heavy) + "\\n")
+    sys.exit(rc)
+""")
+
+GOOD = dict(study="cli-test", pipeline="hypergradient_error", backend="jax",
+            problems=["ridge"], algorithms=["itd", "aid_cg"], t=[5, 10], K=[5, "t"],
+            seeds=2, output="out", mlflow={"tracking_uri": "sqlite:///mlflow.db"})
+
+
+def _yaml(**changes) -> str:
+    return yaml.safe_dump({**GOOD, **changes}, sort_keys=False)
+
+
+# (case id, study file text or None for "no file", argv, expected stderr fragment)
+BAD_INPUT = [
+    ("malformed_yaml", "study: cli-test\nproblems: [ridge\nt: 3\n", ["run", "study.yaml"],
+     "malformed YAML at line 3"),
+    ("unknown_key", _yaml(seeds_=[1]), ["run", "study.yaml"], "unknown key 'seeds_'"),
+    ("unknown_problem", _yaml(problems=["ridgee"]), ["run", "study.yaml"],
+     "problems[0]: unknown problem 'ridgee'"),
+    ("unknown_algorithm", _yaml(algorithms=["itd", "aid-cgg"]), ["run", "study.yaml"],
+     "algorithms[1]: unknown algorithm 'aid-cgg'. Valid choices: itd,"),
+    ("unknown_backend", _yaml(backend="tf"), ["run", "study.yaml"],
+     "backend: unknown backend 'tf'. Valid choices: jax, torch"),
+    ("unknown_pipeline", _yaml(pipeline="hpx"), ["run", "study.yaml"],
+     "pipeline: unknown pipeline 'hpx'"),
+    ("unknown_dtype", _yaml(dtype="bfloat16"), ["run", "study.yaml"],
+     "dtype: unknown dtype 'bfloat16'"),
+    ("unknown_problem_param", _yaml(problems=[{"name": "ridge", "params": {"n_trian": 9}}]),
+     ["run", "study.yaml"], "problems[0].params.n_trian: unknown parameter for problem"),
+    ("t_below_1", _yaml(t=[5, 0]), ["run", "study.yaml"], "t[1]: must be an integer >= 1"),
+    ("K_negative", _yaml(K=[-2]), ["run", "study.yaml"], "K[0]: must be an integer >= 0"),
+    ("negative_gpus", _yaml(resources={"num_gpus": -0.5}), ["run", "study.yaml"],
+     "resources.num_gpus: must be >= 0"),
+    ("too_fine_fraction", _yaml(resources={"num_gpus": 0.33333}), ["run", "study.yaml"],
+     "resources.num_gpus: fractions must be multiples of 0.0001"),
+    ("plan_bad_study", _yaml(t=[0]), ["plan", "study.yaml"], "t[0]: must be"),
+    ("missing_file", None, ["run", "nope.yaml"], "study file 'nope.yaml' not found"),
+    ("unknown_subcommand", None, ["frobnicate"], "invalid choice: 'frobnicate'"),
+    ("no_subcommand", None, [], "required: COMMAND"),
+    ("unknown_option", _yaml(), ["run", "study.yaml", "--fast"], "unrecognized arguments"),
+    ("status_missing_dir", None, ["status", "nowhere"], "'nowhere' not found"),
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Start every bad-input case at once; collect (rc, stdout, stderr, files left)."""
+    started = {}
+    for case, text, argv, _ in BAD_INPUT:
+        workdir = tmp_path_factory.mktemp(case)
+        if text is not None:
+            (workdir / "study.yaml").write_text(text)
+        started[case] = (workdir, subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, *argv], cwd=workdir, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = {}
+    for case, (workdir, process) in started.items():
+        out, err = process.communicate(timeout=120)
+        results[case] = (process.returncode, out, err,
+                         sorted(p.name for p in workdir.iterdir()))
+    return results
+
+
+@pytest.mark.parametrize("case, text, argv, fragment", BAD_INPUT,
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line(bad_input_runs, case, text, argv, fragment):
+    rc, out, err, files = bad_input_runs[case]
+    assert rc == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hypersweep: error: ") and fragment in lines[0], lines[0]
+    assert files == ([] if text is None else ["study.yaml"])  # no output dir, no mlflow.db
+    assert "IMPORTED=\n" in out  # neither ray nor torch, jax, mlflow
+
+
+def test_library_imports_no_backend():
+    modules = ["hypersweep.orchestrator.spec", "hypersweep.orchestrator.cell",
+               "hypersweep.orchestrator.schema", "hypersweep.cli",
+               "hypersweep.problems.catalog", "hypersweep.algorithms.catalog",
+               "hypersweep.problems", "hypersweep.algorithms"]
+    for name in ("driver", "sinks", "actors"):  # being written in parallel
+        if (ROOT / "hypersweep" / "orchestrator" / f"{name}.py").exists():
+            modules.append(f"hypersweep.orchestrator.{name}")
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", (modules, result.stdout)
+
+
+def test_python_dash_m_plan_never_imports_ray(tmp_path):
+    (tmp_path / "study.yaml").write_text(_yaml())
+    # the real `python -m hypersweep` entry point, then a look at sys.modules
+    code = ("import sys, runpy\nsys.argv = ['hypersweep', 'plan', 'study.yaml']\n"
+            "try:\n    runpy.run_module('hypersweep', run_name='__main__')\n"
+            "except SystemExit as exc:\n    rc = exc.code\n"
+            "print('RC', rc, 'RAY', 'ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert "RC 0 RAY False" in result.stdout, result.stdout + result.stderr
+    # per seed: itd one cell per t (2); aid_cg K ∈ {5, t}: t=5 -> 1, t=10 -> 2. × 2 seeds.
+    assert "10 cells" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+# --- in-process commands ---------------------------------------------------------------
+
+
+def test_plan_output(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(_yaml(problems=["ridge", "quadratic"], algorithms=["itd", "stocbio"]))
+    assert cli.main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    # ridge: itd 2 t × 2 seeds = 4; stocbio K ∈ {5, t}: t=5 -> 1, t=10 -> 2; × 2 seeds = 6.
+    # quadratic: itd 4; stocbio skipped (needs minibatch). Total 14.
+    assert "14 cells" in out
+    assert "cells per (problem, algorithm)" in out
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:4])
+            for line in out.splitlines() if line.startswith("│")}
+    assert {("ridge", "itd", "4"), ("ridge", "stocbio", "6"), ("quadratic", "itd", "4"),
+            ("quadratic", "stocbio", "0")} <= rows
+    assert "skipped combinations" in out and "stocbio requires minibatch" in out
+    sample = [line.strip() for line in out.splitlines() if line.startswith("  ridge.")
+              or line.startswith("  quadratic.")]
+    assert 5 <= len(sample) <= 14 and sample[0].startswith("ridge.itd.jax.t5.K-.s0.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_of_example(capsys):
+    assert cli.main(["plan", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "104 cells" in out and "skipped combinations: none" in out
+
+
+def test_problems_table(capsys):
+    assert cli.main(["problems"]) == 0
+    out = capsys.readouterr().out
+    from hypersweep import problems
+    for name in problems.names():
+        assert name in out
+    assert "λ parametrization" in out and "closed_form" in out
+    assert "[log γ, log μ]" in out  # printed as written, not swallowed as rich markup
+
+
+def test_algorithms_table(capsys):
+    assert cli.main(["algorithms"]) == 0
+    out = capsys.readouterr().out
+    from hypersweep import algorithms
+    for name in algorithms.names():
+        assert name in out
+    assert "uses K" in out and "minibatch" in out and "Ji, Yang & Liang 2021" in out
+
+
+def test_run_validates_then_calls_the_driver(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def run_study(study, *, address, quiet, retry_failed):
+        calls.append((study.study, address, quiet, retry_failed))
+        return {"counts": {"ok": 7, "error": 1}, "output": study.output}
+
+    fake = types.ModuleType("hypersweep.orchestrator.driver")
+    fake.run_study = run_study
+    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.driver", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    path = tmp_path / "study.yaml"
+    path.write_text(_yaml())
+    assert cli.main(["run", str(path), "--retry-failed"]) == 0
+    # stdout is captured (not a terminal), so --quiet is implied
+    assert calls == [("cli-test", "ray://head:10001", True, True)]
+    out = capsys.readouterr().out
+    assert "ok" in out and "7" in out and "error" in out
+    assert cli.main(["run", str(path), "--address", "10.0.0.1:6379"]) == 0
+    assert calls[-1][1:] == ("10.0.0.1:6379", True, False)
+
+
+def test_forwarded_subcommands(monkeypatch, capsys):
+    got = []
+    fake = types.ModuleType("hypersweep.pipelines.report")
+    fake.main = lambda argv: got.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "hypersweep.pipelines.report", fake)
+    assert cli.main(["report", "a.parquet", "b", "--out", "figs"]) == 0
+    assert got == [["a.parquet", "b", "--out", "figs"]]
+    monkeypatch.setitem(sys.modules, "hypersweep.pipelines.regression", None)  # absent
+    assert cli.main(["regress", "--suite", "x"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "hypersweep.pipelines.regression" in err[0]
+    assert cli.main(["--help"]) == 0
+    helptext = capsys.readouterr().out
+    assert "report" in helptext and "regress" in helptext and "sync-mlflow" in helptext
+
+
+def _write_results(output_dir: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hypersweep.orchestrator.schema import RESULT_SCHEMA, empty_row
+
+    when = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+
+    def row(cell_id, problem, algorithm, status, minutes):
+        r = empty_row()
+        r.update(study="s", cell_id=cell_id, problem=problem, algorithm=algorithm,
+                 status=status, finished_at=when + dt.timedelta(minutes=minutes))
+        return r
+
+    first = [row("a", "ridge", "itd", "ok", 0), row("b", "ridge", "itd", "crashed", 0),
+             row("c", "ridge", "aid_cg", "diverged", 0), row("d", "logreg", "itd", "ok", 0)]
+    retry = [row("b", "ridge", "itd", "ok", 5)]  # the retried cell's latest row wins
+    results = output_dir / "results"
+    results.mkdir(parents=True)
+    for index, rows in enumerate([first, retry]):
+        pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA),
+                       results / f"part-{index}.parquet")
+
+
+def test_status_counts(tmp_path, capsys):
+    pytest.importorskip("hypersweep.orchestrator.sinks")
+    _write_results(tmp_path)
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: 4 cells" in out
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:-1])
+            for line in out.splitlines() if line.startswith("│")}
+    assert ("ok", "3") in rows and ("diverged", "1") in rows
+    assert not any(r[0] == "crashed" for r in rows)  # superseded by the retry
+    # by (problem, algorithm): columns are the statuses present, in schema order
+    assert ("ridge", "itd", "2", "0") in rows and ("ridge", "aid_cg", "0", "1") in rows
+    assert ("logreg", "itd", "1", "0") in rows
+
+
+def test_status_of_empty_output(tmp_path, capsys):
+    pytest.importorskip("hypersweep.orchestrator.sinks")
+    assert cli.main(["status", str(tmp_path)]) == 0
+    assert "no results yet" in capsys.readouterr().out
+
+
+def test_sync_mlflow_prints_what_it_backfilled(tmp_path, monkeypatch, capsys):
+    got = []
+    fake = types.ModuleType("hypersweep.orchestrator.sinks")
+    fake.sync_mlflow = lambda output_dir, tracking_uri=None: (
+        got.append((output_dir, tracking_uri)) or {"cells": 4, "logged": 3})
+    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.sinks", fake)
+    assert cli.main(["sync-mlflow", str(tmp_path), "--tracking-uri", "sqlite:///x.db"]) == 0
+    assert got == [(str(tmp_path), "sqlite:///x.db")]
+    out = capsys.readouterr().out
+    assert "logged: 3" in out and "cells: 4" in out
+
+    def not_an_output(output_dir, tracking_uri=None):
+        raise ValueError(f"{output_dir!r} is not a study output:\nstudy.yaml is missing")
+
+    fake.sync_mlflow = not_an_output
+    assert cli.main(["sync-mlflow", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "is not a study output" in err[0]
+
+
+def test_summary_json_roundtrip_is_printable(capsys):
+    # the driver's summary may hold any JSON-able values; printing must not choke on them
+    cli._print_summary({"counts": {"ok": 2}, "extra": json.loads('{"a": [1, "[b]"]}')})
+    assert "[b]" in capsys.readouterr().out
+
+
+def test_run_interrupted_exits_128_plus_signal(tmp_path, monkeypatch, capsys):
+    class SweepInterrupted(RuntimeError):
+        exit_code = 143
+
+    def run_study(study, **kwargs):
+        raise SweepInterrupted("sweep interrupted by signal 15; 3 cells finished and saved")
+
+    fake = types.ModuleType("hypersweep.orchestrator.driver")
+    fake.run_study, fake.SweepInterrupted = run_study, SweepInterrupted
+    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.driver", fake)
+    path = tmp_path / "study.yaml"
+    path.write_text(_yaml())
+    assert cli.main(["run", str(path)]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "signal 15" in err[0]
