@@ -236,3 +236,16 @@ def test_bad_parameters_raise():
     method = algorithms.get("t1t2", "jax")
     with pytest.raises(ValueError, match="t must be"):
         method.step(p, method.init(p, p.initial_hyperparams()), t=0)
+
+
+def test_jax_steps_do_not_recompile_when_t_or_K_change():
+    from hypersweep.algorithms.jax import _core
+    p = _quadratic("jax", dim_inner=7)  # a shape no other test uses: a fresh compilation
+    for name in ONLINE:
+        method = algorithms.get(name, "jax")
+        state = method.init(p, p.initial_hyperparams(), theta_every=1) \
+            if name == "hyperdistill" else method.init(p, p.initial_hyperparams())
+        before = _core.trace_counts[f"online_{name}"]
+        for t, K in ((1, 2), (4, 3), (9, 0)):
+            state, _ = method.step(p, state, t=t, K=K)
+        assert _core.trace_counts[f"online_{name}"] - before == 1, name

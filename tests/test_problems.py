@@ -197,20 +197,22 @@ def test_float32_instances_are_finite_and_stay_float32(name, backend, small):
     p = make(name, small, backend=backend, dtype="float32")
     lam = p.as_lam(p.initial_hyperparams())
     w = p.w_init
-    start = float(p.inner_loss(w, lam))
 
     def phi(w_, lam_, arrays):
         return w_ - p.inner_lr * p.fns.inner_grad(w_, lam_, arrays)
 
-    step = jax.jit(phi) if backend == "jax" else phi
+    fns = (phi, p.fns.inner_loss, p.fns.outer_loss)
+    # jax: jit with the arrays as arguments (one compile beats op-by-op dispatch).
+    step, inner_loss, outer_loss = map(jax.jit, fns) if backend == "jax" else fns
+    start = float(inner_loss(w, lam, p.arrays))
     for _ in range(20):
         w = step(w, lam, p.arrays)
     assert str(w.dtype).endswith("float32")
-    for value in (p.inner_loss(w, lam), p.outer_loss(w, lam)):
+    for value in (inner_loss(w, lam, p.arrays), outer_loss(w, lam, p.arrays)):
         assert str(value.dtype).endswith("float32")
         assert np.isfinite(float(value))
     # Φ with η = 1/L is a descent step: 20 steps cannot increase L_in.
-    assert float(p.inner_loss(w, lam)) <= start + 1e-6 * abs(start)
+    assert float(inner_loss(w, lam, p.arrays)) <= start + 1e-6 * abs(start)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -365,6 +367,37 @@ def test_missing_twenty_newsgroups_is_a_clear_error(tmp_path, monkeypatch):
                                          r"Valid choices for dataset: synthetic, breast_cancer"):
         problems.make("logreg", backend="jax", dataset="twenty_newsgroups")
     assert not any(tmp_path.iterdir())  # and nothing was downloaded
+
+
+def test_twenty_newsgroups_keeps_the_most_frequent_features_dense(monkeypatch):
+    """The loader's logic on a stand-in corpus (the real one is never downloaded here)."""
+    import scipy.sparse
+    import sklearn.datasets
+    from sklearn.utils import Bunch
+
+    g = np.random.default_rng(0)
+    counts = np.zeros((60, 8))
+    counts[:, [1, 4, 6]] = g.random((60, 3))  # columns 1, 4, 6: in every document
+    counts[:5, [0, 2]] = 1.0  # rare columns
+    names = ["alt.atheism", "comp.graphics", "rec.autos", "sci.space"]
+
+    def fake_fetch(*, subset, download_if_missing):
+        assert subset == "all" and download_if_missing is False
+        return Bunch(data=scipy.sparse.csr_matrix(counts), target=np.arange(60) % 4,
+                     target_names=names)
+
+    monkeypatch.setattr(sklearn.datasets, "fetch_20newsgroups_vectorized", fake_fetch)
+    p = problems.make("logreg", backend="jax", dtype="float64", dataset="twenty_newsgroups",
+                      n_train=30, n_val=15, n_test=15, n_features=3)
+    X = np.concatenate([p.arrays_np[f"X_{s}"] for s in ("train", "val", "test")])
+    assert X.shape == (60, 3)
+    # Rows are shuffled and columns standardized (an increasing affine map): the sorted
+    # values of kept column j are an affine image of the sorted values of column [1, 4, 6][j].
+    for j, source_column in enumerate([1, 4, 6]):
+        r = np.corrcoef(np.sort(X[:, j]), np.sort(counts[:, source_column]))[0, 1]
+        assert r == pytest.approx(1.0, abs=1e-12)
+    y = np.concatenate([p.arrays_np[f"y_{s}"] for s in ("train", "val", "test")])
+    assert (y == 1).sum() == 30  # comp.graphics and sci.space are the technical half
 
 
 def test_problem_modules_import_neither_torch_nor_jax():

@@ -125,6 +125,7 @@ class _Slot:
         self.last_key: tuple | None = None
         self.head_since = 0.0
         self.ping_at: float | None = None  # when to re-ping a restarting actor
+        self.isolated = False  # running a cell alone (a retry after a crash)
 
 
 class _Feed:
@@ -135,7 +136,9 @@ class _Feed:
         self._source = iter(cells)
         self._should_run = should_run
         self._lookahead = lookahead
-        self.retry: deque[tuple[Cell, int]] = deque()
+        #: (cell, attempt, isolate): ``isolate`` = run it alone on its actor, so that if
+        #: the process dies again the blame is certain
+        self.retry: deque[tuple[Cell, int, bool]] = deque()
         self.window: deque[tuple[Cell, tuple]] = deque()
         self.source_done = False
         self.seen = 0
@@ -154,8 +157,13 @@ class _Feed:
             else:
                 self.skipped += 1
 
-    def take(self, shape_key: tuple | None) -> tuple[Cell, int] | None:
+    def take(self, shape_key: tuple | None, *, idle: bool = True
+             ) -> tuple[Cell, int, bool] | None:
+        """The next cell for an actor that last ran ``shape_key``; ``idle``: whether the
+        actor has nothing queued (only an idle actor gets a cell to run in isolation)."""
         if self.retry:
+            if self.retry[0][2] and not idle:
+                return None
             return self.retry.popleft()
         self._fill()
         if not self.window:
@@ -164,8 +172,8 @@ class _Feed:
             for position, (cell, key) in enumerate(self.window):
                 if key == shape_key:
                     del self.window[position]
-                    return cell, 1
-        return self.window.popleft()[0], 1
+                    return cell, 1, False
+        return self.window.popleft()[0], 1, False
 
     def empty(self) -> bool:
         self._fill()
@@ -299,6 +307,7 @@ class _Sweep:
         for task in slot.queue:
             self.by_ref.pop(task.ref, None)
         slot.queue.clear()
+        slot.isolated = False
         self._ping(slot)
 
     def _on_ping(self, ref: Any) -> None:
@@ -334,10 +343,11 @@ class _Sweep:
         slot.ping_failures = 0
 
     def _submit(self, slot: _Slot) -> bool:
-        item = self.feed.take(slot.last_key)
+        item = self.feed.take(slot.last_key, idle=not slot.queue)
         if item is None:
             return False
-        cell, attempt = item
+        cell, attempt, isolate = item
+        slot.isolated = isolate
         task = _Task(cell, attempt, slot.actor.run.remote(cell, attempt))
         if not slot.queue:
             slot.head_since = time.monotonic()
@@ -356,6 +366,8 @@ class _Sweep:
         slot.queue.remove(task)
         self.by_ref.pop(task.ref, None)
         slot.head_since = time.monotonic()
+        if not slot.queue:
+            slot.isolated = False
 
     def _finished(self, slot: _Slot, task: _Task) -> None:
         import ray
@@ -375,12 +387,18 @@ class _Sweep:
         self._record(row, traces)
 
     def _actor_died(self, slot: _Slot, exc: BaseException) -> None:
-        blamed, queued = slot.queue[0], list(slot.queue)[1:]
-        for task in reversed(queued):  # innocent: re-sent, not charged an attempt
-            self.feed.retry.appendleft((task.cell, task.attempt))
+        if len(slot.queue) > 1:
+            # Which of the queued cells killed it is uncertain: the reply of a cell that
+            # finished just before the crash can be lost with the process. Re-run each
+            # alone, uncharged; a culprit then dies alone and is charged below.
+            for task in reversed(slot.queue):
+                self.feed.retry.appendleft((task.cell, task.attempt, True))
+            self._restart(slot, kill=False)
+            return
+        blamed = slot.queue[0]
         message = f"{type(exc).__name__}: {exc}".strip()
         if blamed.attempt <= self.max_retries:
-            self.feed.retry.appendleft((blamed.cell, blamed.attempt + 1))
+            self.feed.retry.appendleft((blamed.cell, blamed.attempt + 1, True))
             self.retries += 1
             self.progress.retries += 1
             log.info("cell %s: runner died (attempt %d), retrying", blamed.cell.cell_id,
@@ -403,8 +421,8 @@ class _Sweep:
             if running <= self.cell_timeout_s:
                 continue
             head, queued = slot.queue[0], list(slot.queue)[1:]
-            for task in reversed(queued):
-                self.feed.retry.appendleft((task.cell, task.attempt))
+            for task in reversed(queued):  # never started: re-sent as they were
+                self.feed.retry.appendleft((task.cell, task.attempt, False))
             self._record(failure_row(
                 head.cell, head.attempt, "timeout",
                 f"exceeded cell_timeout_s={self.cell_timeout_s:g} (stopped after "
@@ -428,7 +446,8 @@ class _Sweep:
             for slot in self.slots:
                 if slot.ping_at is not None and now >= slot.ping_at:
                     self._ping(slot)
-                while slot.ready and len(slot.queue) < IN_FLIGHT_PER_ACTOR:
+                while (slot.ready and not slot.isolated
+                       and len(slot.queue) < IN_FLIGHT_PER_ACTOR):
                     if not self._submit(slot):
                         break
             if not self.by_ref and self.feed.empty():

@@ -190,12 +190,20 @@ class _OnlineLoop:
 
 
 def run(cell) -> PipelineResult:
+    # A diverging run overflows in its float64 evaluations on the way to inf/NaN; that is
+    # recorded (the row becomes "diverged"), not warned about.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _run(cell)
+
+
+def _run(cell) -> PipelineResult:
     params = check_params(cell.pipeline_kwargs)
     spec = algorithms.spec(cell.algorithm)
     if spec.kind not in ("hypergradient", "online"):
+        valid = algorithms.names("hypergradient") + algorithms.names("online")
         raise ValueError(f"pipeline 'hpo' runs hypergradient or online algorithms; "
                          f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
-                         f"{', '.join(algorithms.names('hypergradient') + algorithms.names('online'))}")
+                         f"{', '.join(valid)}")
     check_budget(cell.t, cell.K, uses_K=spec.uses_K)
     problem = problem_for(cell)
     lam0 = initial_lam(problem, params["lam0"])
