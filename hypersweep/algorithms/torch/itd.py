@@ -9,6 +9,8 @@ forward mode, +1 for the single VJP of ``one_step``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hypersweep.algorithms.common import Hypergrad
@@ -113,7 +115,11 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
 
     w = problem.w_init.detach().clone()
     tangents = torch.zeros((n_lam,) + tuple(w.shape), dtype=w.dtype, device=w.device)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's forward AD scripts its jvp decompositions on first use and warns that
+        # torch.jit.script is deprecated: torch-internal, nothing for a caller to act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=DeprecationWarning)
         for _ in range(t):
             w, tangents = step(w, tangents)
     grad_w, grad_lam = _core.outer_grads(problem, w, lam)
