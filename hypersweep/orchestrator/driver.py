@@ -80,6 +80,21 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
+def _plain(value: Any) -> Any:
+    """A study-like object as YAML-safe data (for studies built without a YAML source)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "__dict__"):
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return str(value)
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
@@ -501,12 +516,7 @@ class _Sweep:
         text = _get(self.study, "source_text")
         if text:
             return text
-        if hasattr(self.study, "model_dump"):
-            return yaml.safe_dump(self.study.model_dump(mode="json"), sort_keys=False)
-        plain = {k: v for k, v in vars(self.study).items() if not k.startswith("_")}
-        return yaml.safe_dump(plain, sort_keys=False, default_flow_style=None) \
-            if all(isinstance(v, (str, int, float, bool, list, dict, type(None)))
-                   for v in plain.values()) else f"study: {self.name}\n"
+        return yaml.safe_dump(_plain(self.study), sort_keys=False)
 
     def run(self) -> dict:
         wall_start = time.perf_counter()

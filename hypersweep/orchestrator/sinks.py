@@ -502,6 +502,18 @@ class MlflowLogger:
         self.client.set_terminated(self.parent_run_id, status)
 
 
+class _QuietRetries(logging.Filter):
+    """Drop urllib3's per-retry warnings raised from the MLflow writer thread: an outage
+    is reported once, by the writer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != WRITER_THREAD
+
+
+WRITER_THREAD = "hypersweep-mlflow"
+_QUIET_RETRIES = _QuietRetries()
+
+
 class MlflowWriter:
     """One background thread that feeds :class:`MlflowLogger` from a bounded queue.
 
@@ -523,11 +535,13 @@ class MlflowWriter:
         self._abort = threading.Event()
         self._final_status = "FINISHED"
         self._summary: dict | None = None
-        self._thread = threading.Thread(target=self._run, name="hypersweep-mlflow",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
         self.drain_wait_s = 0.0
 
     def start(self) -> "MlflowWriter":
+        urllib3_log = logging.getLogger("urllib3.connectionpool")
+        if _QUIET_RETRIES not in urllib3_log.filters:
+            urllib3_log.addFilter(_QUIET_RETRIES)
         self._thread.start()
         return self
 
