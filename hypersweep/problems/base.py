@@ -134,6 +134,8 @@ class Problem:
         self.inner_lr = float(built.inner_lr)
         self.fns = ProblemFns(module.__name__, _freeze(self.static), backend)
         self.capabilities = spec.capabilities
+        # Built now, not lazily: a first read inside a jax.jit trace would cache tracers.
+        _ = self.arrays, self.w_init
 
     # -- data on the backend ------------------------------------------------------------
     @cached_property
