@@ -266,6 +266,7 @@ class _Sweep:
         self.timings: dict[str, float] = {}
         self.previous: dict[str, str] = {}
         self.cells = cells
+        self.first_submit: float | None = None
 
     # -- resume ----------------------------------------------------------------------------
     def _load_previous(self) -> None:
@@ -363,6 +364,8 @@ class _Sweep:
             return False
         cell, attempt, isolate = item
         slot.isolated = isolate
+        if self.first_submit is None:
+            self.first_submit = time.perf_counter()
         task = _Task(cell, attempt, slot.actor.run.remote(cell, attempt))
         if not slot.queue:
             slot.head_since = time.monotonic()
@@ -543,7 +546,10 @@ class _Sweep:
                 loop_start = time.perf_counter()
                 completed = self._loop()
                 interrupted = not completed
-                self.timings["loop_s"] = time.perf_counter() - loop_start
+                loop_end = time.perf_counter()
+                self.timings["loop_s"] = loop_end - loop_start
+                if self.first_submit is not None:  # excludes waiting for the actor pool
+                    self.timings["cells_s"] = loop_end - self.first_submit
             else:
                 completed = True
             crashed = False

@@ -30,7 +30,7 @@ def _adjoint_setup(problem, lam, t: int):
     return w_t, lin, rhs, grad_lam
 
 
-def _finish(problem, lam, w_t, lin, grad_lam, v, t, n_hvp, iters, extras) -> Hypergrad:
+def _finish(problem, w_t, lin, grad_lam, v, t, n_hvp, iters, extras) -> Hypergrad:
     hypergrad = grad_lam - problem.inner_lr * lin.cross(v)
     return Hypergrad(hypergrad.detach(), w_t.detach(), t, n_hvp + 1, iters, extras)
 
@@ -50,7 +50,7 @@ def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
     eta = problem.inner_lr
     res = _core.conjugate_gradient(lambda p: eta * lin.hvp(p), rhs, max_iter=K,
                                    tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, lam, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
+    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
                    {"matvecs_computed": res.matvecs})
 
 
@@ -69,7 +69,7 @@ def aid_fp(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
     eta = problem.inner_lr
     res = _core.fixed_point(lambda v: v - eta * lin.hvp(v), rhs, max_iter=K,
                             tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, lam, w_t, lin, grad_lam, res.x, t, max(res.iters - 1, 0),
+    return _finish(problem, w_t, lin, grad_lam, res.x, t, max(res.iters - 1, 0),
                    res.iters, {"matvecs_computed": res.matvecs})
 
 
@@ -87,7 +87,7 @@ def aid_neumann(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
     eta = problem.inner_lr
     res = _core.neumann_series(lambda v: v - eta * lin.hvp(v), rhs, n_terms=K,
                                tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, lam, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
+    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
                    {"matvecs_computed": res.matvecs})
 
 
@@ -105,4 +105,4 @@ def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     H = lin.dense_hessian()
     H = 0.5 * (H + H.T)
     v = torch.linalg.solve(problem.inner_lr * H, rhs.reshape(-1, 1)).reshape(rhs.shape)
-    return _finish(problem, lam, w_t, lin, grad_lam, v, t, H.shape[0], None, {})
+    return _finish(problem, w_t, lin, grad_lam, v, t, H.shape[0], None, {})

@@ -1,0 +1,127 @@
+"""How much does the orchestrator add to a sweep of small cells?
+
+Runs a study of ``--cells`` synthetic cells (default 1,000 = 100 seeds × 10 values of t)
+on a fresh local Ray with ``--num-cpus`` CPUs and one actor per CPU, with Parquet and
+MLflow (sqlite) on, and compares the wall time with the floor
+
+    floor = Σ (each cell's own wall_time_s) / number of actors
+
+i.e. what a perfect scheduler with free I/O would take. A cell is ``--cell-ms`` of work:
+``busy`` spins the CPU (like a real estimator; contention from the driver shows up as
+longer cells), ``sleep`` sleeps (isolates the orchestration cost).
+
+Reports: the sweep time (first cell submitted -> last row in Parquet and MLflow drained)
+over the floor, the end-to-end time including Ray start and the actor pool, the time spent
+writing Parquet (driver thread) and logging to MLflow (background thread; only its drain
+at the end blocks). Example::
+
+    .venv/bin/python benchmarks/sweep_overhead.py --cells 1000 --cell-ms 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_busy(cell):
+    """The benchmark's cell: ``work_ms`` of spinning or sleeping, timed honestly."""
+    from hypersweep.orchestrator.cell import PipelineResult
+
+    params = cell.pipeline_kwargs
+    seconds = params["work_ms"] / 1000.0
+    start = time.perf_counter()
+    if params.get("kind", "busy") == "sleep":
+        time.sleep(seconds)
+    else:
+        x = 0
+        while time.perf_counter() - start < seconds:
+            x += 1
+    wall = time.perf_counter() - start
+    return PipelineResult(metrics=dict(hypergrad_rel_error=1.0 / cell.t, val_loss=0.1,
+                                       wall_time_s=wall), device="cpu")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=1000)
+    parser.add_argument("--t-values", type=int, default=10)
+    parser.add_argument("--cell-ms", type=float, default=20.0)
+    parser.add_argument("--kind", choices=("busy", "sleep"), default="busy")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--output", default=None, help="default: a temporary directory")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["HYPERSWEEP_EXTRA_PIPELINES"] = json.dumps({"bench": "sweep_overhead:run_busy"})
+    sys.path.insert(0, str(HERE))
+
+    import ray
+
+    from hypersweep.orchestrator import cell as cell_module
+    from hypersweep.orchestrator import driver
+
+    cell_module.PIPELINES["bench"] = "sweep_overhead:run_busy"
+    output = Path(args.output or tempfile.mkdtemp(prefix="hs-bench-"))
+    params = cell_module.canonical_json({"work_ms": args.cell_ms, "kind": args.kind})
+    seeds = range(-(-args.cells // args.t_values))
+    cells = [cell_module.Cell(study="overhead", pipeline="bench", problem="toy",
+                              algorithm="spin", backend="none", t=t, K=None, seed=seed,
+                              pipeline_params=params)
+             for seed in seeds for t in range(1, args.t_values + 1)][:args.cells]
+    study = types.SimpleNamespace(
+        study="overhead", output=str(output / "out"), backend=(), num_actors=None,
+        resources={"num_cpus": 1, "num_gpus": 0}, max_retries=2, cell_timeout_s=None,
+        mlflow=types.SimpleNamespace(enabled=not args.no_mlflow,
+                                     tracking_uri=f"sqlite:///{output / 'mlflow.db'}",
+                                     experiment=None))
+
+    start = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", _temp_dir=str(output / "ray"))
+    ray_init_s = time.perf_counter() - start
+    summary = driver.run_cells(study, cells, quiet=True)
+    end_to_end_s = time.perf_counter() - start
+    ray.shutdown()
+
+    table = driver.read_results(output / "out")
+    assert table.num_rows == len(cells), table.num_rows
+    actors = summary["actors"]
+    floor_s = sum(table.column("wall_time_s").to_pylist()) / actors
+    timings = summary["timings"]
+    # From the first cell submitted to the last row in Parquet and in MLflow.
+    sweep_s = timings["cells_s"] + timings["mlflow_drain_wait_s"]
+    mlflow = summary.get("mlflow") or {}
+    report = {
+        "cells": len(cells), "cell_ms": args.cell_ms, "kind": args.kind, "actors": actors,
+        "floor_s": floor_s,
+        "sweep_s": sweep_s, "sweep_over_floor": sweep_s / floor_s,
+        "cells_s": timings["cells_s"], "cells_over_floor": timings["cells_s"] / floor_s,
+        "pool_start_s": timings["loop_s"] - timings["cells_s"],
+        "end_to_end_s": end_to_end_s, "end_to_end_over_floor": end_to_end_s / floor_s,
+        "ray_init_s": ray_init_s,
+        "parquet_s": timings["parquet_s"], "parquet_share": timings["parquet_s"] / sweep_s,
+        "parquet_files": summary["parquet_files"],
+        "mlflow_busy_s": mlflow.get("seconds"),
+        "mlflow_drain_wait_s": timings["mlflow_drain_wait_s"],
+        "mlflow_runs": mlflow.get("runs_created"), "mlflow_cells": mlflow.get("cells_logged"),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
