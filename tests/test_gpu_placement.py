@@ -23,7 +23,8 @@ import pytest
 from hypersweep.orchestrator.resources import (GPU_SHARING_ENV, RESOURCE_PRECISION,
                                                ActorRequest, actor_options,
                                                actors_per_node, pool_size,
-                                               runtime_env_vars, to_units)
+                                               runtime_env_vars, to_units,
+                                               without_missing_gpus)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -101,6 +102,18 @@ def test_pool_that_cannot_fit_one_actor_says_why():
         pool_size([HEAD, LAPTOP], ActorRequest(num_cpus=1, num_gpus=0.25))
     with pytest.raises(ValueError, match="num_actors"):
         pool_size([LAPTOP], ActorRequest(), requested=0)
+
+
+def test_a_local_cpu_only_machine_runs_a_gpu_study_on_cpus():
+    gpu_only = ActorRequest(num_cpus=0, num_gpus=0.25, memory_mb=512)
+    request, warning = without_missing_gpus(gpu_only, gpus_available=0)
+    assert request == ActorRequest(num_cpus=1, num_gpus=0, memory_mb=512)
+    assert "no GPU" in warning and "num_gpus=0.25" in warning
+    request, _ = without_missing_gpus(ActorRequest(num_cpus=2, num_gpus=1), 0)
+    assert (request.num_cpus, request.num_gpus) == (2, 0)
+    assert without_missing_gpus(gpu_only, gpus_available=1) == (gpu_only, None)
+    cpu = ActorRequest(num_cpus=1)
+    assert without_missing_gpus(cpu, gpus_available=0) == (cpu, None)
 
 
 def test_gpu_actors_get_the_jax_sharing_env_and_cpu_actors_do_not():

@@ -585,7 +585,8 @@ class _Sweep:
         return {"tracking_uri": logger.tracking_uri, "experiment": logger.experiment_name,
                 "parent_run_id": logger.parent_run_id, "cells_logged": logger.cells_logged,
                 "runs_created": logger.runs_created, "dropped": self.writer.dropped,
-                "error": self.writer.error, "seconds": logger.seconds}
+                "error": self.writer.error, "seconds": logger.seconds,
+                "connect_seconds": logger.connect_seconds}
 
     def _summary(self, wall_start: float, interrupted: bool) -> dict:
         table = sinks.read_results(self.output)

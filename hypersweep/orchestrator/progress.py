@@ -19,6 +19,17 @@ def _eta(seconds: float | None) -> str:
         f"{rest // 60}:{rest % 60:02d}"
 
 
+def _make_audible() -> None:
+    """Progress lines are INFO; show them even when the application logs at WARNING
+    (the CLI's default) or configured no logging at all (a plain script, a Ray job)."""
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+
+
 class SweepProgress:
     """Counts cells by status; ``total`` is the number to run (after resume skipping),
     or None when unknown. ETA = remaining × (elapsed / done) over this run's cells."""
@@ -34,6 +45,8 @@ class SweepProgress:
         self._start = time.monotonic()
         self._last_log = self._start
         self._live = None
+        if not self.rich:
+            _make_audible()
         if self.rich:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)

@@ -135,6 +135,24 @@ def pool_size(nodes: Iterable[Mapping[str, float]], request: ActorRequest, *,
     return size
 
 
+def without_missing_gpus(request: ActorRequest, gpus_available: float) -> tuple[
+        ActorRequest, str | None]:
+    """The request a *local* run can satisfy: GPU shares dropped when the machine has none.
+
+    For the embedded Ray the driver starts itself (``hypersweep run`` on a laptop), so a
+    study written for a GPU cluster runs unchanged on a CPU-only machine; the cells then
+    report ``device = cpu``. Returns (request, warning or None). Do not use it when joining
+    a cluster: an autoscaler adds GPU nodes for pending GPU actors. An actor that asked
+    for no CPU (``num_cpus: 0``, GPU only) gets one CPU instead of its GPU share.
+    """
+    if not request.uses_gpu or gpus_available > 0:
+        return request, None
+    fallback = ActorRequest(num_cpus=request.num_cpus or 1.0, num_gpus=0.0,
+                            memory_mb=request.memory_mb)
+    return fallback, (f"this machine has no GPU: running actors with num_cpus="
+                      f"{fallback.num_cpus:g} instead of num_gpus={request.num_gpus:g}")
+
+
 def runtime_env_vars(request: ActorRequest,
                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment variables for a runner's ``runtime_env``: the GPU-sharing settings when
@@ -162,5 +180,6 @@ def actor_options(request: ActorRequest, *, max_restarts: int = 4,
     return options
 
 
-__all__ = ["ActorRequest", "actors_per_node", "pool_size", "runtime_env_vars",
+__all__ = ["ActorRequest", "actors_per_node", "pool_size", "without_missing_gpus",
+           "runtime_env_vars",
            "actor_options", "to_units", "RESOURCE_PRECISION", "GPU_SHARING_ENV"]

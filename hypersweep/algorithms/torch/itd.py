@@ -4,8 +4,8 @@ All differentiate ``L_out(w_t(λ), λ)`` with ``w_t = Φ^t(w_init)``, ``Φ(w, λ
 ``g = ∇_w L_in`` (see :mod:`hypersweep.algorithms.torch._core`); ``w_init`` does not depend
 on λ. Counts: ``n_inner_grad_evals`` = t (the forward steps; a reverse pass reuses the
 recorded graph, no replay); ``n_hvp_evals`` = the number of step Jacobian products: one
-VJP per step differentiated in reverse mode, one JVP per (step, direction of λ) in
-forward mode, +1 for the single VJP of ``one_step``.
+VJP per step differentiated in reverse mode (t for itd, min(K, t) for tbptt, 1 for
+one_step, 0 for first_order), one JVP per (step, direction of λ) in forward mode.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
     Cost: t inner gradients, t · dim λ JVPs (batched), memory O(dim λ · dim w) — no growth
     with t. Reference: Franceschi et al. 2017 (forward-mode RTHO).
     """
-    g = _core.inner_grad_fn(problem)
+    g = _core.inner_grad_fn(problem, functional=True)
     eta = problem.inner_lr
     lam = lam.detach()
     n_lam = lam.numel()
