@@ -660,6 +660,8 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
 
         cells = spec.expand(study)
         total = spec.count_cells(study)
+    elif total is None and hasattr(cells, "__len__"):
+        total = len(cells)  # type: ignore[arg-type]
     stop_event = threading.Event()
     received: list[int] = []
     started: list[bool] = []

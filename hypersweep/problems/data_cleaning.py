@@ -128,7 +128,8 @@ def inner_grad(w, lam, arrays, static, ops):
     X, Y = arrays["X_train"], arrays["Y_train"]
     probs = ops.exp(ops.log_softmax(X @ w, axis=1))
     weighted = ops.sigmoid(lam)[:, None] * (probs - Y)
-    return (X.T @ weighted) / X.shape[0] + static["reg"] * w
+    # einsum contracts X's first axis without materializing X.T (slow in XLA loops).
+    return ops.einsum("nd,nc->dc", X, weighted) / X.shape[0] + static["reg"] * w
 
 
 def outer_loss(w, lam, arrays, static, ops):
