@@ -86,6 +86,36 @@ def jaxopt_cg(problem, lam, t: int, K: int):
     return lambda: hypergrad(problem.w_init, lam, problem.arrays, t, K)
 
 
+def torchopt_cg_autograd(problem, lam, t: int, K: int):
+    """torchopt implicit CG with the inner loop written the usual way: one autograd call of
+    ∇_w L_in per step (the optimality condition uses the analytic gradient)."""
+    import torch
+    import torchopt
+
+    fns, eta, arrays = problem.fns, problem.inner_lr, problem.arrays
+
+    def optimality(w, lam_):
+        return fns.inner_grad(w, lam_, arrays)
+
+    @torchopt.diff.implicit.custom_root(
+        optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=1e-10))
+    def inner(w_init, lam_):
+        w = w_init.detach()
+        with torch.enable_grad():
+            for _ in range(t):
+                w = w.requires_grad_(True)
+                g = torch.autograd.grad(fns.inner_loss(w, lam_.detach(), arrays), w)[0]
+                w = (w - eta * g).detach()
+        return w
+
+    def call():
+        lam_ = lam.detach().clone().requires_grad_(True)
+        w = inner(problem.w_init.clone(), lam_)
+        return torch.autograd.grad(fns.outer_loss(w, lam_, arrays), lam_)[0]
+
+    return call
+
+
 def torchopt_cg(problem, lam, t: int, K: int):
     """torchopt.diff.implicit.custom_root + linear_solve.solve_cg on our inner GD solver."""
     import torch
@@ -135,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-forward", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     ap.add_argument("--jsonl", default=None, help="append raw records here")
     args = ap.parse_args(argv)
@@ -143,7 +174,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(2)
+    # One intra-op thread, as in Ray actors (OMP_NUM_THREADS=1). With 2 threads on this
+    # 2-core machine tiny elementwise ops (exp of a 100-vector) took 53 µs instead of 1.2 µs
+    # (OpenMP wake-ups), which made every torch method 2-10x slower and very noisy.
+    torch.set_num_threads(args.torch_threads)
     records = []
     oracle = {}
     for backend in args.backends:
@@ -161,15 +195,17 @@ def main(argv=None) -> int:
             fn = algorithms.get(name, backend)
             runs.append((f"hypersweep.{name}", name, t, K,
                          lambda fn=fn, t=t, K=K: fn(problem, lam, t=t, K=K, seed=0).hypergrad))
-        peer = {"jax": ("jaxopt.custom_root_cg", jaxopt_cg),
-                "torch": ("torchopt.implicit_cg", torchopt_cg)}[backend]
+        peers = {"jax": [("jaxopt.custom_root_cg", jaxopt_cg)],
+                 "torch": [("torchopt.implicit_cg", torchopt_cg),
+                           ("torchopt.implicit_cg_autograd_inner", torchopt_cg_autograd)]}
         try:
             __import__("jaxopt" if backend == "jax" else "torchopt")
-            for t in args.t:
-                for K in sorted({10, t}):
-                    runs.append((peer[0], "aid_cg", t, K, peer[1](problem, lam, t, K)))
+            for label, make_peer in peers[backend]:
+                for t in args.t:
+                    for K in sorted({10, t}):
+                        runs.append((label, "aid_cg", t, K, make_peer(problem, lam, t, K)))
         except ImportError:
-            print(f"[{peer[0]} not installed: pip install -e '.[bench]']", file=sys.stderr)
+            print(f"[{backend} peer not installed: pip install -e '.[bench]']", file=sys.stderr)
         for label, name, t, K, call in runs:
             try:
                 out, first, med, n = _median_time(call, block, min_time=min_time,
@@ -208,7 +244,7 @@ def render(records, args) -> str:
         "",
         f"Command: `.venv/bin/python benchmarks/hypergradient.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}, "
-        f"Python {platform.python_version()}; torch 2 intra-op threads.",
+        f"Python {platform.python_version()}; torch {args.torch_threads} intra-op thread(s).",
         "",
         "| backend | method | t | K | median ms | compile s | rel. error | peak heap MB |",
         "|---|---|---|---|---|---|---|---|",
@@ -227,7 +263,8 @@ def render(records, args) -> str:
     tmax = max(args.t)
     by = {(r["backend"], r["method"], r["t"], r["K"]): r for r in records if "error" not in r}
     lines += ["", f"Ratios at t = K = {tmax} (AID-CG, same run):", ""]
-    for backend, peer in (("jax", "jaxopt.custom_root_cg"), ("torch", "torchopt.implicit_cg")):
+    for backend, peer in (("jax", "jaxopt.custom_root_cg"), ("torch", "torchopt.implicit_cg"),
+                          ("torch", "torchopt.implicit_cg_autograd_inner")):
         ours = by.get((backend, "hypersweep.aid_cg", tmax, tmax))
         theirs = by.get((backend, peer, tmax, tmax))
         if ours and theirs:

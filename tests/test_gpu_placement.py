@@ -4,8 +4,9 @@
 still check what Ray does with ``num_gpus=0.25`` actors: four fit at once and a fifth
 waits, each sees ``CUDA_VISIBLE_DEVICES='0'`` and ``XLA_PYTHON_CLIENT_PREALLOCATE=false``,
 and a real hypergradient cell (torch and JAX) still reports ``device == "cpu"`` because
-neither backend finds a CUDA device behind that id. On a GPU machine the same test would
-report ``cuda:0 (...)``; it asserts "cpu" only when torch sees no CUDA device.
+neither backend finds a CUDA device behind that id. Freeing one share lets the fifth start, so it
+waited for the GPU, not for a slow worker start. On a GPU machine the cells would report
+``cuda:0 (...)``; the test asserts "cpu" only when torch sees no CUDA device.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ PROBE_SCRIPT = textwrap.dedent("""
         options = actor_options(request, max_restarts=0, extra_env=extra)
         actors = [CellRunner.options(**options).remote(()) for _ in range(5)]
         pings = {a.ping.remote(): i for i, a in enumerate(actors)}
-        ready, pending = ray.wait(list(pings), num_returns=5, timeout=60)
+        ready, pending = ray.wait(list(pings), num_returns=4, timeout=180)
+        _, pending = ray.wait(pending, num_returns=1, timeout=3)  # the 5th still waits
         ready_actors = [actors[pings[r]] for r in ready]
         params = json.dumps({"n_features": 5, "n_train": 20, "n_val": 10})
         cells = [Cell(study="gpu", pipeline="env_probe", problem="ridge",
@@ -191,7 +193,11 @@ PROBE_SCRIPT = textwrap.dedent("""
                  for backend in ("torch", "jax") for seed in (0, 1)]
         refs = [a.run.remote(c, 1) for a, c in zip(ready_actors, cells)]
         rows = [row for row, _ in ray.get(refs, timeout=240)]
+        # Free one quarter: the waiting actor starts, so it waited for the GPU share.
+        ray.kill(ready_actors[0])
+        fifth, _ = ray.wait(pending, num_returns=1, timeout=120) if pending else ([], [])
         json.dump({"ready": len(ready), "pending": len(pending),
+                   "fifth_started_after_kill": len(fifth) == 1,
                    "resources": ray.cluster_resources(),
                    "rows": [{k: r[k] for k in ("status", "device", "extra", "backend",
                                                   "error_message")} for r in rows]},
@@ -221,6 +227,7 @@ def test_quarter_gpu_actors_share_one_declared_gpu(tmp_path):
     probe = json.loads(out.read_text())
     assert probe["resources"]["GPU"] == 1.0
     assert (probe["ready"], probe["pending"]) == (4, 1)  # 4 × 0.25 fit, the 5th waits
+    assert probe["fifth_started_after_kill"]             # ... for a GPU share
     rows = probe["rows"]
     assert len(rows) == 4 and {r["backend"] for r in rows} == {"torch", "jax"}
     import torch
