@@ -26,7 +26,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/hypersweep run configs/demo.yaml
-	$(BIN)/hypersweep report results/demo --out results/demo/report
+	$(BIN)/hypersweep run configs/demo_hpo.yaml
+	$(BIN)/hypersweep run configs/demo_blackbox.yaml
+	$(BIN)/hypersweep report results/demo results/demo-hpo results/demo-blackbox --out results/demo-report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
