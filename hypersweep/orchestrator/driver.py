@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from hypersweep import __version__
+from hypersweep.orchestrator import resources as resources_mod
 from hypersweep.orchestrator import sinks
 from hypersweep.orchestrator.cell import Cell
 from hypersweep.orchestrator.progress import SweepProgress
@@ -195,20 +196,29 @@ class _Feed:
         return not self.retry and not self.window
 
 
-def pool_size(study: Any, cluster: dict) -> int:
-    """``num_actors``, else floor(cluster CPUs / num_cpus) (and GPUs / num_gpus), ≥ 1."""
-    requested = _get(study, "num_actors")
-    if requested:
-        return int(requested)
+def actor_request(study: Any) -> "resources_mod.ActorRequest":
     resources = _get(study, "resources")
-    num_cpus = float(_get(resources, "num_cpus", 1.0) or 0.0)
-    num_gpus = float(_get(resources, "num_gpus", 0.0) or 0.0)
-    limits = []
-    if num_cpus > 0:
-        limits.append(math.floor(cluster.get("CPU", 1.0) / num_cpus + 1e-9))
-    if num_gpus > 0:
-        limits.append(math.floor(cluster.get("GPU", 0.0) / num_gpus + 1e-9))
-    return max(1, min(limits)) if limits else 1
+    return resources_mod.ActorRequest(
+        num_cpus=float(_get(resources, "num_cpus", 1.0)),
+        num_gpus=float(_get(resources, "num_gpus", 0.0) or 0.0),
+        memory_mb=_get(resources, "memory_mb"))
+
+
+def pool_size(study: Any, cluster: dict | list, n_cells: int | None = None) -> int:
+    """``num_actors``, else how many actors of the study's request fit on the nodes.
+
+    ``cluster``: a list of alive nodes' resources (counted per node, so two 1-GPU nodes
+    with num_gpus 0.4 give 4 actors, not 5), or one totals dict (a single node).
+    At least one actor when nothing fits on a single local node.
+    """
+    nodes = cluster if isinstance(cluster, list) else [cluster]
+    requested = _get(study, "num_actors")
+    try:
+        return resources_mod.pool_size(nodes, actor_request(study),
+                                       requested=int(requested) if requested else None,
+                                       n_cells=n_cells)
+    except ValueError:
+        return 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,8 +255,11 @@ def _init_ray(address: str | None) -> bool:
 class _Sweep:
     def __init__(self, study: Any, cells: Iterable[Cell], *, total: int | None,
                  quiet: bool, retry_failed: bool, stop_event: threading.Event,
-                 ensure_ray: Callable[[], Any]):
+                 ensure_ray: Callable[[], Any], address: str | None = None):
         self.study = study
+        self.request = actor_request(study)
+        # only an embedded Ray may drop GPU requests; a cluster may autoscale GPU nodes
+        self.local_ray = not (address or os.environ.get("RAY_ADDRESS"))
         self.name = _get(study, "study")
         self.output = Path(_get(study, "output")).expanduser().absolute()
         self.max_retries = int(_get(study, "max_retries", 2))
@@ -284,10 +297,9 @@ class _Sweep:
     def _new_actor(self) -> Any:
         from hypersweep.orchestrator.actors import CellRunner, actor_options
 
-        resources = _get(self.study, "resources")
-        options = actor_options(num_cpus=float(_get(resources, "num_cpus", 1.0)),
-                                num_gpus=float(_get(resources, "num_gpus", 0.0) or 0.0),
-                                memory_mb=_get(resources, "memory_mb"))
+        options = actor_options(num_cpus=self.request.num_cpus,
+                                num_gpus=self.request.num_gpus,
+                                memory_mb=self.request.memory_mb)
         backends = _get(self.study, "backend", ()) or ()
         if isinstance(backends, str):
             backends = (backends,)
@@ -306,9 +318,14 @@ class _Sweep:
         start = time.perf_counter()
         self.ensure_ray()
         self.timings["ray_init_s"] = time.perf_counter() - start
-        size = pool_size(self.study, ray.cluster_resources())
-        if self.total is not None:
-            size = max(1, min(size, self.total))
+        if self.local_ray and self.request.uses_gpu:
+            # A study written for a GPU cluster runs unchanged on a CPU-only laptop.
+            self.request, warning = resources_mod.without_missing_gpus(
+                self.request, ray.cluster_resources().get("GPU", 0.0))
+            if warning:
+                log.warning(warning)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        size = pool_size(self.study, nodes or ray.cluster_resources(), self.total)
         self.slots = [_Slot(i, self._new_actor()) for i in range(size)]
         for slot in self.slots:
             self._ping(slot)
@@ -593,9 +610,9 @@ class _Sweep:
         study_counts = Counter(table.column("status").to_pylist())
         pairs: dict[tuple, dict[str, list]] = {}
         for row in table.select(["problem", "algorithm", "status", "hypergrad_rel_error",
-                                 "wall_time_s"]).to_pylist():
+                                 "wall_time_s", "val_loss"]).to_pylist():
             entry = pairs.setdefault((row["problem"], row["algorithm"]),
-                                     {"rel": [], "wall": [], "n": 0, "ok": 0})
+                                     {"rel": [], "wall": [], "val": [], "n": 0, "ok": 0})
             entry["n"] += 1
             if row["status"] == "ok":
                 entry["ok"] += 1
@@ -603,8 +620,11 @@ class _Sweep:
                     entry["rel"].append(row["hypergrad_rel_error"])
                 if row["wall_time_s"] is not None:
                     entry["wall"].append(row["wall_time_s"])
+                if row["val_loss"] is not None:
+                    entry["val"].append(row["val_loss"])
         per_pair = [{"problem": p, "algorithm": a, "cells": e["n"], "ok": e["ok"],
                      "median_rel_error": statistics.median(e["rel"]) if e["rel"] else None,
+                     "median_val_loss": statistics.median(e["val"]) if e["val"] else None,
                      "median_wall_time_s": statistics.median(e["wall"]) if e["wall"] else None}
                     for (p, a), e in sorted(pairs.items())]
         self.timings["parquet_s"] = self.sink.seconds
@@ -639,7 +659,7 @@ def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
         total = len(cells)  # type: ignore[arg-type]
     sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
                    stop_event=stop_event or threading.Event(),
-                   ensure_ray=lambda: _init_ray(address))
+                   ensure_ray=lambda: _init_ray(address), address=address)
     return sweep.run()
 
 
@@ -689,7 +709,7 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
     sinks.set_mlflow_env_defaults()
     try:
         sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
-                       stop_event=stop_event, ensure_ray=ensure_ray)
+                       stop_event=stop_event, ensure_ray=ensure_ray, address=address)
         summary = sweep.run()
     finally:
         for signum, handler in previous.items():
@@ -744,13 +764,15 @@ def print_summary(summary: dict, console: Any = None) -> None:
     if summary["per_pair"]:
         pairs = Table(title="per (problem, algorithm), ok cells")
         for column in ("problem", "algorithm", "cells", "ok", "median rel error",
-                       "median wall s"):
+                       "median val loss", "median wall s"):
             pairs.add_column(column, justify="left" if column in ("problem", "algorithm")
                              else "right")
         for pair in summary["per_pair"]:
             rel, wall = pair["median_rel_error"], pair["median_wall_time_s"]
+            val = pair.get("median_val_loss")
             pairs.add_row(pair["problem"], pair["algorithm"], str(pair["cells"]),
                           str(pair["ok"]), "-" if rel is None else f"{rel:.3e}",
+                          "-" if val is None else f"{val:.5g}",
                           "-" if wall is None else f"{wall:.4f}")
         console.print(pairs)
     mlflow = summary.get("mlflow")

@@ -20,6 +20,10 @@ Two kinds of algorithm run here:
 ``outer_lr`` (0.1)         its step size.
 ``warm_start_w`` (false)   start each inner loop from the previous w_t (hypergradient kind).
 ``warm_start_v`` (false)   adjoint warm start: not supported yet (raises ``ValueError``).
+``cap_inner_lr`` (true)    each outer step uses η_k = min(η, 1/L(λ_k)) where the problem
+                           bounds its curvature as a function of λ (``lipschitz``): as λ
+                           moves, a fixed η = 1/L(λ₀) can stop Φ from contracting. ITD
+                           then differentiates t steps with η_k held constant.
 ``lam0`` (none)            initial λ: a scalar broadcast to λ's shape, or a full list;
                            default: the problem's λ₀.
 ``eval_every`` (1)         write a trace row every this many outer steps (and the last).
@@ -59,6 +63,7 @@ from hypersweep.registry import check_choice
 DEFAULTS: dict[str, Any] = {
     "outer_steps": 100, "time_budget_s": None, "optimizer": "adam", "outer_lr": 0.1,
     "warm_start_w": False, "warm_start_v": False, "lam0": None, "eval_every": 1,
+    "cap_inner_lr": True,
 }
 #: λ with at most this many coordinates is written out in full in ``extra``
 MAX_LAM_IN_EXTRA = 64
@@ -85,7 +90,7 @@ def check_params(params: dict) -> dict:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
             math.isfinite(lr) and lr > 0):
         raise ValueError(f"pipeline_params.outer_lr must be a finite number > 0; got {lr!r}")
-    for key in ("warm_start_w", "warm_start_v"):
+    for key in ("warm_start_w", "warm_start_v", "cap_inner_lr"):
         if not isinstance(p[key], bool):
             raise ValueError(f"pipeline_params.{key} must be true or false; got {p[key]!r}")
     if p["warm_start_v"]:
@@ -127,6 +132,7 @@ class _HypergradientLoop:
         self.estimator = algorithms.get(cell.algorithm, cell.backend)
         self.algo_kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
         self.warm_w = params["warm_start_w"]
+        self.cap_lr = params["cap_inner_lr"]
         self.opt = _backend_online(cell.backend).outer_optimizer(params["optimizer"],
                                                                  float(params["outer_lr"]))
         self.lam = problem.as_lam(lam0)
@@ -150,6 +156,10 @@ class _HypergradientLoop:
         if self.warm_w and self.w_prev is not None:
             problem = problem.with_w_init(self.w_prev)
         lam = self.lam
+        if self.cap_lr:
+            eta = problem.stable_inner_lr(lam)
+            if eta < problem.inner_lr:
+                problem = problem.with_inner_lr(eta)
         hg = self._call(problem, lam, self.k)
         self.lam, self.opt_state = self.opt.apply(lam, hg.hypergrad, self.opt_state)
         self.problem.ops.block(self.lam)

@@ -134,6 +134,7 @@ class Problem:
         self.inner_lr = float(built.inner_lr)
         self.fns = ProblemFns(module.__name__, _freeze(self.static), backend)
         self.capabilities = spec.capabilities
+        self._lip_cache: dict = {}
         # Built now, not lazily: a first read inside a jax.jit trace would cache tracers.
         _ = self.arrays, self.w_init
 
@@ -154,6 +155,26 @@ class Problem:
         if w0 is None:
             return self.ops.zeros(self.w_shape, self.dtype)
         return self.ops.asarray(np.broadcast_to(w0, self.w_shape), self.dtype)
+
+    def with_inner_lr(self, eta: float) -> "Problem":
+        """A shallow copy with inner step η = ``eta`` (data, arrays and ``fns`` shared, so
+        compiled estimators are reused: η is a traced value)."""
+        clone = copy.copy(self)
+        clone.inner_lr = float(eta)
+        return clone
+
+    def stable_inner_lr(self, lam) -> float:
+        """min(η, 1/L(λ)) where the module bounds the inner curvature as a function of λ
+        (``lipschitz(lam, arrays, static, cache)``); η itself elsewhere.
+
+        η defaults to 1/L(λ₀); when an outer loop moves λ to larger curvature, a fixed η
+        stops Φ from contracting and the inner iterates diverge.
+        """
+        bound = getattr(self.module, "lipschitz", None)
+        if bound is None:
+            return self.inner_lr
+        L = float(bound(self.lam_numpy(lam), self.arrays_np, self.static, self._lip_cache))
+        return min(self.inner_lr, 1.0 / L) if L > 0 else self.inner_lr
 
     def with_w_init(self, w) -> "Problem":
         """A shallow copy whose inner iterations start at ``w`` (a backend array).

@@ -130,3 +130,9 @@ def metrics(w, lam, arrays, static):
         return {"test_loss": None, "test_accuracy": None}
     r = _residuals(arrays["X_test"], arrays["y_test"], w, lam, np)
     return {"test_loss": float(np.mean(r * r)), "test_accuracy": None}
+
+
+def lipschitz(lam, arrays, static, cache):
+    """L(P) = max_i λ_max(A_i(P))/T, exact (the heads' Hessian is block diagonal)."""
+    blocks = _task_matrices(np.asarray(lam, dtype=np.float64), arrays, static["mu"])
+    return max(np.linalg.eigvalsh(A)[-1] for A in blocks) / arrays["X_train"].shape[0]

@@ -123,3 +123,9 @@ def metrics(w, lam, arrays, static):
         return {"test_loss": None, "test_accuracy": None}
     r = np.exp(-np.exp(lam[0]) * arrays["D_test"]) @ w - arrays["y_test"]
     return {"test_loss": float(np.mean(r * r)), "test_accuracy": None}
+
+
+def lipschitz(lam, arrays, static, cache):
+    """L(λ) = λ_max(K(γ)) + μ, the exact largest eigenvalue of ∇²_α L_in = K + μI."""
+    gamma, mu = np.exp(np.asarray(lam, dtype=np.float64))
+    return float(np.linalg.eigvalsh(np.exp(-gamma * arrays["D_train"]))[-1] + mu)

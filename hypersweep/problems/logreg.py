@@ -199,3 +199,11 @@ def metrics(w, lam, arrays, static):
     margin = X @ w
     return {"test_loss": float(np.mean(np.logaddexp(0.0, -y * margin))),
             "test_accuracy": float(np.mean(np.where(margin >= 0, 1.0, -1.0) == y))}
+
+
+def lipschitz(lam, arrays, static, cache):
+    """L(λ) = ¼ λ_max(XᵀX/n) + max exp(h) ≥ λ_max(∇²_w L_in(w, λ)) for every w."""
+    if "data" not in cache:
+        X = arrays["X_train"]
+        cache["data"] = 0.25 * np.linalg.eigvalsh(X.T @ X / X.shape[0])[-1]
+    return cache["data"] + float(np.exp(lam).max())

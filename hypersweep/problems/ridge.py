@@ -103,3 +103,11 @@ def metrics(w, lam, arrays, static):
         return {"test_loss": None, "test_accuracy": None}
     r = arrays["X_test"] @ w - arrays["y_test"]
     return {"test_loss": float(np.mean(r * r)), "test_accuracy": None}
+
+
+def lipschitz(lam, arrays, static, cache):
+    """L(λ) = λ_max((2/n)XᵀX) + max exp(h) ≥ λ_max(∇²_w L_in): η ≤ 1/L(λ) keeps Φ contracting."""
+    if "data" not in cache:
+        X = arrays["X_train"]
+        cache["data"] = 2.0 * np.linalg.eigvalsh(X.T @ X / X.shape[0])[-1]
+    return cache["data"] + float(np.exp(lam).max())
