@@ -42,7 +42,6 @@ too) and flagged in the trial record; the trial is stopped at once.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -372,8 +371,9 @@ def inner_trainable(problem, lam: np.ndarray, *, t: int,
     from hypersweep import algorithms
     first_order = algorithms.get("first_order", problem.backend)
     lam_backend = problem.as_lam(lam)
-    problem.arrays  # noqa: B018 - convert the data once, shared by the copy below
-    resumed = copy.copy(problem)  # shares data and compiled shapes; only w_init differs
+    # η = min(η, 1/L(λ)): a trial at large λ must not diverge only because η was set for
+    # λ₀ (the same rule as the HPO pipeline); a copy sharing data and compiled shapes.
+    resumed = problem.with_inner_lr(problem.stable_inner_lr(lam))
     every = t if report_every is None else max(1, min(int(report_every), t))
     done = 0
     while done < t:
