@@ -359,8 +359,8 @@ class Report:
     final: bool
 
 
-def inner_trainable(problem, lam: np.ndarray, *, t: int,
-                    report_every: int | None = None) -> Iterator[Report]:
+def inner_trainable(problem, lam: np.ndarray, *, t: int, report_every: int | None = None,
+                    cap_inner_lr: bool = True) -> Iterator[Report]:
     """The generic trainable: t steps of Φ from ``w_init`` at λ, reporting every
     ``report_every`` steps (and at t) the float64 validation loss L_out(w_s, λ).
 
@@ -373,7 +373,8 @@ def inner_trainable(problem, lam: np.ndarray, *, t: int,
     lam_backend = problem.as_lam(lam)
     # η = min(η, 1/L(λ)): a trial at large λ must not diverge only because η was set for
     # λ₀ (the same rule as the HPO pipeline); a copy sharing data and compiled shapes.
-    resumed = problem.with_inner_lr(problem.stable_inner_lr(lam))
+    resumed = problem.with_inner_lr(problem.stable_inner_lr(lam) if cap_inner_lr
+                                    else problem.inner_lr)
     every = t if report_every is None else max(1, min(int(report_every), t))
     done = 0
     while done < t:

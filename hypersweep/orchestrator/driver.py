@@ -522,8 +522,9 @@ class _Sweep:
         if fields_set is not None and "tracking_uri" not in fields_set and os.environ.get(
                 "MLFLOW_TRACKING_URI"):
             uri = os.environ["MLFLOW_TRACKING_URI"]  # study left the default: env wins
+        # The URI goes to MlflowClient explicitly (never mlflow's cwd default); the process
+        # environment is left alone so a later study in the same process is not redirected.
         uri = sinks.resolve_tracking_uri(uri)
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # never mlflow's cwd default
         sinks.set_mlflow_env_defaults()
         experiment = _get(config, "experiment") or self.name
         logger = sinks.MlflowLogger(uri, experiment, self.name,

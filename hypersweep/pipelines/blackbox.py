@@ -40,7 +40,7 @@ from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines._measure import timed
 from hypersweep.pipelines.common import problem_for
 
-DEFAULTS = {"num_samples": 20, "time_budget_s": None, "space": None}
+DEFAULTS = {"num_samples": 20, "time_budget_s": None, "space": None, "cap_inner_lr": True}
 #: λ with at most this many coordinates is written out in full in ``extra``
 MAX_LAM_IN_EXTRA = 64
 
@@ -62,6 +62,9 @@ def check_params(params: dict) -> dict:
                                or not budget > 0):
         raise ValueError(f"pipeline_params.time_budget_s must be a number > 0 or null; "
                          f"got {budget!r}")
+    if not isinstance(merged["cap_inner_lr"], bool):
+        raise ValueError(f"pipeline_params.cap_inner_lr must be true or false; got "
+                         f"{merged['cap_inner_lr']!r}")
     return merged
 
 
@@ -86,7 +89,8 @@ def run(cell) -> PipelineResult:
     make_search = algorithms.get(cell.algorithm, cell.backend)
     search = make_search(space, num_samples=params["num_samples"], seed=seed, max_t=cell.t,
                          **algorithms.check_params(cell.algorithm, cell.algorithm_kwargs))
-    trainable = functools.partial(blackbox.inner_trainable, problem, t=cell.t)
+    trainable = functools.partial(blackbox.inner_trainable, problem, t=cell.t,
+                                  cap_inner_lr=params["cap_inner_lr"])
 
     # Warm-up (JAX compiles here, once per process and shapes; t is traced): its time is
     # compile_time_s, so that wall_time_s is the search alone.

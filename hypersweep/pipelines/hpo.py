@@ -177,6 +177,7 @@ class _OnlineLoop:
     def __init__(self, cell, problem, params, lam0):
         self.cell, self.problem = cell, problem
         self.method = algorithms.get(cell.algorithm, cell.backend)
+        self.cap_lr = params["cap_inner_lr"]
         kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
         self.state = self.method.init(problem, lam0, seed=cell.seed,
                                       optimizer=params["optimizer"],
@@ -191,7 +192,12 @@ class _OnlineLoop:
         self.problem.ops.block(state.lam)  # steps are pure: the warm-up state is dropped
 
     def step(self):
-        self.state, info = self.method.step(self.problem, self.state, t=self.cell.t,
+        problem = self.problem
+        if self.cap_lr:
+            eta = problem.stable_inner_lr(self.state.lam)
+            if eta < problem.inner_lr:
+                problem = problem.with_inner_lr(eta)
+        self.state, info = self.method.step(problem, self.state, t=self.cell.t,
                                             K=self.cell.K)
         self.problem.ops.block(self.state.lam)
         return dict(lam=info.lam, w=info.w, hypergrad=info.hypergrad,
