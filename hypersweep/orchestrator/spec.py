@@ -200,9 +200,11 @@ class _Section(BaseModel):
         return data
 
 
-class ProblemEntry(_Section):
-    """One problem of the study and the keyword parameters passed to ``problems.make``."""
+class _Entry(_Section):
+    """A named registry entry of the study with keyword parameters, checked against the
+    registry's defaults (``kind``: "problem" or "algorithm")."""
 
+    kind: ClassVar[str] = ""
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -215,11 +217,6 @@ class ProblemEntry(_Section):
         if not self.params:
             return self.name
         return f"{self.name}{self.params_json}"
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _registered(cls, name: Any) -> str:
-        return _problem_name(name)
 
     @field_validator("params", mode="before")
     @classmethod
@@ -230,39 +227,51 @@ class ProblemEntry(_Section):
             raise _fail(f"must be a mapping of parameter names to values, got {params!r}")
         return params
 
+    def _allowed(self) -> dict:
+        raise NotImplementedError
+
+    def _registry_check(self) -> None:
+        raise NotImplementedError
+
     @model_validator(mode="after")
-    def _params_known(self) -> "ProblemEntry":
-        allowed = problem_registry.valid_params(self.name)
+    def _params_known(self):
+        allowed = self._allowed()
         for key, value in self.params.items():
             if key not in allowed:
-                raise _fail(f"unknown parameter for problem {self.name!r}. Valid choices: "
-                            f"{_choices(sorted(allowed))}", f".params.{key}")
+                raise _fail(f"unknown parameter for {self.kind} {self.name!r}. Valid choices: "
+                            f"{_choices(sorted(allowed)) or '(none)'}", f".params.{key}")
             _check_json(value, f".params.{key}")
             if not _check_param_type(allowed[key], value):
                 raise _fail(f"expected a value like the default {allowed[key]!r}, "
                             f"got {value!r}", f".params.{key}")
         try:
-            problem_registry.check_params(self.name, self.params)
+            self._registry_check()
         except ValueError as exc:  # belt and braces: the registry has the last word
             raise _fail(str(exc), ".params") from None
         return self
 
 
-class AlgorithmEntry(_Section):
+class ProblemEntry(_Entry):
+    """One problem of the study and the keyword parameters passed to ``problems.make``."""
+
+    kind: ClassVar[str] = "problem"
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _registered(cls, name: Any) -> str:
+        return _problem_name(name)
+
+    def _allowed(self) -> dict:
+        return problem_registry.valid_params(self.name)
+
+    def _registry_check(self) -> None:
+        problem_registry.check_params(self.name, self.params)
+
+
+class AlgorithmEntry(_Entry):
     """One algorithm of the study and its extra keyword parameters (e.g. ``batch_size``)."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def params_json(self) -> str:
-        return canonical_json(self.params)
-
-    @property
-    def label(self) -> str:
-        if not self.params:
-            return self.name
-        return f"{self.name}{self.params_json}"
+    kind: ClassVar[str] = "algorithm"
 
     @property
     def spec(self):
@@ -273,31 +282,11 @@ class AlgorithmEntry(_Section):
     def _registered(cls, name: Any) -> str:
         return _algorithm_name(name)
 
-    @field_validator("params", mode="before")
-    @classmethod
-    def _mapping(cls, params: Any) -> dict:
-        if params is None:
-            return {}
-        if not isinstance(params, dict):
-            raise _fail(f"must be a mapping of parameter names to values, got {params!r}")
-        return params
+    def _allowed(self) -> dict:
+        return dict(algorithm_registry.spec(self.name).params)
 
-    @model_validator(mode="after")
-    def _params_known(self) -> "AlgorithmEntry":
-        allowed = dict(algorithm_registry.spec(self.name).params)
-        for key, value in self.params.items():
-            if key not in allowed:
-                raise _fail(f"unknown parameter for algorithm {self.name!r}. Valid choices: "
-                            f"{_choices(sorted(allowed)) or '(none)'}", f".params.{key}")
-            _check_json(value, f".params.{key}")
-            if not _check_param_type(allowed[key], value):
-                raise _fail(f"expected a value like the default {allowed[key]!r}, "
-                            f"got {value!r}", f".params.{key}")
-        try:
-            algorithm_registry.check_params(self.name, self.params)
-        except ValueError as exc:
-            raise _fail(str(exc), ".params") from None
-        return self
+    def _registry_check(self) -> None:
+        algorithm_registry.check_params(self.name, self.params)
 
 
 def _problem_name(name: Any) -> str:
