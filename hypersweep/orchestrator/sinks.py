@@ -569,6 +569,25 @@ class MlflowWriter:
         self.dead = True
         self._warn_once(exc)
 
+    def _collect(self, batch: list, deadline: float | None) -> None:
+        """Extend ``batch`` from the queue (up to 5000 rows) until ``deadline`` (None: only
+        what is queued now) or the stop marker, which is put back for the main loop."""
+        while len(batch) < 5000 and not self._abort.is_set():
+            try:
+                if deadline is None:
+                    more = self.queue.get_nowait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    more = self.queue.get(timeout=remaining)
+            except queue.Empty:
+                return
+            if more is self._STOP:
+                self.queue.put(self._STOP)
+                return
+            batch.extend(more)
+
     def _run(self) -> None:
         try:
             # Linux schedules threads individually: let the cell runners (same box on a
@@ -587,28 +606,8 @@ class MlflowWriter:
             batch = list(item)
             # Coalesce what arrives within ``coalesce_s``: a group's cells (one per t) then
             # tend to go out in one log_batch instead of one per Parquet flush.
-            deadline = time.monotonic() + self.coalesce_s
-            while len(batch) < 5000 and not self._abort.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    more = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if more is self._STOP:
-                    self.queue.put(self._STOP)
-                    break
-                batch.extend(more)
-            while len(batch) < 5000:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is self._STOP:
-                    self.queue.put(self._STOP)
-                    break
-                batch.extend(more)
+            self._collect(batch, time.monotonic() + self.coalesce_s)  # wait for more
+            self._collect(batch, None)  # then take what is already queued
             if self.dead or self._abort.is_set():
                 self.dropped += len(batch)
                 continue

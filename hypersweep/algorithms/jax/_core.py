@@ -99,23 +99,41 @@ def adjoint_products(fns, w, lam, arrays):
 
 
 # -- linear solvers (pure; take a matvec) ------------------------------------------------
-def cg(matvec, b, max_iters, tol):
-    """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ = 0.
+def is_nonzero(x):
+    """Whether any entry of x is non-zero (a traced bool): a warm start worth a product."""
+    return jnp.any(x != 0)
+
+
+def cg(matvec, b, max_iters, tol, x0=None):
+    """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ (default 0).
 
     Runs at most ``max_iters`` (traced) iterations; stops when the recursively updated
-    residual satisfies ‖r‖ ≤ tol·‖b‖. Guards for finite precision: it also stops, without
-    applying the step, when pᵀAp is non-positive, subnormal or non-finite (A numerically
-    indefinite, or p underflowed), and when the updated residual is non-finite. So an
-    ill-conditioned float32 system with a huge budget returns a finite x, never NaN.
+    residual satisfies ‖r‖ ≤ tol·‖b‖ (relative to b, not to r₀, so a warm start that is
+    already accurate stops after 0 iterations). Guards for finite precision: it also
+    stops, without applying the step, when pᵀAp is non-positive, subnormal or non-finite
+    (A numerically indefinite, or p underflowed), and when the updated residual is
+    non-finite. So an ill-conditioned float32 system with a huge budget returns a finite
+    x, never NaN.
 
-    Returns ``(x, iters, rel_residual)``: ``iters`` = matvecs performed (≤ max_iters),
-    ``rel_residual`` = ‖r‖/‖b‖ of the returned x (recursive residual; 0 if b = 0).
+    ``x0`` (traced, b's shape; None = 0): the warm start. r₀ = b − A x₀ costs one extra
+    matvec, taken only when x₀ has a non-zero entry (``is_nonzero``, decided at run time
+    by ``lax.cond``, so warm and cold calls share one compilation and x₀ = 0 gives
+    exactly the cold result).
+
+    Returns ``(x, iters, rel_residual)``: ``iters`` = CG iterations (≤ max_iters; the
+    r₀ matvec is not included), ``rel_residual`` = ‖r‖/‖b‖ of the returned x (recursive
+    residual; 0 if b = 0).
     """
     dtype = b.dtype
     tiny = jnp.finfo(dtype).tiny
     b_norm = norm(b)
     stop_at = tol * b_norm
-    rr0 = vdot(b, b)
+    if x0 is None:
+        x0, r0 = jnp.zeros_like(b), b
+    else:
+        x0 = x0.astype(dtype)
+        r0 = lax.cond(is_nonzero(x0), lambda: b - matvec(x0), lambda: b)
+    rr0 = vdot(r0, r0)
 
     def cond(state):
         k, _, _, _, rr, healthy = state
@@ -138,26 +156,36 @@ def cg(matvec, b, max_iters, tol):
         return (k + 1, keep(x_new, x), keep(r_new, r), keep(p_new, p), keep(rr_new, rr),
                 healthy)
 
-    init = (jnp.asarray(0, jnp.int32), jnp.zeros_like(b), b, b, rr0, jnp.asarray(True))
+    init = (jnp.asarray(0, jnp.int32), x0, r0, r0, rr0, jnp.asarray(True))
     k, x, _, _, rr, _ = lax.while_loop(cond, body, init)
     rel = jnp.where(b_norm > 0, jnp.sqrt(rr) / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
     return x, k, rel
 
 
-def fixed_point(apply_J, rhs, max_steps, tol):
-    """Fixed-point (Richardson) iteration v_{k+1} = J v_k + rhs from v₀ = 0.
+def fixed_point(apply_J, rhs, max_steps, tol, v0=None):
+    """Fixed-point (Richardson) iteration v_{k+1} = J v_k + rhs from v₀ (default 0).
 
     At most ``max_steps`` (traced) steps; stops after the first step with
     ‖v_{k+1} − v_k‖ ≤ tol·‖rhs‖ (that difference is the residual rhs − (I − J) v_k).
-    The first step is free (v₁ = rhs), so the cost is max(steps − 1, 0) applications of J.
+    From v₀ = 0 the first step is free (v₁ = rhs), so the cost is max(steps − 1, 0)
+    applications of J; from a ``v0`` (traced) with a non-zero entry every step costs one
+    (decided at run time by ``lax.cond``: one compilation, and v₀ = 0 is the cold run).
+    max_steps = 0 returns v₀.
 
     Returns ``(v, steps, rel_residual)`` with rel_residual = ‖v_steps − v_{steps−1}‖/‖rhs‖.
     """
     stop_at = tol * norm(rhs)
     started = max_steps >= 1
-    v1 = jnp.where(started, rhs, jnp.zeros_like(rhs))
+    if v0 is None:
+        v0 = jnp.zeros_like(rhs)
+        first = rhs
+    else:
+        v0 = v0.astype(rhs.dtype)
+        # J is applied only if the step is taken at all and v₀ ≠ 0 (else J v₀ = 0).
+        first = lax.cond(started & is_nonzero(v0), lambda: apply_J(v0) + rhs, lambda: rhs)
+    v1 = jnp.where(started, first, v0)
     k1 = jnp.where(started, 1, 0).astype(jnp.int32)
-    delta1 = jnp.where(started, norm(rhs), jnp.inf).astype(rhs.dtype)
+    delta1 = jnp.where(started, norm(first - v0), jnp.inf).astype(rhs.dtype)
 
     def cond(state):
         k, _, delta = state
