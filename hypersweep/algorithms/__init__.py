@@ -1,15 +1,19 @@
 """The hypergradient-algorithm registry: ``get(name, backend=...)`` and ``names()``.
 
 Every estimator is called as ``fn(problem, lam, *, t, K, seed=0, **params)`` and returns a
-:class:`~hypersweep.algorithms.common.Hypergrad`. Importing this package never imports
-torch or jax; ``get`` imports the backend implementation lazily.
+:class:`~hypersweep.algorithms.common.Hypergrad`. The estimators in
+:data:`ADJOINT_WARM_START` (aid_cg, aid_fp) also take ``v0=``, an adjoint warm start.
+Importing this package never imports torch or jax; ``get`` imports the backend
+implementation lazily.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable
 
-from hypersweep.algorithms.catalog import ALGORITHMS
+import numpy as np
+
+from hypersweep.algorithms.catalog import ADJOINT_WARM_START, ALGORITHMS
 from hypersweep.algorithms.common import Hypergrad, check_budget
 from hypersweep.registry import BACKENDS, check_choice, resolve_impl
 
@@ -40,7 +44,16 @@ def applicable(name: str, problem_capabilities) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def get(name: str, backend: str) -> Callable[..., Hypergrad]:
-    """The estimator ``name`` for ``backend``, wrapped with argument checks."""
+    """The estimator ``name`` for ``backend``, wrapped with argument checks.
+
+    The wrapper checks t, K, λ's shape, the problem's backend and capabilities, merges
+    ``**params`` over the spec's ``params`` defaults (:func:`check_params`, which rejects
+    unknown keys), and forwards the call-time keyword ``v0`` (the adjoint warm start: an
+    array of w's shape, numpy or the backend's, or None) apart from ``params``: it is
+    per-call state, not a study parameter, so it is never checked against the spec's
+    ``params``. ``v0`` is accepted only by :data:`ADJOINT_WARM_START`; a wrong shape or
+    another algorithm raises ``ValueError``.
+    """
     algo = ALGORITHMS.spec(name)
     check_choice("backend", backend, BACKENDS)
     impl = resolve_impl(algo, backend)
@@ -49,7 +62,7 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
 
     @functools.wraps(impl)
     def estimator(problem, lam, *, t: int, K: int | None = None, seed: int = 0,
-                  **params: Any) -> Hypergrad:
+                  v0: Any = None, **params: Any) -> Hypergrad:
         if problem.backend != backend:
             raise ValueError(f"problem is on backend {problem.backend!r}; "
                              f"algorithm {name!r} was requested for {backend!r}")
@@ -58,10 +71,24 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
             raise ValueError(f"algorithm {name!r} needs problem capabilities "
                              f"{sorted(missing)}, which {problem.name!r} lacks")
         t, K = check_budget(t, K, uses_K=algo.uses_K)
+        call_time = {} if v0 is None else {"v0": _check_v0(name, problem, v0)}
         return impl(problem, problem.as_lam(lam), t=t, K=K, seed=seed,
-                    **check_params(name, params))
+                    **check_params(name, params), **call_time)
 
     return estimator
 
 
-__all__ = ["get", "names", "spec", "check_params", "applicable", "Hypergrad", "ALGORITHMS"]
+def _check_v0(name: str, problem, v0):
+    """``v0`` as a backend array in the problem's dtype; ``ValueError`` when not allowed."""
+    if name not in ADJOINT_WARM_START:
+        raise ValueError(f"algorithm {name!r} takes no adjoint warm start v0. Valid choices: "
+                         f"{', '.join(ADJOINT_WARM_START)}")
+    shape = tuple(np.shape(v0))
+    if shape != tuple(problem.w_shape):
+        raise ValueError(f"v0 for problem {problem.name!r} must have w's shape "
+                         f"{tuple(problem.w_shape)}; got shape {shape}")
+    return problem.ops.asarray(v0, problem.dtype)
+
+
+__all__ = ["get", "names", "spec", "check_params", "applicable", "Hypergrad", "ALGORITHMS",
+           "ADJOINT_WARM_START"]

@@ -44,6 +44,10 @@ ALGORITHMS.register(AlgorithmSpec(
     reference="Lorraine et al. 2020",
     impls=_impls("aid", "aid_neumann"), uses_K=True,
 ))
+# The estimators that accept an adjoint warm start ``v0`` at call time (see
+# ``hypersweep.algorithms.get``); a Neumann series has no initial point, so not aid_neumann.
+ADJOINT_WARM_START = ("aid_cg", "aid_fp")
+
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_exact",
     summary="Implicit differentiation at w_t with a direct (dense) solve; small dim w only.",

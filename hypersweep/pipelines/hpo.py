@@ -6,7 +6,8 @@ Two kinds of algorithm run here:
   calls the estimator at the current λ with the cell's t (inner steps) and K (its linear
   system / truncation budget), then takes one step of the outer optimizer on λ.
   With ``warm_start_w`` the inner loop of step k+1 starts from step k's w_t (so
-  ``first_order``/``one_step`` with warm starts are the classic online baselines).
+  ``first_order``/``one_step`` with warm starts are the classic online baselines); with
+  ``warm_start_v`` the adjoint solver of step k+1 starts from step k's adjoint v.
 * ``kind="online"`` (hyperdistill, t1t2, greedy): ``init`` once, then one ``step`` per
   outer step (t inner steps on the carried w and one λ update; see
   :mod:`hypersweep.algorithms.online_common` for t and K per method). w is always carried.
@@ -19,7 +20,14 @@ Two kinds of algorithm run here:
                            functional copy of torch.optim's equations in PyTorch).
 ``outer_lr`` (0.1)         its step size.
 ``warm_start_w`` (false)   start each inner loop from the previous w_t (hypergradient kind).
-``warm_start_v`` (false)   adjoint warm start: not supported yet (raises ``ValueError``).
+``warm_start_v`` (false)   adjoint warm start, for aid_cg and aid_fp only (others raise
+                           ``ValueError``): step k+1's solver starts from step k's v
+                           (``Hypergrad.extras["v"]``, passed as ``v0``), rescaled by
+                           η_k/η_{k+1} when the capped η changed (η H v = rhs, so η v
+                           does not depend on η). K stays the bound on solver iterations;
+                           a warm CG start costs one extra HVP (r₀ = rhs − ηH v₀), a warm
+                           fixed-point start one (its first step is no longer free), both
+                           counted in ``n_hvp_evals``. Step 0 starts from v = 0.
 ``cap_inner_lr`` (true)    each outer step uses η_k = min(η, 1/L(λ_k)) where the problem
                            bounds its curvature as a function of λ (``lipschitz``): as λ
                            moves, a fixed η = 1/L(λ₀) can stop Φ from contracting. ITD
@@ -93,10 +101,15 @@ def check_params(params: dict) -> dict:
     for key in ("warm_start_w", "warm_start_v", "cap_inner_lr"):
         if not isinstance(p[key], bool):
             raise ValueError(f"pipeline_params.{key} must be true or false; got {p[key]!r}")
-    if p["warm_start_v"]:
-        raise ValueError("pipeline_params.warm_start_v: adjoint warm starts are not supported "
-                         "yet (the AID estimators have no v0 argument). Valid choices: false")
     return p
+
+
+def check_warm_start_v(params: dict, algorithm: str) -> None:
+    """``warm_start_v: true`` needs an estimator with a ``v0``; ``ValueError`` otherwise."""
+    if params["warm_start_v"] and algorithm not in algorithms.ADJOINT_WARM_START:
+        raise ValueError(f"pipeline_params.warm_start_v is true, but algorithm {algorithm!r} "
+                         f"has no adjoint warm start. Valid choices: "
+                         f"{', '.join(algorithms.ADJOINT_WARM_START)}")
 
 
 def initial_lam(problem, lam0) -> np.ndarray:
@@ -132,19 +145,31 @@ class _HypergradientLoop:
         self.estimator = algorithms.get(cell.algorithm, cell.backend)
         self.algo_kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
         self.warm_w = params["warm_start_w"]
+        self.warm_v = params["warm_start_v"]
         self.cap_lr = params["cap_inner_lr"]
         self.opt = _backend_online(cell.backend).outer_optimizer(params["optimizer"],
                                                                  float(params["outer_lr"]))
         self.lam = problem.as_lam(lam0)
         self.opt_state = self.opt.init(self.lam)
         self.w_prev = None
+        self.v_prev = self.eta_prev = None  # the last adjoint and the η it was solved with
         self.k = 0
 
-    def _call(self, problem, lam, k):
+    def _call(self, problem, lam, k, v0=None):
         # A distinct, reproducible seed per outer step (minibatches of stocbio differ).
         seed = (self.cell.seed * 1_000_003 + k) % 2**31
+        warm = {} if v0 is None else {"v0": v0}
         return self.estimator(problem, lam, t=self.cell.t, K=self.cell.K, seed=seed,
-                              **self.algo_kwargs)
+                              **self.algo_kwargs, **warm)
+
+    def _v0(self, eta: float):
+        """The previous adjoint for a system with inner step ``eta`` (None at step 0)."""
+        if not self.warm_v or self.v_prev is None:
+            return None
+        if eta == self.eta_prev:
+            return self.v_prev
+        # v solves η H v = rhs, so η v is η-free: rescale when the capped η moved.
+        return self.v_prev * (self.eta_prev / eta)
 
     def warm_up(self):
         hg = self._call(self.problem, self.lam, 0)
@@ -160,10 +185,12 @@ class _HypergradientLoop:
             eta = problem.stable_inner_lr(lam)
             if eta < problem.inner_lr:
                 problem = problem.with_inner_lr(eta)
-        hg = self._call(problem, lam, self.k)
+        hg = self._call(problem, lam, self.k, self._v0(problem.inner_lr))
         self.lam, self.opt_state = self.opt.apply(lam, hg.hypergrad, self.opt_state)
         self.problem.ops.block(self.lam)
         self.w_prev = hg.w_t
+        if self.warm_v:
+            self.v_prev, self.eta_prev = hg.extras["v"], problem.inner_lr
         self.k += 1
         return dict(lam=lam, w=hg.w_t, hypergrad=hg.hypergrad,
                     n_inner=int(hg.n_inner_grad_evals), n_hvp=int(hg.n_hvp_evals),
@@ -221,6 +248,7 @@ def _run(cell) -> PipelineResult:
                          f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
                          f"{', '.join(valid)}")
     check_budget(cell.t, cell.K, uses_K=spec.uses_K)
+    check_warm_start_v(params, cell.algorithm)
     problem = problem_for(cell)
     lam0 = initial_lam(problem, params["lam0"])
     loop_cls = _OnlineLoop if spec.kind == "online" else _HypergradientLoop

@@ -166,25 +166,43 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float) -> SolveResult:
-    """At most ``max_iter`` CG steps on ``A x = b`` (A symmetric positive definite) from 0.
+def is_nonzero(x: Tensor | None) -> bool:
+    """Whether a warm start ``x`` is given and has a non-zero entry (worth a matvec).
 
-    Stops when ``‖r‖ ≤ tol·‖b‖`` (recursive residual), or — without applying the step and
-    instead of dividing by a vanishing or negative number — when ``pᵀAp`` is not a positive
-    normal finite number (A not positive definite along p, or p underflowed) or the new
-    residual is not finite: the last finite iterate is returned, so float32 runs with a
-    large budget never produce NaN. ``iters`` counts applied steps only.
+    Reads one flag on the host (one sync per solve, not per iteration).
+    """
+    return x is not None and bool(torch.any(x != 0))
+
+
+def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float,
+                       x0: Tensor | None = None) -> SolveResult:
+    """At most ``max_iter`` CG steps on ``A x = b`` (A symmetric positive definite) from
+    ``x0`` (default 0).
+
+    Stops when ``‖r‖ ≤ tol·‖b‖`` (recursive residual; relative to b, not to r₀, so an
+    accurate ``x0`` stops after 0 steps), or — without applying the step and instead of
+    dividing by a vanishing or negative number — when ``pᵀAp`` is not a positive normal
+    finite number (A not positive definite along p, or p underflowed) or the new residual
+    is not finite: the last finite iterate is returned, so float32 runs with a large
+    budget never produce NaN. ``iters`` counts applied steps only; ``matvecs`` includes
+    the one for ``r₀ = b − A x0``, taken only when x0 has a non-zero entry (x0 = 0 gives
+    exactly the cold run).
     """
     every = sync_every(b.device)
     tiny = torch.finfo(b.dtype).tiny
-    x = torch.zeros_like(b)
-    r = b.clone()
+    matvecs = 0
+    if is_nonzero(x0):
+        x = x0.detach().to(b.dtype).clone()
+        r = b - matvec(x)
+        matvecs += 1
+    else:
+        x = torch.zeros_like(b)
+        r = b.clone()
     p = r.clone()
     rs = _dot(r, r)
     threshold = tol * _norm(b)
     done = _norm(r) <= threshold
     iters = torch.zeros((), dtype=torch.int64, device=b.device)
-    matvecs = 0
     for k in range(max_iter):
         if k % every == 0 and bool(done):
             break
@@ -208,21 +226,29 @@ def conjugate_gradient(matvec: MatVec, b: Tensor, *, max_iter: int, tol: float) 
     return SolveResult(x, int(iters), matvecs)
 
 
-def fixed_point(contraction: MatVec, b: Tensor, *, max_iter: int, tol: float) -> SolveResult:
-    """At most ``max_iter`` steps of ``v_{k+1} = M v_k + b`` from ``v_0 = 0``.
+def fixed_point(contraction: MatVec, b: Tensor, *, max_iter: int, tol: float,
+                v0: Tensor | None = None) -> SolveResult:
+    """At most ``max_iter`` steps of ``v_{k+1} = M v_k + b`` from ``v0`` (default 0).
 
     ``contraction(v) = M v`` (for AID, ``M = ∂_wΦᵀ = I − ηH``). Stops after the first step
-    with ``‖v_{k+1} − v_k‖ ≤ tol·‖b‖``. The first step, ``v_1 = b``, needs no matvec, so
-    ``iters`` steps cost ``iters − 1`` matvecs.
+    with ``‖v_{k+1} − v_k‖ ≤ tol·‖b‖``. From 0 the first step, ``v_1 = b``, needs no
+    matvec, so ``iters`` steps cost ``iters − 1`` matvecs; from a ``v0`` with a non-zero
+    entry every step costs one. ``max_iter = 0`` returns v0 (or 0).
     """
+    warm = is_nonzero(v0)
+    start = v0.detach().to(b.dtype).clone() if warm else torch.zeros_like(b)
     if max_iter == 0:
-        return SolveResult(torch.zeros_like(b), 0, 0)
+        return SolveResult(start, 0, 0)
     every = sync_every(b.device)
     threshold = tol * _norm(b)
-    v = b.clone()
-    done = _norm(b) <= threshold  # ‖v_1 − v_0‖ = ‖b‖
+    if warm:
+        v = contraction(start) + b
+        matvecs = 1
+    else:
+        v = b.clone()
+        matvecs = 0
+    done = _norm(v - start) <= threshold  # ‖v_1 − v_0‖ (= ‖b‖ from 0)
     iters = torch.ones((), dtype=torch.int64, device=b.device)
-    matvecs = 0
     for k in range(1, max_iter):
         if k % every == 0 and bool(done):
             break
@@ -238,6 +264,8 @@ def fixed_point(contraction: MatVec, b: Tensor, *, max_iter: int, tol: float) ->
 
 def neumann_series(contraction: MatVec, b: Tensor, *, n_terms: int, tol: float) -> SolveResult:
     """``Σ_{j=0}^{n_terms} M^j b`` (the first ``n_terms + 1`` terms), one matvec a term.
+
+    No warm start: the series has no initial point (warm-start :func:`fixed_point`).
 
     Stops after adding the first term with ``‖M^j b‖ ≤ tol·‖b‖``. Since the fixed-point
     iterates are the partial sums, ``v_{k+1} = Σ_{j≤k} M^j b``, this equals

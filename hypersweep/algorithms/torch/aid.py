@@ -11,8 +11,13 @@ it (:class:`~hypersweep.algorithms.torch._core.Linearization`).
 
 K is the solver budget (an upper bound: every solver stops early at the relative tolerance
 ``common.DEFAULT_TOL[dtype]``). Counts: ``n_inner_grad_evals = t``; ``n_hvp_evals`` = the
-HVPs the solver used + 1 for the final cross term ``(∂_λ g)ᵀ v``; ``solver_iters`` as
-documented per method.
+HVPs the solver used (a warm start's extra product included) + 1 for the final cross term
+``(∂_λ g)ᵀ v``; ``solver_iters`` as documented per method. ``extras["v"]`` is the adjoint
+v (a detached tensor, w's shape) of the iterative methods, to be passed back as ``v0``.
+
+Adjoint warm start (``aid_cg`` and ``aid_fp``): ``v0`` starts the solver at v₀ instead of
+0. A Neumann series has no initial point, so ``aid_neumann`` takes no ``v0`` (warm-starting
+it *is* ``aid_fp`` from v₀).
 """
 from __future__ import annotations
 
@@ -32,44 +37,52 @@ def _adjoint_setup(problem, lam, t: int):
 
 def _finish(problem, w_t, lin, grad_lam, v, t, n_hvp, iters, extras) -> Hypergrad:
     hypergrad = grad_lam - problem.inner_lr * lin.cross(v)
+    if iters is not None:  # the iterative solvers: hand v back for a warm start
+        extras = {**extras, "v": v.detach()}
     return Hypergrad(hypergrad.detach(), w_t.detach(), t, n_hvp + 1, iters, extras)
 
 
-def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
-    """AID with at most K conjugate-gradient steps on ``η H v = rhs`` from ``v_0 = 0``.
+def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:
+    """AID with at most K conjugate-gradient steps on ``η H v = rhs`` from ``v0``.
 
-    Stops when ``‖r‖ ≤ tol·‖rhs‖`` or when ``pᵀAp`` is not positive and finite (then the last
-    finite iterate is used: no NaN even in float32 with a large K). ``solver_iters`` = CG
-    steps used; ``extras["matvecs_computed"]`` counts HVPs actually run (on a GPU up to 7
-    discarded ones after convergence, see ``_core``).
+    ``v0``: the warm start (w's shape, e.g. the previous outer step's ``extras["v"]``;
+    None: 0). Stops when ``‖r‖ ≤ tol·‖rhs‖`` (relative to rhs, so an accurate v0 stops
+    after 0 steps) or when ``pᵀAp`` is not positive and finite (then the last finite
+    iterate is used: no NaN even in float32 with a large K). K = 0 returns v = v0.
+    ``solver_iters`` = CG steps used; ``extras["matvecs_computed"]`` counts HVPs actually
+    run (on a GPU up to 7 discarded ones after convergence, see ``_core``).
 
-    Cost: t inner gradients, ≤ K HVPs + 1 cross VJP; memory O(dim w).
-    References: Pedregosa 2016; Grazzi et al. 2020.
+    Cost: t inner gradients, ≤ K HVPs (+ 1 for ``r₀ = rhs − ηH v0`` when v0 ≠ 0) + 1
+    cross VJP; memory O(dim w). References: Pedregosa 2016; Grazzi et al. 2020.
     """
     w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
     eta = problem.inner_lr
     res = _core.conjugate_gradient(lambda p: eta * lin.hvp(p), rhs, max_iter=K,
-                                   tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
+                                   tol=DEFAULT_TOL[problem.dtype], x0=v0)
+    warm = int(_core.is_nonzero(v0))  # the r₀ product
+    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters + warm, res.iters,
                    {"matvecs_computed": res.matvecs})
 
 
-def aid_fp(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
-    """AID with at most K fixed-point steps ``v_{k+1} = ∂_wΦ(w_t)ᵀ v_k + rhs``, ``v_0 = 0``.
+def aid_fp(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:
+    """AID with at most K fixed-point steps ``v_{k+1} = ∂_wΦ(w_t)ᵀ v_k + rhs`` from ``v0``.
 
+    ``v0``: the start (w's shape, e.g. the previous outer step's ``extras["v"]``; None: 0).
     Stops after the first step with ``‖v_{k+1} − v_k‖ ≤ tol·‖rhs‖``. ``solver_iters`` =
-    steps taken; the first (``v_1 = rhs``) needs no HVP, so ``n_hvp_evals = solver_iters``
-    (``solver_iters − 1`` HVPs + the cross term). K = 0 gives :func:`first_order`.
-    Converges when Φ is a contraction (η < 2/L).
+    steps taken; from 0 the first (``v_1 = rhs``) needs no HVP, so ``n_hvp_evals =
+    solver_iters`` (``solver_iters − 1`` HVPs + the cross term); from a warm v0 every step
+    costs one HVP. K = 0 gives v = v0 (from 0: :func:`first_order`). Converges when Φ is
+    a contraction (η < 2/L).
 
-    Cost: t inner gradients, ≤ K − 1 HVPs + 1 cross VJP; memory O(dim w).
-    References: Grazzi et al. 2020; Liao et al. 2018.
+    Cost: t inner gradients, ≤ K − 1 HVPs (≤ K when v0 ≠ 0) + 1 cross VJP; memory
+    O(dim w). References: Grazzi et al. 2020; Liao et al. 2018.
     """
     w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
     eta = problem.inner_lr
     res = _core.fixed_point(lambda v: v - eta * lin.hvp(v), rhs, max_iter=K,
-                            tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, w_t, lin, grad_lam, res.x, t, max(res.iters - 1, 0),
+                            tol=DEFAULT_TOL[problem.dtype], v0=v0)
+    n_hvp = res.iters if _core.is_nonzero(v0) else max(res.iters - 1, 0)
+    return _finish(problem, w_t, lin, grad_lam, res.x, t, n_hvp,
                    res.iters, {"matvecs_computed": res.matvecs})
 
 
@@ -78,6 +91,7 @@ def aid_neumann(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
 
     The partial sums are the fixed-point iterates, so ``aid_neumann(K) == aid_fp(K + 1)``
     (same early stop: after the first term with ``‖(∂_wΦᵀ)^j rhs‖ ≤ tol·‖rhs‖``).
+    No ``v0``: the series has no initial point (warm-start :func:`aid_fp` instead).
     ``solver_iters`` = terms added beyond ``rhs`` (≤ K), one HVP each.
 
     Cost: t inner gradients, ≤ K HVPs + 1 cross VJP; memory O(dim w).
