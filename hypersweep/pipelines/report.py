@@ -563,11 +563,15 @@ _CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto}"
 
 
 def render_html(*, sources: Sequence[str], summary: str, images: dict[str, bytes],
-                rates: pd.DataFrame, comparison: pd.DataFrame) -> str:
+                rates: pd.DataFrame, comparison: pd.DataFrame,
+                tutorial: str | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hypersweep report"
              f"</title><style>{_CSS}</style></head><body><h1>hypersweep report</h1>",
              "<p>Results: " + ", ".join(html.escape(s) for s in sources) + "</p>",
              f"<h2>Summary</h2><pre>{html.escape(summary)}</pre>"]
+    if tutorial:
+        parts.append("<h2>Ridge tutorial summary</h2>"
+                     f"<pre>{html.escape(tutorial)}</pre>")
     if "error_vs_t.png" in images:
         parts.append("<h2>Hypergradient error vs t</h2><p>Median over seeds, band 20–80 %. "
                      "r: fitted linear rate (error ≈ c·rᵗ over the decreasing part); q: "
@@ -623,12 +627,30 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
         if len(df):
             df.to_csv(out / name, index=False)
             files.append(out / name)
+    tutorial = _tutorial_summary(results)
+    if tutorial:
+        (out / "tutorial_table.txt").write_text(tutorial, encoding="utf-8")
+        files.append(out / "tutorial_table.txt")
     page = render_html(sources=[str(d) for d in dirs], summary=summary, images=images,
-                       rates=rates, comparison=comparison)
+                       rates=rates, comparison=comparison, tutorial=tutorial)
     (out / "report.html").write_text(page, encoding="utf-8")
     files.append(out / "report.html")
     return {"files": files, "figures": figures, "rates": rates, "comparison": comparison,
-            "summary": summary, "results": results}
+            "summary": summary, "results": results, "tutorial": tutorial}
+
+
+def _tutorial_summary(results: pd.DataFrame) -> str | None:
+    """The ridge tutorial's table (method, t, final λ, final val loss, runtime) when the
+    results hold HPO or black-box cells on ``ridge`` (configs/ridge_tutorial*.yaml)."""
+    if results.empty or "pipeline" not in results:
+        return None
+    rows = results[(results["problem"] == "ridge")
+                   & results["pipeline"].isin(["hpo", "blackbox"])]
+    if rows.empty:
+        return None
+    from hypersweep.pipelines.hpo import tutorial_table
+
+    return tutorial_table(rows, file=None)
 
 
 def _study_tracking(output_dir: Path, override: str | None) -> tuple[str | None, str, str]:
@@ -716,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("no result rows found in %s", ", ".join(args.results))
     if not args.no_mlflow:
         log_to_mlflow(args.results, report["files"], tracking_uri=args.mlflow_uri)
+    if report.get("tutorial"):
+        sys.stdout.write(report["tutorial"] + "\n")
     sys.stdout.write(f"report written to {Path(args.out) / 'report.html'}\n")
     return 0
 
