@@ -9,6 +9,7 @@ bias corrections, ε = 1e-8 added after the square root.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, NamedTuple
 
 import torch
@@ -22,13 +23,7 @@ from hypersweep.registry import check_choice
 Tensor = torch.Tensor
 
 
-# -- the outer optimizer (functional) -------------------------------------------------------
-class AdamState(NamedTuple):
-    count: int
-    mu: Tensor
-    nu: Tensor
-
-
+# -- the outer optimizer: torch.optim behind a functional (init, apply) pair ---------------
 class OuterOptimizer(NamedTuple):
     """``init(lam) -> state``; ``apply(lam, grad, state) -> (lam, state)``."""
 
@@ -37,23 +32,30 @@ class OuterOptimizer(NamedTuple):
 
 
 def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
-    """Functional Adam (torch.optim.Adam defaults: β = (0.9, 0.999), ε = 1e-8) or plain SGD."""
+    """``torch.optim.Adam`` (β = (0.9, 0.999), ε = 1e-8, as optax's defaults on the JAX
+    side) or plain ``torch.optim.SGD`` on λ.
+
+    The state is the torch optimizer itself (it owns a leaf copy of λ). ``apply`` works on
+    a deep copy of it, so it is pure like optax's update: the HPO pipeline's untimed
+    warm-up call does not advance Adam's moments. Cost of the copy: O(dim λ).
+    """
     check_choice("optimizer", name, ("adam", "sgd"))
     lr = float(lr)
-    if name == "sgd":
-        return OuterOptimizer(init=lambda lam: None,
-                              apply=lambda lam, grad, state: (lam - lr * grad, None))
 
     def init(lam):
-        return AdamState(0, torch.zeros_like(lam), torch.zeros_like(lam))
+        param = lam.detach().clone().requires_grad_(True)
+        if name == "sgd":
+            return torch.optim.SGD([param], lr=lr)
+        return torch.optim.Adam([param], lr=lr, betas=(ADAM_B1, ADAM_B2), eps=ADAM_EPS)
 
-    def apply(lam, grad, state: AdamState):
-        count = state.count + 1
-        mu = ADAM_B1 * state.mu + (1.0 - ADAM_B1) * grad
-        nu = ADAM_B2 * state.nu + (1.0 - ADAM_B2) * grad * grad
-        mu_hat = mu / (1.0 - ADAM_B1 ** count)
-        nu_hat = nu / (1.0 - ADAM_B2 ** count)
-        return lam - lr * mu_hat / (torch.sqrt(nu_hat) + ADAM_EPS), AdamState(count, mu, nu)
+    def apply(lam, grad, state):
+        opt = copy.deepcopy(state)
+        param = opt.param_groups[0]["params"][0]
+        with torch.no_grad():
+            param.copy_(lam)
+        param.grad = grad.detach().clone()
+        opt.step()
+        return param.detach().clone(), opt
 
     return OuterOptimizer(init=init, apply=apply)
 
