@@ -146,9 +146,27 @@ def read_results(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
     return latest_per_cell(table) if latest else table
 
 
-def read_traces(output_dir: str | Path) -> pa.Table:
-    """Every trace row (``TRACE_SCHEMA``); a re-run cell's traces appear once per run."""
-    return _dataset(Path(output_dir) / TRACES_DIR, TRACE_SCHEMA)
+def read_traces(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
+    """Trace rows (``TRACE_SCHEMA``), by default only each cell's latest run.
+
+    A cell's traces are written together in one part file (``part-<time_ns>-…``, so names
+    sort by time); when a cell was re-run (``--retry-failed``, a crash retry), the rows of
+    its most recent part win. ``latest=False``: every run's rows.
+    """
+    directory = Path(output_dir) / TRACES_DIR
+    files = sorted(p for p in directory.glob("*.parquet")) if directory.is_dir() else []
+    if not latest or not files:
+        return _dataset(directory, TRACE_SCHEMA)
+    parts = [pq.read_table(f, schema=TRACE_SCHEMA) for f in files]
+    newest: dict[str, int] = {}
+    for index, part in enumerate(parts):
+        for cell_id in set(part.column("cell_id").to_pylist()):
+            newest[cell_id] = index
+    kept = []
+    for index, part in enumerate(parts):
+        mine = [newest[c] == index for c in part.column("cell_id").to_pylist()]
+        kept.append(part.filter(pa.array(mine, type=pa.bool_())))
+    return pa.concat_tables(kept)
 
 
 class ParquetSink:
