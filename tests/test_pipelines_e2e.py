@@ -32,8 +32,9 @@ RIDGE = {"n_features": 10, "n_train": 40, "n_val": 30}
 ERR_T = (5, 40)
 HPO_T, HPO_K, HPO_STEPS, HPO_SEEDS = 50, 10, 20, (0, 1)
 BB_T, BB_TRIALS, BB_BOX = 50, 15, (-6.0, 3.0)
+# tutorial_table.txt: the studies run HPO and black-box cells on ridge (the tutorial's table)
 REPORT_FILES = {"error_vs_t.png", "best_val_vs_cost.png", "rates.csv", "comparison.csv",
-                "report.html"}
+                "report.html", "tutorial_table.txt"}
 
 COMMON = """\
 backend: jax

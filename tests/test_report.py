@@ -216,8 +216,10 @@ def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_pat
         assert report.main([str(study_dir), "--out", str(out)]) == 0
         assert (out / "report.html").is_file()
         names = sorted(a.path for a in client.list_artifacts(parent, "report"))
+        # tutorial_table.txt: the synthetic rows include HPO cells on ridge
         assert names == ["report/best_val_vs_cost.png", "report/comparison.csv",
-                         "report/error_vs_t.png", "report/rates.csv", "report/report.html"]
+                         "report/error_vs_t.png", "report/rates.csv", "report/report.html",
+                         "report/tutorial_table.txt"]
     finally:
         (study_dir / "study.yaml").unlink()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

@@ -345,7 +345,9 @@ def _rows(results) -> list[dict]:
 
 def _final_log_lam(row: dict) -> float | None:
     extra = row.get("extra")
-    extra = json.loads(extra) if isinstance(extra, str) and extra else (extra or {})
+    # JSON text from Parquet; None, or NaN in a pandas frame, when absent
+    extra = json.loads(extra) if isinstance(extra, str) and extra else (
+        extra if isinstance(extra, dict) else {})
     for key in ("lam_final_mean", "best_lam_mean"):  # hpo, blackbox
         if extra.get(key) is not None:
             return float(extra[key])
