@@ -86,9 +86,13 @@ def jaxopt_cg(problem, lam, t: int, K: int):
     return lambda: hypergrad(problem.w_init, lam, problem.arrays, t, K)
 
 
-def torchopt_cg_autograd(problem, lam, t: int, K: int):
-    """torchopt implicit CG with the inner loop written the usual way: one autograd call of
-    ∇_w L_in per step (the optimality condition uses the analytic gradient)."""
+def torchopt_cg(problem, lam, t: int, K: int, *, autograd_inner: bool = False):
+    """torchopt.diff.implicit.custom_root + linear_solve.solve_cg around an inner GD solver.
+
+    ``autograd_inner=False``: our analytic no-grad steps (isolates the implicit part);
+    ``True``: the inner loop written the usual way, one autograd call of ∇_w L_in per step.
+    The optimality condition is the analytic gradient in both.
+    """
     import torch
     import torchopt
 
@@ -96,43 +100,21 @@ def torchopt_cg_autograd(problem, lam, t: int, K: int):
 
     def optimality(w, lam_):
         return fns.inner_grad(w, lam_, arrays)
+
+    def autograd_step(w, lam_):
+        with torch.enable_grad():
+            w = w.detach().requires_grad_(True)
+            return torch.autograd.grad(fns.inner_loss(w, lam_.detach(), arrays), w)[0]
+
+    gradient = autograd_step if autograd_inner else optimality
 
     @torchopt.diff.implicit.custom_root(
         optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=1e-10))
     def inner(w_init, lam_):
         w = w_init.detach()
-        with torch.enable_grad():
-            for _ in range(t):
-                w = w.requires_grad_(True)
-                g = torch.autograd.grad(fns.inner_loss(w, lam_.detach(), arrays), w)[0]
-                w = (w - eta * g).detach()
-        return w
-
-    def call():
-        lam_ = lam.detach().clone().requires_grad_(True)
-        w = inner(problem.w_init.clone(), lam_)
-        return torch.autograd.grad(fns.outer_loss(w, lam_, arrays), lam_)[0]
-
-    return call
-
-
-def torchopt_cg(problem, lam, t: int, K: int):
-    """torchopt.diff.implicit.custom_root + linear_solve.solve_cg on our inner GD solver."""
-    import torch
-    import torchopt
-
-    fns, eta, arrays = problem.fns, problem.inner_lr, problem.arrays
-
-    def optimality(w, lam_):
-        return fns.inner_grad(w, lam_, arrays)
-
-    @torchopt.diff.implicit.custom_root(
-        optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=1e-10))
-    def inner(w_init, lam_):
-        w = w_init
         with torch.no_grad():
             for _ in range(t):
-                w = w - eta * fns.inner_grad(w, lam_, arrays)
+                w = w - eta * gradient(w, lam_)
         return w
 
     def call():
@@ -197,7 +179,8 @@ def main(argv=None) -> int:
                          lambda fn=fn, t=t, K=K: fn(problem, lam, t=t, K=K, seed=0).hypergrad))
         peers = {"jax": [("jaxopt.custom_root_cg", jaxopt_cg)],
                  "torch": [("torchopt.implicit_cg", torchopt_cg),
-                           ("torchopt.implicit_cg_autograd_inner", torchopt_cg_autograd)]}
+                           ("torchopt.implicit_cg_autograd_inner",
+                            partial(torchopt_cg, autograd_inner=True))]}
         try:
             __import__("jaxopt" if backend == "jax" else "torchopt")
             for label, make_peer in peers[backend]:
