@@ -285,12 +285,15 @@ def test_mlflow_has_one_parent_per_study_and_every_cell_nested_under_it(e2e):
         for child in children:
             params = child.data.params
             assert params["problem"] == "ridge" and params["problem.n_features"] == "10"
-            k = None if params["K"] == "None" else int(params["K"])
+            k_param = params["K"]  # the K setting: "None", "t" (K = t) or a number
+            k_of = (lambda t: None) if k_param == "None" else (
+                (lambda t: t) if k_param == "t" else (lambda t, k=int(k_param): k))
             metric = "hypergrad_rel_error" if key == "error" else "val_loss"
             history = client.get_metric_history(child.info.run_id, metric)
             assert history
             for point in history:
-                row = rows[(params["algorithm"], int(params["seed"]), point.step, k)]
+                row = rows[(params["algorithm"], int(params["seed"]), point.step,
+                            k_of(point.step))]
                 assert point.value == pytest.approx(getattr(row, metric), rel=1e-12)
                 steps_seen.add((params["algorithm"], point.step))
         if key == "error":  # the step of a hypergradient-error metric is t
@@ -299,6 +302,11 @@ def test_mlflow_has_one_parent_per_study_and_every_cell_nested_under_it(e2e):
             assert len(itd) == 1  # itd has no K: one run, t = 5 and 40 as its steps
             assert sorted(m.step for m in client.get_metric_history(
                 itd[0].info.run_id, "hypergrad_rel_error")) == list(ERR_T)
+            # K = t is one setting, so one run whose steps draw the error-vs-t curve
+            cg = [c for c in children if c.data.params["algorithm"] == "aid_cg"]
+            assert [c.data.params["K"] for c in cg] == ["t"]
+            assert sorted(m.step for m in client.get_metric_history(
+                cg[0].info.run_id, "hypergrad_rel_error")) == list(ERR_T)
         elif key == "blackbox":
             # the search runs inside the cell: one nested run per (searcher, seed),
             # no run per trial anywhere (top_level above holds only the parents)

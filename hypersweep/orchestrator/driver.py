@@ -530,7 +530,8 @@ class _Sweep:
         logger = sinks.MlflowLogger(uri, experiment, self.name,
                                     study_params=sinks.study_params(self.study),
                                     study_yaml=self._study_text(),
-                                    artifact_root=sinks.default_artifact_root(uri))
+                                    artifact_root=sinks.default_artifact_root(uri),
+                                    k_uses_t=sinks.k_uses_t(_get(self.study, "K", []) or []))
         return sinks.MlflowWriter(logger).start()
 
     def _study_text(self) -> str:

@@ -279,8 +279,23 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
-def group_id(row: dict) -> str:
-    fields = [row.get(name) for name in GROUP_FIELDS]
+def k_uses_t(k_values: Any) -> bool:
+    """Whether a study's ``K`` list contains the setting "t" (K = t)."""
+    values = k_values if isinstance(k_values, (list, tuple)) else [k_values]
+    return any(str(v) == "t" for v in values)
+
+
+def k_setting(row: dict, uses_t: bool = False) -> Any:
+    """The K *setting* a cell belongs to: "t" when the study has ``K: [.., t]`` and K = t,
+    else K. Grouping by it keeps a K = t line in one child run, so its error-vs-t curve
+    draws in MLflow (the cell K = t = 10 of ``K: [10, t]`` lands in the "t" run)."""
+    K = row.get("K")
+    return "t" if uses_t and K is not None and K == row.get("t") else K
+
+
+def group_id(row: dict, uses_t: bool = False) -> str:
+    fields = [k_setting(row, uses_t) if name == "K" else row.get(name)
+              for name in GROUP_FIELDS]
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
@@ -312,10 +327,11 @@ def _flatten(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = value
 
 
-def group_params(row: dict) -> dict[str, str]:
+def group_params(row: dict, uses_t: bool = False) -> dict[str, str]:
     """The child run's params: the cell's identity minus t, params flattened."""
     params = {name: row.get(name) for name in ("pipeline", "problem", "algorithm", "backend",
-                                                "K", "seed", "dtype")}
+                                                "seed", "dtype")}
+    params["K"] = k_setting(row, uses_t)
     for column, prefix in (("problem_params", "problem"), ("algorithm_params", "algorithm"),
                            ("pipeline_params", "pipeline")):
         try:
@@ -351,8 +367,10 @@ class MlflowLogger:
 
     def __init__(self, tracking_uri: str, experiment: str, study_name: str, *,
                  study_params: dict | None = None, study_yaml: str | None = None,
-                 artifact_root: str | None = None, resume_parent: bool = True):
+                 artifact_root: str | None = None, resume_parent: bool = True,
+                 k_uses_t: bool = False):
         self.resume_parent = resume_parent  # mark an existing parent RUNNING again
+        self.k_uses_t = k_uses_t  # the study's K list has "t": K = t cells form one run
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
         self.study_name = study_name
@@ -438,7 +456,7 @@ class MlflowLogger:
         run_id = self._groups.get(gid)
         if run_id is not None:
             return run_id, []
-        k = "-" if row.get("K") is None else row.get("K")
+        k = "-" if row.get("K") is None else k_setting(row, self.k_uses_t)
         name = f"{row.get('problem')}.{row.get('algorithm')}.{row.get('backend')}.K{k}" \
                f".s{row.get('seed')}"
         run = self.client.create_run(
@@ -449,7 +467,8 @@ class MlflowLogger:
         self._groups[gid] = run_id
         self._logged[run_id] = {}
         self.runs_created += 1
-        params = [self._Param(key, value) for key, value in group_params(row).items()]
+        params = [self._Param(key, value)
+                  for key, value in group_params(row, self.k_uses_t).items()]
         return run_id, params
 
     def log_rows(self, rows: Iterable[dict]) -> int:
@@ -457,7 +476,7 @@ class MlflowLogger:
         start = time.perf_counter()
         by_group: dict[str, list[dict]] = {}
         for row in rows:
-            by_group.setdefault(group_id(row), []).append(row)
+            by_group.setdefault(group_id(row, self.k_uses_t), []).append(row)
         logged = 0
         for gid, group_rows in by_group.items():
             run_id = self._groups.get(gid)
@@ -726,7 +745,8 @@ def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
     params = {key: json.dumps(value, default=str) if isinstance(value, (list, dict))
               else value for key, value in raw.items() if key != "mlflow"}
     logger = MlflowLogger(uri, experiment, name, study_yaml=text, study_params=params,
-                          artifact_root=default_artifact_root(uri), resume_parent=False)
+                          artifact_root=default_artifact_root(uri), resume_parent=False,
+                          k_uses_t=k_uses_t(raw.get("K", [])))
     logger.connect()
     rows = table.to_pylist()
     logged = logger.log_rows(rows)
