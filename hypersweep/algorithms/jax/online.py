@@ -229,15 +229,21 @@ def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     the finite-difference error (zero up to rounding when ∇_λ L_in is quadratic in w).
     K is unused. Cost: t gradient steps + 2 gradients of L_in w.r.t. λ; no HVP.
     """
+    return _windowed_step(_t1t2_step, problem, state, t, K, n_hvp=lambda t: 0,
+                          extras={"n_fd_grad_evals": 2})
+
+
+def _windowed_step(jitted, problem, state: OnlineState, t: int, K: int, *, n_hvp, extras):
+    """Run a jitted ``(fns, config, w, lam, opt_state, arrays, η, t) -> (w, λ, opt, g)``
+    step (t traced) and wrap its outputs as the new state and the step's info."""
     t, _ = check_t_K(t, K)
     fns, _, arrays, eta = _core.problem_inputs(problem)
-    w, lam, opt_state, g = _t1t2_step(fns, state.config, state.w, state.lam,
-                                      state.opt_state, arrays, eta,
-                                      jnp.asarray(t, jnp.int32))
+    w, lam, opt_state, g = jitted(fns, state.config, state.w, state.lam, state.opt_state,
+                                  arrays, eta, jnp.asarray(t, jnp.int32))
     new = state._replace(w=w, lam=lam, opt_state=opt_state, n_updates=state.n_updates + 1,
                          n_inner=state.n_inner + t)
-    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t, n_hvp_evals=0,
-                      extras={"n_fd_grad_evals": 2})
+    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t,
+                      n_hvp_evals=n_hvp(t), extras=dict(extras))
     return new, info
 
 
@@ -266,16 +272,7 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     T = 1 gives ``one_step``/``itd(t=1)`` from the window's start. K is unused.
     Cost: T gradient steps, T vjps of Φ w.r.t. λ and T gradients of L_out.
     """
-    t, _ = check_t_K(t, K)
-    fns, _, arrays, eta = _core.problem_inputs(problem)
-    w, lam, opt_state, g = _greedy_step(fns, state.config, state.w, state.lam,
-                                        state.opt_state, arrays, eta,
-                                        jnp.asarray(t, jnp.int32))
-    new = state._replace(w=w, lam=lam, opt_state=opt_state, n_updates=state.n_updates + 1,
-                         n_inner=state.n_inner + t)
-    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t, n_hvp_evals=t,
-                      extras={})
-    return new, info
+    return _windowed_step(_greedy_step, problem, state, t, K, n_hvp=lambda t: t, extras={})
 
 
 hyperdistill = OnlineMethod(init=_init("hyperdistill"), step=hyperdistill_step)
