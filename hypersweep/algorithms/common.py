@@ -5,16 +5,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class Hypergrad:
     """What every hypergradient estimator returns.
 
     ``hypergrad``: the estimate of ∇F(λ) (backend array, λ's shape and dtype).
     ``w_t``: the inner iterate the estimate was computed at.
-    ``n_inner_grad_evals``: evaluations of ∇_w L_in (one per Φ step, forward or replayed).
-    ``n_hvp_evals``: Hessian-/Jacobian-vector products (one per vjp or jvp of Φ or of
-    ∇_w L_in, whether w.r.t. w, λ or both at once).
     ``solver_iters``: iterations the linear solver actually used (≤ K; None if none).
+
+    The cost columns follow one convention for every algorithm and both backends
+    (``docs/costs.md`` has the table per algorithm):
+
+    ``n_inner_grad_evals``: evaluations of ∇_w L_in (one per Φ step; minibatch ones too).
+    ``n_hvp_evals``: products ∇²_ww L_in · v (a reverse step through Φ counts one, a
+    forward-mode JVP of Φ counts one per direction, a solver iteration one per product).
+    ``n_cross_evals``: products ∇²_λw L_in · v (a reverse step through Φ counts one too,
+    since one vjp of Φ yields both parts; the AID cross term (∂_λ g)ᵀ v counts one).
+    ``n_outer_grad_evals``: evaluations of (∇_w L_out, ∇_λ L_out) (one pair counts one).
+    ``n_samples_touched``: data rows read by minibatch methods (None for full-batch ones).
+    ``n_oracle_calls`` (derived): the sum of the four counts above.
     """
 
     hypergrad: Any
@@ -23,6 +32,33 @@ class Hypergrad:
     n_hvp_evals: int
     solver_iters: int | None = None
     extras: dict = field(default_factory=dict)
+    n_cross_evals: int = 0
+    n_outer_grad_evals: int = 1
+    n_samples_touched: int | None = None
+
+    @property
+    def n_oracle_calls(self) -> int:
+        return oracle_calls(self.n_inner_grad_evals, self.n_hvp_evals, self.n_cross_evals,
+                            self.n_outer_grad_evals)
+
+    def costs(self) -> dict:
+        """The cost columns of a result row."""
+        return cost_columns(self.n_inner_grad_evals, self.n_hvp_evals, self.n_cross_evals,
+                            self.n_outer_grad_evals, self.n_samples_touched)
+
+
+def oracle_calls(n_inner: int, n_hvp: int, n_cross: int, n_outer: int) -> int:
+    """``n_oracle_calls``: every first- and second-order oracle call, one unit each."""
+    return int(n_inner) + int(n_hvp) + int(n_cross) + int(n_outer)
+
+
+def cost_columns(n_inner: int, n_hvp: int, n_cross: int, n_outer: int,
+                 n_samples: int | None = None) -> dict:
+    """The cost columns shared by result rows and trace rows (same names, same sum)."""
+    return dict(n_inner_grad_evals=int(n_inner), n_hvp_evals=int(n_hvp),
+                n_cross_evals=int(n_cross), n_outer_grad_evals=int(n_outer),
+                n_oracle_calls=oracle_calls(n_inner, n_hvp, n_cross, n_outer),
+                n_samples_touched=None if n_samples is None else int(n_samples))
 
 
 def check_budget(t: Any, K: Any, *, uses_K: bool) -> tuple[int, int]:

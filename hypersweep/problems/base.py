@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import ModuleType
@@ -255,6 +256,16 @@ class Problem:
         H = self.module.inner_hessian(w, lam_np, self.arrays_np, self.static)
         eig = np.linalg.eigvalsh(0.5 * (H + H.T))
         return float(np.max(np.abs(1.0 - self.inner_lr * eig)))
+
+    @property
+    def identity(self) -> tuple:
+        """What the instance's data and oracles are a function of: (problem, params, seed).
+
+        Cache keys use this (plus backend and dtype where the arrays matter), never
+        ``id(self)``: Python reuses a freed object's id, and a bounded cache frees objects.
+        """
+        return (self.name, json.dumps(self.params, sort_keys=True, separators=(",", ":"),
+                                      default=str), int(self.seed))
 
     def __repr__(self) -> str:
         return (f"Problem({self.name!r}, backend={self.backend!r}, dtype={self.dtype!r}, "
