@@ -61,6 +61,16 @@ def cost_columns(n_inner: int, n_hvp: int, n_cross: int, n_outer: int,
                 n_samples_touched=None if n_samples is None else int(n_samples))
 
 
+def add_costs(total: dict, step: dict) -> dict:
+    """Running totals of two cost-column dicts (``n_samples_touched`` stays None unless one
+    of them counts samples)."""
+    samples = [v["n_samples_touched"] for v in (total, step)
+               if v.get("n_samples_touched") is not None]
+    return cost_columns(*(total[k] + step[k] for k in (
+        "n_inner_grad_evals", "n_hvp_evals", "n_cross_evals", "n_outer_grad_evals")),
+        sum(samples) if samples else None)
+
+
 def check_budget(t: Any, K: Any, *, uses_K: bool) -> tuple[int, int]:
     """Validate t ≥ 1 and K ≥ 0 as integers; raise ``ValueError`` naming the key."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:

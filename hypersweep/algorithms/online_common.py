@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple
 
+from hypersweep.algorithms.common import cost_columns
 from hypersweep.registry import check_choice
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -63,6 +64,37 @@ class OnlineInfo(NamedTuple):
     n_inner_grad_evals: int
     n_hvp_evals: int
     extras: dict
+    n_cross_evals: int = 0
+    n_outer_grad_evals: int = 1
+
+    def costs(self) -> dict:
+        """The step's cost columns (the ``Hypergrad`` convention, ``docs/costs.md``)."""
+        return cost_columns(self.n_inner_grad_evals, self.n_hvp_evals, self.n_cross_evals,
+                            self.n_outer_grad_evals)
+
+
+def step_counts(method: str, *, t: int, n_drmad: int = 0) -> dict:
+    """One outer step's counts, the same for both backends (``docs/costs.md``):
+
+    * hyperdistill: t inner gradients, one λ-vjp of Φ at w* (a cross product), one outer
+      gradient; a θ refit adds n_drmad reverse steps along the DrMAD path (one vjp of Φ
+      each: one Hessian-vector and one cross product).
+    * t1t2: t inner gradients, one outer gradient, and the finite difference's two
+      gradients ∇_λ L_in, which stand in for one cross product: counted as 2 cross.
+    * greedy: t inner gradients, t λ-vjps of Φ (cross), t gradients of L_out along the
+      window plus one at its end.
+    """
+    if method == "hyperdistill":
+        return dict(n_inner_grad_evals=t, n_hvp_evals=n_drmad, n_cross_evals=1 + n_drmad,
+                    n_outer_grad_evals=1)
+    if method == "t1t2":
+        return dict(n_inner_grad_evals=t, n_hvp_evals=0, n_cross_evals=2,
+                    n_outer_grad_evals=1)
+    if method == "greedy":
+        return dict(n_inner_grad_evals=t, n_hvp_evals=0, n_cross_evals=t,
+                    n_outer_grad_evals=t + 1)
+    raise ValueError(f"Unknown online method {method!r}. Valid choices: greedy, "
+                     "hyperdistill, t1t2")
 
 
 def make_config(method: str, *, optimizer: str = "adam", outer_lr: float = 0.1,

@@ -21,4 +21,4 @@ def exact(problem, lam, *, t: int = 1, K: int = 0, seed: int = 0) -> Hypergrad:
     hypergrad = problem.ops.asarray(problem.exact_hypergradient(lam_np), problem.dtype)
     w_star = problem.ops.asarray(problem.exact_inner_solution(lam_np), problem.dtype)
     return Hypergrad(hypergrad=hypergrad, w_t=w_star, n_inner_grad_evals=0, n_hvp_evals=0,
-                     solver_iters=None, extras={"oracle": True})
+                     n_outer_grad_evals=0, solver_iters=None, extras={"oracle": True})

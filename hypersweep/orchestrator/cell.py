@@ -34,7 +34,12 @@ def canonical_json(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work. ``K`` is None for algorithms that do not use K."""
+    """One unit of work. ``K`` is None for algorithms that do not use K.
+
+    ``K_setting`` is the study's K entry the cell belongs to: ``"t"`` for a ``K: [.., t]``
+    line (K = t), else K as a string (None when K is None). A study with ``K: [10, t]``
+    has two cells at t = 10, one per line, so each line is whole in Parquet and MLflow.
+    """
 
     study: str
     pipeline: str
@@ -48,9 +53,19 @@ class Cell:
     problem_params: str = "{}"     # canonical JSON (hashable, stable)
     algorithm_params: str = "{}"
     pipeline_params: str = "{}"
+    K_setting: str | None = None
     cell_id: str = field(default="", compare=False)
 
     def __post_init__(self):
+        if self.K is None and self.K_setting is not None:
+            raise ValueError(f"K_setting {self.K_setting!r} given for a cell without K")
+        if self.K is not None and self.K_setting is None:
+            object.__setattr__(self, "K_setting", str(self.K))
+        if self.K_setting not in (None, "t", str(self.K)):
+            raise ValueError(f"K_setting must be 't' or {str(self.K)!r} for K={self.K}; "
+                             f"got {self.K_setting!r}")
+        if self.K_setting == "t" and self.K != self.t:
+            raise ValueError(f"K_setting 't' needs K = t; got K={self.K}, t={self.t}")
         if not self.cell_id:
             object.__setattr__(self, "cell_id", make_cell_id(self))
 
@@ -75,12 +90,18 @@ class Cell:
 
 
 def make_cell_id(cell: "Cell") -> str:
-    """Readable and deterministic: ``problem-algorithm-backend-t-K-seed-<hash of params>``."""
+    """Readable and deterministic: ``problem-algorithm-backend-t-K-seed-<hash of params>``.
+
+    A K = t cell reads ``.Kt.`` and hashes its setting too, so it differs from the fixed-K
+    cell with the same K; the ids of fixed-K cells are those from before K_setting existed.
+    """
     fields = (cell.study, cell.pipeline, cell.problem, cell.algorithm, cell.backend, cell.t,
               cell.K, cell.seed, cell.dtype, cell.problem_params, cell.algorithm_params,
               cell.pipeline_params)
+    if cell.K_setting == "t":
+        fields = fields + ("K=t",)
     digest = hashlib.blake2b(canonical_json(fields).encode(), digest_size=4).hexdigest()
-    k = "-" if cell.K is None else str(cell.K)
+    k = "-" if cell.K is None else ("t" if cell.K_setting == "t" else str(cell.K))
     return (f"{cell.problem}.{cell.algorithm}.{cell.backend}.t{cell.t}.K{k}.s{cell.seed}"
             f".{digest}")
 
@@ -111,8 +132,9 @@ def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
     row = empty_row()
     row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
                problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
-               dtype=cell.dtype, K=cell.K, t=cell.t, seed=cell.seed, attempt=attempt,
-               hostname=socket.gethostname(), hypersweep_version=__version__,
+               dtype=cell.dtype, K=cell.K, K_setting=cell.K_setting, t=cell.t,
+               seed=cell.seed, attempt=attempt, hostname=socket.gethostname(),
+               hypersweep_version=__version__,
                problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
                pipeline_params=cell.pipeline_params)
     row["started_at"] = _now()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import os
 import signal
 import statistics
@@ -107,8 +106,9 @@ def failure_row(cell: Cell, attempt: int, status: str, message: str,
     row = empty_row()
     row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
                problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
-               dtype=cell.dtype, K=cell.K, t=cell.t, seed=cell.seed, attempt=attempt,
-               status=status, error_message=message[:2000], hypersweep_version=__version__,
+               dtype=cell.dtype, K=cell.K, K_setting=cell.K_setting, t=cell.t,
+               seed=cell.seed, attempt=attempt, status=status, error_message=message[:2000],
+               hypersweep_version=__version__,
                problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
                pipeline_params=cell.pipeline_params, started_at=started_at or _now(),
                finished_at=_now(), wall_time_s=wall_time_s)

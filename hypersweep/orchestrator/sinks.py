@@ -290,6 +290,9 @@ def k_setting(row: dict, uses_t: bool = False) -> Any:
     else K. Grouping by it keeps a K = t line in one child run, so its error-vs-t curve
     draws in MLflow (the cell K = t = 10 of ``K: [10, t]`` lands in the "t" run)."""
     K = row.get("K")
+    setting = row.get("K_setting")
+    if setting is not None and K is not None:  # rows since K_setting was recorded
+        return "t" if setting == "t" else K
     return "t" if uses_t and K is not None and K == row.get("t") else K
 
 

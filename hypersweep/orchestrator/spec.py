@@ -669,16 +669,14 @@ class PairCount:
     cells: int
 
 
-def _k_values(k_spec: tuple | None, t: int, uses_K: bool) -> list[int | None]:
-    """The distinct K of one t, in study order: ``"t"`` resolves to t, duplicates go."""
+def _k_values(k_spec: tuple | None, t: int, uses_K: bool
+              ) -> list[tuple[int | None, str | None]]:
+    """(K, K_setting) of one t, in study order: ``"t"`` resolves to (t, "t"), an integer k
+    to (k, "k"). ``K: [10, t]`` at t = 10 gives two cells, one per line (same numbers,
+    each line whole in Parquet and MLflow)."""
     if not uses_K:
-        return [None]
-    resolved: list[int | None] = []
-    for k in k_spec or ():
-        value = t if k == "t" else k
-        if value not in resolved:
-            resolved.append(value)
-    return resolved
+        return [(None, None)]
+    return [(t, "t") if k == "t" else (k, str(k)) for k in (k_spec or ())]
 
 
 def _label(entry, entries) -> str:
@@ -733,11 +731,12 @@ def expand(study: StudySpec) -> Iterator[Cell]:
             algorithm_json = algorithm.params_json
             for backend in backends:
                 for t in study.t:
-                    for K in _k_values(study.K, t, uses_K):
+                    for K, K_setting in _k_values(study.K, t, uses_K):
                         for seed in study.seeds:
                             yield Cell(study=study.study, pipeline=study.pipeline,
                                        problem=problem.name, algorithm=algorithm.name,
-                                       backend=backend, t=t, K=K, seed=seed,
+                                       backend=backend, t=t, K=K, K_setting=K_setting,
+                                       seed=seed,
                                        dtype=study.dtype, problem_params=problem_json,
                                        algorithm_params=algorithm_json,
                                        pipeline_params=pipeline_json)

@@ -19,12 +19,12 @@ searchers are driven inside the cell rather than through ``Tuner.fit()``: see
 
 Output, in the shared schemas: one result row — ``val_loss`` = the best validation loss
 found, ``test_loss``/``test_accuracy`` at that trial's iterate, ``wall_time_s`` = the
-search (after a warm-up call, whose time is ``compile_time_s``), ``n_inner_grad_evals`` =
-all inner steps run, and the best λ in ``extra`` — and one trace row per trial in
-completion order (``step`` = trial index, cumulative ``wall_time_s`` and
-``n_inner_grad_evals``, the trial's ``val_loss`` as measured, ``best_val_loss`` so far,
-``lam_mean/min/max``), so budgets compare with gradient-based HPO in trials, inner-gradient
-evaluations and seconds.
+search (after a warm-up call), ``compile_time_s`` = the compile it paid,
+``n_inner_grad_evals`` = ``n_oracle_calls`` = all inner steps run, and the best λ in
+``extra`` — and one trace row per trial in completion order (``step`` = trial index,
+cumulative ``wall_time_s`` and cost columns, the trial's ``val_loss`` as measured,
+``best_val_loss`` so far, ``lam_mean/min/max``), so budgets compare with gradient-based HPO
+in trials, oracle calls and seconds.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ import numpy as np
 
 from hypersweep import algorithms
 from hypersweep.algorithms import blackbox
+from hypersweep.algorithms.common import cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
-from hypersweep.pipelines._measure import timed
 from hypersweep.pipelines.common import problem_for
 
 DEFAULTS = {"num_samples": 20, "time_budget_s": None, "space": None, "cap_inner_lr": True}
@@ -92,13 +92,14 @@ def run(cell) -> PipelineResult:
     trainable = functools.partial(blackbox.inner_trainable, problem, t=cell.t,
                                   cap_inner_lr=params["cap_inner_lr"])
 
-    # Warm-up (JAX compiles here, once per process and shapes; t is traced): its time is
-    # compile_time_s, so that wall_time_s is the search alone.
-    compile_time = 0.0
+    # Warm-up (JAX compiles here, once per process and shapes; t is traced), so that
+    # wall_time_s is the search alone; compile_time_s is the compile the cell paid (JAX's
+    # compile events during warm-up and search; 0 when it reused compiled functions).
+    compile_clock = problem.ops.compile_seconds
+    c0 = compile_clock()
     key = (cell.shape_key(), cell.problem_params)
     if key not in _WARM:
-        _, compile_time = timed(lambda: list(trainable(space.center(), report_every=None)),
-                                lambda r: None)
+        list(trainable(space.center(), report_every=None))
         _WARM.add(key)
 
     t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def run(cell) -> PipelineResult:
     for rec, best_val in zip(records, best):
         traces.append(dict(
             step=rec.index, wall_time_s=rec.elapsed_s, val_loss=rec.val_loss,
-            best_val_loss=best_val, n_inner_grad_evals=rec.total_evals, n_hvp_evals=0,
+            best_val_loss=best_val, **cost_columns(rec.total_evals, 0, 0, 0),
             **_lam_summary(rec.lam),
             extra=canonical_json({"trial_id": rec.trial_id, "inner_steps": rec.steps,
                                   "objective": rec.objective, "nonfinite": rec.nonfinite,
@@ -120,9 +121,10 @@ def run(cell) -> PipelineResult:
 
     finite = [r for r in records if not r.nonfinite]
     total_evals = records[-1].total_evals if records else 0
+    compile_time = compile_clock() - c0
     metrics = dict(
-        wall_time_s=wall, compile_time_s=compile_time, n_inner_grad_evals=total_evals,
-        n_hvp_evals=0, solver_iters=None, n_trials=len(records),
+        wall_time_s=wall, compile_time_s=compile_time, compiled=compile_time > 0,
+        **cost_columns(total_evals, 0, 0, 0), solver_iters=None, n_trials=len(records),
         n_nonfinite=len(records) - len(finite), stop_reason=stop_reason,
         searcher_seed=seed, space_low=list(space.low) if space.dim <= MAX_LAM_IN_EXTRA
         else None, space_high=list(space.high) if space.dim <= MAX_LAM_IN_EXTRA else None)

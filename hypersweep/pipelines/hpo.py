@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from hypersweep import algorithms
-from hypersweep.algorithms.common import check_budget
+from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
 from hypersweep.algorithms.online_common import OUTER_OPTIMIZERS
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
@@ -192,8 +192,7 @@ class _HypergradientLoop:
         if self.warm_v:
             self.v_prev, self.eta_prev = hg.extras["v"], problem.inner_lr
         self.k += 1
-        return dict(lam=lam, w=hg.w_t, hypergrad=hg.hypergrad,
-                    n_inner=int(hg.n_inner_grad_evals), n_hvp=int(hg.n_hvp_evals),
+        return dict(lam=lam, w=hg.w_t, hypergrad=hg.hypergrad, costs=hg.costs(),
                     extras={} if hg.solver_iters is None else {"solver_iters":
                                                                 int(hg.solver_iters)})
 
@@ -227,8 +226,7 @@ class _OnlineLoop:
         self.state, info = self.method.step(problem, self.state, t=self.cell.t,
                                             K=self.cell.K)
         self.problem.ops.block(self.state.lam)
-        return dict(lam=info.lam, w=info.w, hypergrad=info.hypergrad,
-                    n_inner=int(info.n_inner_grad_evals), n_hvp=int(info.n_hvp_evals),
+        return dict(lam=info.lam, w=info.w, hypergrad=info.hypergrad, costs=info.costs(),
                     extras=dict(info.extras))
 
 
@@ -257,14 +255,13 @@ def _run(cell) -> PipelineResult:
     closed_form = "closed_form" in problem.capabilities
 
     # Warm-up (JAX compiles here; t and K are traced so one compilation serves the run).
-    t0 = time.perf_counter()
+    compile_clock = ops.compile_seconds
+    c0 = compile_clock()
     loop.warm_up()
-    warm_up_s = time.perf_counter() - t0
 
     traces: list[dict] = []
     wall = 0.0
-    first_step_s = None
-    n_inner = n_hvp = 0
+    costs = cost_columns(0, 0, 0, 0)
     best = math.inf
     stop_reason = "outer_steps"
     last = None
@@ -273,10 +270,8 @@ def _run(cell) -> PipelineResult:
         t0 = time.perf_counter()
         out = loop.step()
         elapsed = time.perf_counter() - t0
-        first_step_s = elapsed if first_step_s is None else first_step_s
         wall += elapsed
-        n_inner += out["n_inner"]
-        n_hvp += out["n_hvp"]
+        costs = add_costs(costs, out["costs"])
         steps_done = k + 1
         last = out
         lam_k = ops.to_numpy(out["lam"])
@@ -300,8 +295,8 @@ def _run(cell) -> PipelineResult:
                 step=k, wall_time_s=wall, val_loss=m["val_loss"], test_loss=m["test_loss"],
                 test_accuracy=m["test_accuracy"],
                 best_val_loss=best if math.isfinite(best) else None,
-                hypergrad_norm=float(np.linalg.norm(g)), n_inner_grad_evals=n_inner,
-                n_hvp_evals=n_hvp, extra=canonical_json(extra), **_lam_summary(lam_k)))
+                hypergrad_norm=float(np.linalg.norm(g)), **costs,
+                extra=canonical_json(extra), **_lam_summary(lam_k)))
         if not finite:
             stop_reason = "diverged"
             break
@@ -310,9 +305,10 @@ def _run(cell) -> PipelineResult:
             break
 
     lam_final = ops.to_numpy(loop.lam)
+    compile_time = compile_clock() - c0  # the warm-up's, plus any inside the steps
     metrics: dict[str, Any] = dict(
-        wall_time_s=wall, compile_time_s=max(0.0, warm_up_s - (first_step_s or 0.0)),
-        n_inner_grad_evals=n_inner, n_hvp_evals=n_hvp, outer_steps_done=steps_done,
+        wall_time_s=wall, compile_time_s=compile_time, compiled=compile_time > 0,
+        **costs, outer_steps_done=steps_done,
         stop_reason=stop_reason, val_loss_is="exact value function F(lam_final)",
         **_lam_summary(lam_final, "lam_final"))
     if lam_final.size <= MAX_LAM_IN_EXTRA:

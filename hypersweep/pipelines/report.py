@@ -211,20 +211,23 @@ def _problem_order(names: Iterable[str]) -> list[str]:
 
 def _line_labels(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of hypergradient-error results, each tagged with its line: (algorithm,
-    K-setting ["K=t" or "K=<k>"], backend/dtype when several). A row with K = t whose
-    K also names a fixed-K line of the same algorithm is on both lines (the study
-    expansion keeps one cell for t = K)."""
+    K-setting ["K=t" or "K=<k>"], backend/dtype when several), from the ``K_setting``
+    column. Outputs written before that column existed had one cell where a K = t line
+    meets a fixed-K line (t = K); such a row is put on both lines."""
     df = df.copy()
     suffix = pd.Series("", index=df.index)
     for col in ("backend", "dtype"):
         if df[col].nunique() > 1:
             suffix = suffix + " [" + df[col].astype(str) + "]"
     k = df["K"]
-    is_t = k.notna() & (k == df["t"])
+    legacy = "K_setting" not in df.columns or bool(df["K_setting"].isna().all())
+    is_t = (k.notna() & (k == df["t"])) if legacy else df["K_setting"].eq("t")
     df["k_setting"] = np.where(k.isna(), "", np.where(is_t, "K=t", "K=" + k.astype(
         "Int64").astype(str)))
     df["line"] = (df["algorithm"] + np.where(df["k_setting"] != "", " " + df["k_setting"], "")
                   + suffix)
+    if not legacy:
+        return df
     fixed = df[~is_t & k.notna()]
     extra = []
     for (panel, algo), group in fixed.groupby(["panel", "algorithm"]):

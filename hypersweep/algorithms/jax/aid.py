@@ -11,10 +11,11 @@ and return
 
 They differ only in how v is approximated with a budget of K (the linear-system budget).
 
-Counting convention (``Hypergrad``): ``n_inner_grad_evals`` = t (the forward steps);
-``n_hvp_evals`` = Hessian-vector products the solver actually used (a warm start's extra
-product included), + 1 for the final cross term (∂_λ g)ᵀ v; ``solver_iters`` = solver
-iterations actually used (≤ K). ``extras["v"]`` is the adjoint v (a JAX array, w's shape)
+Counting convention (``Hypergrad``, table in ``docs/costs.md``): ``n_inner_grad_evals``
+= t (the forward steps); ``n_hvp_evals`` = Hessian-vector products the solver actually
+used (a warm start's extra product included); ``n_cross_evals`` = 1 (the final cross term
+(∂_λ g)ᵀ v); ``n_outer_grad_evals`` = 1; ``solver_iters`` = solver iterations actually
+used (≤ K). ``extras["v"]`` is the adjoint v (a JAX array, w's shape)
 of the iterative methods, to be passed back as ``v0`` at the next outer step.
 
 Adjoint warm start (``aid_cg`` and ``aid_fp``): ``v0`` starts the solver at v₀ instead of
@@ -68,7 +69,8 @@ def _run(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
                jnp.asarray(K, jnp.int32), v0)
     hypergrad, w_t, iters, n_hvp, rel, v = jax.block_until_ready(out)
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=_core.as_int(n_hvp) + 1, solver_iters=_core.as_int(iters),
+                     n_hvp_evals=_core.as_int(n_hvp), n_cross_evals=1,
+                     solver_iters=_core.as_int(iters),
                      extras={"solver_rel_residual": _core.as_float(rel), "v": v})
 
 
@@ -139,7 +141,8 @@ def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     t: inner steps to w_t. K is unused. The only error left is that of w_t, so at large t
     this is the exact hypergradient up to rounding. For small dim w only: builds the
     (dim w)² Hessian by forward mode (``jax.jacfwd``, dim w Jacobian-vector products,
-    counted in ``n_hvp_evals`` with + 1 for the cross term) and an O((dim w)³) solve.
+    counted in ``n_hvp_evals``; the cross term is one ``n_cross_evals``) and an
+    O((dim w)³) solve.
     ``seed`` is unused. References: Bengio 2000; Pedregosa 2016.
     """
     fns, w0, arrays, eta = _core.problem_inputs(problem)
@@ -147,4 +150,4 @@ def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
         _aid_exact(fns, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32)))
     n = int(w_t.size)
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=n + 1, solver_iters=None, extras={})
+                     n_hvp_evals=n, n_cross_evals=1, solver_iters=None, extras={})

@@ -23,9 +23,10 @@ bucket of n, and memory O(bucket · dim w) ≤ O(2 n · dim w).
 Forward mode (``itd_forward``) propagates Z_s = dw_s/dλ and needs no buffer (t traced,
 one compilation for every t), at dim λ Jacobian-vector products per step.
 
-Counting convention (``Hypergrad``): ``n_inner_grad_evals`` = t (the forward steps);
-``n_hvp_evals`` = reverse steps (one vjp of Φ each, which re-linearizes g at the stored
-w_s as part of that product), or t · dim λ jvps for forward mode.
+Counting convention (``Hypergrad``, table in ``docs/costs.md``): ``n_inner_grad_evals``
+= t (the forward steps); a reverse step is one vjp of Φ at (w_s, λ), which yields both
+∂_wΦᵀp and ∂_λΦᵀp: one ``n_hvp_evals`` and one ``n_cross_evals`` each; forward mode does
+t · dim λ jvps of Φ, each one of both; ``n_outer_grad_evals`` = 1.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _run_reverse(problem, lam, t: int, n_rev: int, extras: dict | None = None) -
         fns, bucket, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
         jnp.asarray(n_rev, jnp.int32)))
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=n_rev, solver_iters=None,
+                     n_hvp_evals=n_rev, n_cross_evals=n_rev, solver_iters=None,
                      extras={"bucket": bucket, **(extras or {})})
 
 
@@ -78,7 +79,8 @@ def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     """Iterative differentiation, reverse mode: d/dλ L_out(w_t(λ), λ) exactly.
 
     t: inner steps, all differentiated through. K, seed: unused.
-    Cost: t gradient steps forward, t vjps of Φ backward (``n_hvp_evals`` = t); memory
+    Cost: t gradient steps forward, t vjps of Φ backward (t Hessian-vector and t cross
+    products), one outer gradient; memory
     O(bucket · dim w), bucket = next power of two ≥ t (one compilation per bucket).
     References: Maclaurin et al. 2015; Franceschi et al. 2017.
     """
@@ -159,4 +161,4 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
         _forward(fns, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32)))
     n_lam = int(hypergrad.size)
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=t * n_lam)
+                     n_hvp_evals=t * n_lam, n_cross_evals=t * n_lam)

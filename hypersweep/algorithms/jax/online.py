@@ -37,7 +37,7 @@ from jax import lax
 from hypersweep.algorithms.jax import _core
 from hypersweep.algorithms.online_common import (
     ADAM_B1, ADAM_B2, ADAM_EPS, OnlineConfig, OnlineInfo, OnlineMethod, check_t_K,
-    make_config)
+    make_config, step_counts)
 from hypersweep.registry import check_choice
 
 
@@ -182,7 +182,7 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     θ is refit (least squares, one scalar) when ``n_updates % theta_every == 0`` and
     K > 0: target = DrMAD's second-order term over the last n = min(τ, K) steps of the
     straight path from w_0 to w_τ; θ = ⟨x, y⟩/⟨x, x⟩ with x = Z_τ α_τ ∂_λΦ(w*_τ).
-    Cost: t gradient steps + 1 vjp of Φ; + n vjps on a refit (``n_hvp_evals``).
+    Cost: t gradient steps + 1 λ-vjp of Φ; + n vjps of Φ on a refit (``step_counts``).
     """
     t, K = check_t_K(t, K)
     c = state.config
@@ -197,9 +197,9 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
         jnp.asarray(refit))
     new = state._replace(w=w, lam=lam, opt_state=opt_state, n_updates=state.n_updates + 1,
                          n_inner=tau, w_ema=w_ema, theta=theta)
-    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t,
-                      n_hvp_evals=1 + n_drmad,
-                      extras={"theta": float(theta), "theta_refit": bool(refit)})
+    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g,
+                      extras={"theta": float(theta), "theta_refit": bool(refit)},
+                      **step_counts("hyperdistill", t=t, n_drmad=n_drmad))
     return new, info
 
 
@@ -229,11 +229,12 @@ def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     the finite-difference error (zero up to rounding when ∇_λ L_in is quadratic in w).
     K is unused. Cost: t gradient steps + 2 gradients of L_in w.r.t. λ; no HVP.
     """
-    return _windowed_step(_t1t2_step, problem, state, t, K, n_hvp=lambda t: 0,
+    return _windowed_step(_t1t2_step, "t1t2", problem, state, t, K,
                           extras={"n_fd_grad_evals": 2})
 
 
-def _windowed_step(jitted, problem, state: OnlineState, t: int, K: int, *, n_hvp, extras):
+def _windowed_step(jitted, method: str, problem, state: OnlineState, t: int, K: int, *,
+                   extras):
     """Run a jitted ``(fns, config, w, lam, opt_state, arrays, η, t) -> (w, λ, opt, g)``
     step (t traced) and wrap its outputs as the new state and the step's info."""
     t, _ = check_t_K(t, K)
@@ -242,8 +243,8 @@ def _windowed_step(jitted, problem, state: OnlineState, t: int, K: int, *, n_hvp
                                   arrays, eta, jnp.asarray(t, jnp.int32))
     new = state._replace(w=w, lam=lam, opt_state=opt_state, n_updates=state.n_updates + 1,
                          n_inner=state.n_inner + t)
-    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t,
-                      n_hvp_evals=n_hvp(t), extras=dict(extras))
+    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, extras=dict(extras),
+                      **step_counts(method, t=t))
     return new, info
 
 
@@ -270,9 +271,9 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     """A window of T = t inner steps, then one λ update with the γ-decayed greedy sum.
 
     T = 1 gives ``one_step``/``itd(t=1)`` from the window's start. K is unused.
-    Cost: T gradient steps, T vjps of Φ w.r.t. λ and T gradients of L_out.
+    Cost: T gradient steps, T vjps of Φ w.r.t. λ and T + 1 gradients of L_out.
     """
-    return _windowed_step(_greedy_step, problem, state, t, K, n_hvp=lambda t: t, extras={})
+    return _windowed_step(_greedy_step, "greedy", problem, state, t, K, extras={})
 
 
 hyperdistill = OnlineMethod(init=_init("hyperdistill"), step=hyperdistill_step)

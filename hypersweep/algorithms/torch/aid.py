@@ -10,10 +10,11 @@ The graph of ``g`` at ``(w_t, λ)`` is built once and every Hessian-vector produ
 it (:class:`~hypersweep.algorithms.torch._core.Linearization`).
 
 K is the solver budget (an upper bound: every solver stops early at the relative tolerance
-``common.DEFAULT_TOL[dtype]``). Counts: ``n_inner_grad_evals = t``; ``n_hvp_evals`` = the
-HVPs the solver used (a warm start's extra product included) + 1 for the final cross term
-``(∂_λ g)ᵀ v``; ``solver_iters`` as documented per method. ``extras["v"]`` is the adjoint
-v (a detached tensor, w's shape) of the iterative methods, to be passed back as ``v0``.
+``common.DEFAULT_TOL[dtype]``). Counts (``docs/costs.md``): ``n_inner_grad_evals = t``;
+``n_hvp_evals`` = the HVPs the solver used (a warm start's extra product included);
+``n_cross_evals = 1`` (the final cross term ``(∂_λ g)ᵀ v``); ``n_outer_grad_evals = 1``;
+``solver_iters`` as documented per method. ``extras["v"]`` is the adjoint v (a detached
+tensor, w's shape) of the iterative methods, to be passed back as ``v0``.
 
 Adjoint warm start (``aid_cg`` and ``aid_fp``): ``v0`` starts the solver at v₀ instead of
 0. A Neumann series has no initial point, so ``aid_neumann`` takes no ``v0`` (warm-starting
@@ -39,7 +40,8 @@ def _finish(problem, w_t, lin, grad_lam, v, t, n_hvp, iters, extras) -> Hypergra
     hypergrad = grad_lam - problem.inner_lr * lin.cross(v)
     if iters is not None:  # the iterative solvers: hand v back for a warm start
         extras = {**extras, "v": v.detach()}
-    return Hypergrad(hypergrad.detach(), w_t.detach(), t, n_hvp + 1, iters, extras)
+    return Hypergrad(hypergrad.detach(), w_t.detach(), t, n_hvp, iters, extras,
+                     n_cross_evals=1)
 
 
 def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:

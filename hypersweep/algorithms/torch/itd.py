@@ -2,10 +2,12 @@
 
 All differentiate ``L_out(w_t(λ), λ)`` with ``w_t = Φ^t(w_init)``, ``Φ(w, λ) = w − η g(w, λ)``,
 ``g = ∇_w L_in`` (see :mod:`hypersweep.algorithms.torch._core`); ``w_init`` does not depend
-on λ. Counts: ``n_inner_grad_evals`` = t (the forward steps; a reverse pass reuses the
-recorded graph, no replay); ``n_hvp_evals`` = the number of step Jacobian products: one
-VJP per step differentiated in reverse mode (t for itd, min(K, t) for tbptt, 1 for
-one_step, 0 for first_order), one JVP per (step, direction of λ) in forward mode.
+on λ. Counts (``docs/costs.md``): ``n_inner_grad_evals`` = t (the forward steps; a reverse
+pass reuses the recorded graph, no replay); every step differentiated in reverse mode is
+one VJP of Φ, which yields both ∂_wΦᵀp and ∂_λΦᵀp: one ``n_hvp_evals`` and one
+``n_cross_evals`` each (t for itd, min(K, t) for tbptt, 1 for one_step, 0 for
+first_order); forward mode does one JVP of Φ per (step, direction of λ), one of each too;
+``n_outer_grad_evals`` = 1.
 """
 from __future__ import annotations
 
@@ -24,14 +26,14 @@ def _reverse_through_last(problem, lam, t: int, k: int) -> Hypergrad:
     w_start = _core.run_inner(g, problem.w_init, lam, eta, t - k)
     if k == 0:
         _, grad_lam = _core.outer_grads(problem, w_start, lam)
-        return Hypergrad(grad_lam, w_start, t, 0, None, {})
+        return Hypergrad(grad_lam, w_start, t, 0, None, {}, n_cross_evals=0)
     lam_ = lam.detach().requires_grad_(True)
     with torch.enable_grad():
         w_t = _core.unroll(g, w_start, lam_, eta, k)
         loss = problem.fns.outer_loss(w_t, lam_, problem.arrays)
         (hypergrad,) = torch.autograd.grad(loss, lam_, allow_unused=True,
                                            materialize_grads=True)
-    return Hypergrad(hypergrad.detach(), w_t.detach(), t, k, None, {})
+    return Hypergrad(hypergrad.detach(), w_t.detach(), t, k, None, {}, n_cross_evals=k)
 
 
 def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -84,7 +86,9 @@ def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     w_t = (lin.w - eta * lin.g).detach()
     grad_w, grad_lam = _core.outer_grads(problem, w_t, lam)
     hypergrad = grad_lam - eta * lin.cross(grad_w)
-    return Hypergrad(hypergrad.detach(), w_t, t, 1, None, {})
+    # Counted as tbptt(K=1), one reverse step (one of each product), by the convention;
+    # only its λ-part is needed, so this skips the w-part (as autodiff does at step 0).
+    return Hypergrad(hypergrad.detach(), w_t, t, 1, None, {}, n_cross_evals=1)
 
 
 def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -125,4 +129,4 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
     grad_w, grad_lam = _core.outer_grads(problem, w, lam)
     implicit = tangents.reshape(n_lam, -1) @ grad_w.reshape(-1)
     hypergrad = grad_lam + implicit.reshape(lam.shape)
-    return Hypergrad(hypergrad, w, t, t * n_lam, None, {})
+    return Hypergrad(hypergrad, w, t, t * n_lam, None, {}, n_cross_evals=t * n_lam)

@@ -16,7 +16,7 @@ import torch
 
 from hypersweep.algorithms.online_common import (
     ADAM_B1, ADAM_B2, ADAM_EPS, OnlineConfig, OnlineInfo, OnlineMethod, check_t_K,
-    decay_sum, make_config)
+    decay_sum, make_config, step_counts)
 from hypersweep.algorithms.torch import _core
 from hypersweep.registry import check_choice
 
@@ -153,9 +153,9 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     new = state._replace(w=w.detach(), lam=lam_new.detach(), opt_state=opt_state,
                          n_updates=state.n_updates + 1, n_inner=tau,
                          w_ema=w_ema.detach(), theta=theta)
-    info = OnlineInfo(lam=state.lam, w=new.w, hypergrad=g, n_inner_grad_evals=t,
-                      n_hvp_evals=1 + n_drmad,
-                      extras={"theta": float(theta), "theta_refit": bool(refit)})
+    info = OnlineInfo(lam=state.lam, w=new.w, hypergrad=g,
+                      extras={"theta": float(theta), "theta_refit": bool(refit)},
+                      **step_counts("hyperdistill", t=t, n_drmad=n_drmad))
     return new, info
 
 
@@ -185,8 +185,8 @@ def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
     new = state._replace(w=w_new, lam=lam_new.detach(), opt_state=opt_state,
                          n_updates=state.n_updates + 1, n_inner=state.n_inner + t)
-    info = OnlineInfo(lam=state.lam, w=w_new, hypergrad=g, n_inner_grad_evals=t,
-                      n_hvp_evals=0, extras={"n_fd_grad_evals": 2})
+    info = OnlineInfo(lam=state.lam, w=w_new, hypergrad=g, extras={"n_fd_grad_evals": 2},
+                      **step_counts("t1t2", t=t))
     return new, info
 
 
@@ -208,8 +208,8 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
     new = state._replace(w=w, lam=lam_new.detach(), opt_state=opt_state,
                          n_updates=state.n_updates + 1, n_inner=state.n_inner + t)
-    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, n_inner_grad_evals=t, n_hvp_evals=t,
-                      extras={})
+    info = OnlineInfo(lam=state.lam, w=w, hypergrad=g, extras={},
+                      **step_counts("greedy", t=t))
     return new, info
 
 

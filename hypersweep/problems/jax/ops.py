@@ -71,3 +71,22 @@ def device_name() -> str:
 
 def block(x):
     return jax.block_until_ready(x)
+
+
+_COMPILE = {"seconds": 0.0, "listening": False}
+_COMPILE_EVENT_PREFIX = "/jax/core/compile/"
+
+
+def _on_event_duration(event: str, duration: float, **_: object) -> None:
+    if event.startswith(_COMPILE_EVENT_PREFIX):
+        _COMPILE["seconds"] += float(duration)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling (tracing, lowering, XLA compile), from
+    JAX's own monitoring events. Differences around a call give the compile it paid;
+    0 when it reused compiled functions. The listener is registered on first use."""
+    if not _COMPILE["listening"]:
+        jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+        _COMPILE["listening"] = True
+    return _COMPILE["seconds"]
