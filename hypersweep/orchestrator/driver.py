@@ -578,6 +578,8 @@ class _Sweep:
             self._stop_actors()
             status = "FINISHED" if completed else ("FAILED" if crashed else "KILLED")
             summary = self._summary(wall_start, interrupted)
+            if zero_hypergradient_warning(summary):
+                log.warning(zero_hypergradient_warning(summary))
             if self.writer is not None:
                 self.writer.close(status=status,
                                   summary=None if interrupted else summary,
@@ -610,6 +612,7 @@ class _Sweep:
     def _summary(self, wall_start: float, interrupted: bool) -> dict:
         table = sinks.read_results(self.output)
         study_counts = Counter(table.column("status").to_pylist())
+        totals = _compute_totals(table)
         pairs: dict[tuple, dict[str, list]] = {}
         for row in table.select(["problem", "algorithm", "status", "hypergrad_rel_error",
                                  "wall_time_s", "val_loss"]).to_pylist():
@@ -646,9 +649,42 @@ class _Sweep:
             "actor_replacements": self.replacements,
             "interrupted": interrupted,
             "per_pair": per_pair,
+            **totals,
             "timings": dict(self.timings),
             "parquet_files": self.sink.files_written,
         }
+
+
+def _compute_totals(table) -> dict:
+    """Study-wide totals from the results: compute and compile seconds (so a reader sees
+    what compilation cost beside the measured work), and the cells whose estimate was an
+    exact zero where ∇F ≠ 0 (``extra.zero_hypergradient``), by (problem, algorithm)."""
+    compute = compile_s = 0.0
+    compiled = 0
+    zero: Counter = Counter()
+    for row in table.select(["problem", "algorithm", "status", "wall_time_s",
+                             "compile_time_s", "extra"]).to_pylist():
+        if row["status"] != "ok":
+            continue
+        compute += row["wall_time_s"] or 0.0
+        compile_s += row["compile_time_s"] or 0.0
+        compiled += bool(row["compile_time_s"])
+        if row["extra"] and '"zero_hypergradient":true' in row["extra"]:
+            zero[(row["problem"], row["algorithm"])] += 1
+    return {"compute_time_s": compute, "compile_time_s": compile_s, "cells_compiled": compiled,
+            "zero_hypergradient": [{"problem": p, "algorithm": a, "cells": n}
+                                   for (p, a), n in sorted(zero.items())]}
+
+
+def zero_hypergradient_warning(summary: dict) -> str | None:
+    """One line about exact-zero estimates (e.g. first_order where L_out has no direct λ
+    term), or None."""
+    zero = summary.get("zero_hypergradient") or []
+    if not zero:
+        return None
+    where = ", ".join(f"{z['algorithm']} on {z['problem']} ({z['cells']} cells)" for z in zero)
+    return (f"warning: exact zero hypergradient where ∇F ≠ 0: {where}; the estimate has no "
+            "term for this problem (e.g. first_order when L_out has no direct λ term)")
 
 
 def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
@@ -732,6 +768,10 @@ def format_summary(summary: dict) -> str:
              f"{summary['wall_time_s']:.1f} s; results in {summary['results_dir']}"]
     counts = summary["study_counts"]
     lines.append("status   " + "  ".join(f"{s} {counts[s]}" for s in STATUSES))
+    if "compute_time_s" in summary:
+        lines.append(f"time     compute {summary['compute_time_s']:.1f} s, compile "
+                     f"{summary['compile_time_s']:.1f} s ({summary['cells_compiled']} cells "
+                     "paid a compile; the others reused compiled functions)")
     if summary["per_pair"]:
         width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
         lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
@@ -743,6 +783,9 @@ def format_summary(summary: dict) -> str:
                          f"{pair['cells']:5d} {pair['ok']:5d}  "
                          f"{'-' if rel is None else f'{rel:.3e}':>14}  "
                          f"{'-' if wall is None else f'{wall:.4f}':>13}")
+    warning = zero_hypergradient_warning(summary)
+    if warning:
+        lines.append(warning)
     mlflow = summary.get("mlflow")
     if mlflow:
         state = f"unavailable ({mlflow['error']})" if mlflow["error"] else "ok"
@@ -777,6 +820,13 @@ def print_summary(summary: dict, console: Any = None) -> None:
                           "-" if val is None else f"{val:.5g}",
                           "-" if wall is None else f"{wall:.4f}")
         console.print(pairs)
+    if "compute_time_s" in summary:
+        console.print(f"compute {summary['compute_time_s']:.1f} s, compile "
+                      f"{summary['compile_time_s']:.1f} s ({summary['cells_compiled']} cells "
+                      "paid a compile)")
+    warning = zero_hypergradient_warning(summary)
+    if warning:
+        console.print(warning)
     mlflow = summary.get("mlflow")
     if mlflow:
         console.print(format_summary(summary).splitlines()[-1])
