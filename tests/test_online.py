@@ -220,7 +220,9 @@ def test_steps_are_pure_and_count():
     again, _ = method.step(p, state, t=4)
     assert state.n_updates == 0 and new.n_updates == 1 and new.n_inner == 4
     np.testing.assert_array_equal(_np(p, new.lam), _np(p, again.lam))
-    assert (info.n_inner_grad_evals, info.n_hvp_evals) == (4, 4)
+    # 4 λ-vjps of Φ (cross products) and 4 + 1 outer gradients, no ∇²_ww product
+    assert (info.n_inner_grad_evals, info.n_hvp_evals, info.n_cross_evals,
+            info.n_outer_grad_evals) == (4, 0, 4, 5)
 
 
 def test_bad_parameters_raise():
