@@ -3,7 +3,9 @@
 A study is validated whole, at the edge, before anything runs: ``load_study`` either
 returns a frozen spec or raises :class:`StudyError` whose message is one line naming the
 key path, the offending value and the valid choices. Validation never imports torch, jax
-or Ray and never writes anything.
+or Ray and never writes anything. It covers ``pipeline_params`` and algorithm ``params``,
+checked by the same models the cells use (:mod:`hypersweep.pipelines.params`), and each
+problem's ``data:`` file, which is read and built once in numpy.
 
 A study expands to the cells ``problems × algorithms × backends × t × K × seeds`` (in that
 order, deterministically), where ``t`` is the number of inner iterations (steps of Φ) and
@@ -16,8 +18,10 @@ second and is never held in memory.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterator
@@ -30,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from hypersweep import algorithms as algorithm_registry
 from hypersweep import problems as problem_registry
 from hypersweep.orchestrator.cell import PIPELINES, Cell, canonical_json
+from hypersweep.pipelines import params as param_schemas
 from hypersweep.problems.base import DTYPES
 from hypersweep.registry import BACKENDS
 
@@ -528,15 +533,79 @@ class StudySpec(_Section):
             if algo.uses_K and self.K is None:
                 raise _fail(f"required: algorithm {entry.name!r} uses K (e.g. K: [10, t])",
                             "K")
+        _check_params(self)
         if next(iter(expand(self)), None) is None:
             skipped = "; ".join(f"{s.problem} × {s.algorithm}: {s.reason}"
                                 for s in skipped_combinations(self))
             raise _fail(f"the study expands to no cells ({skipped})", "algorithms")
+        _check_data_files(self)
         mlflow = self.mlflow
         if mlflow.experiment is None:
             mlflow = mlflow.model_copy(update={"experiment": self.study})
         return self.model_copy(update={
             "output": str(Path(self.output).expanduser().absolute()), "mlflow": mlflow})
+
+
+def _check_params(study: StudySpec) -> None:
+    """Algorithm ``params`` and ``pipeline_params`` by the models the cells check them with
+    (:mod:`hypersweep.pipelines.params`), then the checks that pair them with the study's
+    algorithms and t values; every issue found goes into the one line."""
+    issues: list[str] = []
+    for index, entry in enumerate(study.algorithms):
+        prefix = f"algorithms[{index}].params"
+        try:
+            checked = param_schemas.check_algorithm_params(entry.name, entry.params,
+                                                           prefix=prefix)
+        except param_schemas.ParamsError as exc:
+            issues.extend(exc.issues)
+            continue
+        if checked is not None:
+            issues.extend(checked.study_issues(prefix=prefix, t_values=study.t))
+    try:
+        checked = param_schemas.check_pipeline_params(study.pipeline, study.pipeline_params)
+    except param_schemas.ParamsError as exc:
+        issues.extend(exc.issues)
+    else:
+        if checked is not None:
+            for entry in study.algorithms:
+                issues.extend(checked.algorithm_issues(entry.name))
+    if issues:
+        raise _fail("; ".join(dict.fromkeys(issues)))  # once each, in study order
+
+
+def _check_data_files(study: StudySpec) -> None:
+    """Build each problem that names a ``data:`` file once, in numpy, with the problem's own
+    ``build`` (what every cell does before it runs), so that a missing, corrupt or
+    ill-shaped file is one error here rather than an error row per cell. Cost: one read of
+    each file and one numpy build; never torch, jax or Ray."""
+    for index, entry in enumerate(study.problems):
+        path = entry.params.get("data")
+        if path is None:
+            continue
+        where = f"problems[{index}].params.data"
+        if not isinstance(path, str) or not path.strip():
+            raise _fail(f"must be the path of a .npz or .parquet file, got {path!r}", where)
+        if not Path(path).is_file():
+            raise _fail(f"data file {path!r} of problem {entry.name!r} does not exist "
+                        f"(relative paths are read from {Path.cwd()})", where)
+        if path.endswith(".npz") and not zipfile.is_zipfile(path):
+            # numpy would blame pickled data (its guess for any file that is not a zip)
+            raise _fail(f"problem {entry.name!r} cannot use data file {path!r}: it is not "
+                        "an .npz archive (not a readable zip file)", where)
+        merged = problem_registry.check_params(entry.name, entry.params)
+        # as problems.make does: inner_lr and w_init are applied after build
+        own = {k: v for k, v in merged.items() if k not in ("inner_lr", "w_init")}
+        module = importlib.import_module(problem_registry.spec(entry.name).impl)
+        try:
+            module.build(seed=study.seeds[0], **own)
+        except Exception as exc:  # noqa: BLE001 - whatever a user's file breaks is bad input
+            reason = str(exc)
+            for prefix in (f"data file {path!r}: ", f"{path}: "):
+                reason = reason.removeprefix(prefix)
+            if not isinstance(exc, ValueError):
+                reason = f"{type(exc).__name__}: {reason}"
+            raise _fail(f"problem {entry.name!r} cannot use data file {path!r}: {reason}",
+                        where) from None
 
 
 def _no_duplicates_at(key: str, entries) -> None:

@@ -39,8 +39,11 @@ from hypersweep.algorithms import blackbox
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
+from hypersweep.pipelines.params import BlackboxParams
 
-DEFAULTS = {"num_samples": 20, "time_budget_s": None, "space": None, "cap_inner_lr": True}
+#: the schema of ``pipeline_params``, shared with ``hypersweep plan``
+#: (:class:`hypersweep.pipelines.params.BlackboxParams`)
+DEFAULTS = BlackboxParams.defaults()
 #: λ with at most this many coordinates is written out in full in ``extra``
 MAX_LAM_IN_EXTRA = 64
 
@@ -48,24 +51,9 @@ _WARM: set = set()
 
 
 def check_params(params: dict) -> dict:
-    """Merge the cell's ``pipeline_params`` over :data:`DEFAULTS`; bad keys/values raise."""
-    for key in params:
-        if key not in DEFAULTS:
-            raise ValueError(f"Unknown pipeline_params key {key!r} for pipeline 'blackbox'. "
-                             f"Valid choices: {', '.join(DEFAULTS)}")
-    merged = {**DEFAULTS, **params}
-    n = merged["num_samples"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"pipeline_params.num_samples must be an integer >= 1; got {n!r}")
-    budget = merged["time_budget_s"]
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not budget > 0):
-        raise ValueError(f"pipeline_params.time_budget_s must be a number > 0 or null; "
-                         f"got {budget!r}")
-    if not isinstance(merged["cap_inner_lr"], bool):
-        raise ValueError(f"pipeline_params.cap_inner_lr must be true or false; got "
-                         f"{merged['cap_inner_lr']!r}")
-    return merged
+    """Merge the cell's ``pipeline_params`` over :data:`DEFAULTS`, checked by the schema the
+    study validator uses at plan time; bad keys/values raise ``ValueError`` (ParamsError)."""
+    return BlackboxParams.parse(params, prefix="pipeline_params").as_dict()
 
 
 def _lam_summary(lam: np.ndarray) -> dict:

@@ -63,53 +63,28 @@ import numpy as np
 
 from hypersweep import algorithms
 from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
-from hypersweep.algorithms.online_common import OUTER_OPTIMIZERS
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
-from hypersweep.registry import check_choice
+from hypersweep.pipelines.params import HpoParams, ParamsError
 
-DEFAULTS: dict[str, Any] = {
-    "outer_steps": 100, "time_budget_s": None, "optimizer": "adam", "outer_lr": 0.1,
-    "warm_start_w": False, "warm_start_v": False, "lam0": None, "eval_every": 1,
-    "cap_inner_lr": True,
-}
+#: the schema of ``pipeline_params``, shared with ``hypersweep plan``
+#: (:class:`hypersweep.pipelines.params.HpoParams`)
+DEFAULTS: dict[str, Any] = HpoParams.defaults()
 #: λ with at most this many coordinates is written out in full in ``extra``
 MAX_LAM_IN_EXTRA = 64
 
 
 def check_params(params: dict) -> dict:
-    """Merge ``pipeline_params`` over :data:`DEFAULTS`; bad keys/values raise ``ValueError``."""
-    for key in params:
-        if key not in DEFAULTS:
-            raise ValueError(f"Unknown pipeline_params key {key!r} for pipeline 'hpo'. "
-                             f"Valid choices: {', '.join(DEFAULTS)}")
-    p = {**DEFAULTS, **params}
-    for key in ("outer_steps", "eval_every"):
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"pipeline_params.{key} must be an integer >= 1; got {v!r}")
-    budget = p["time_budget_s"]
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not budget > 0):
-        raise ValueError(f"pipeline_params.time_budget_s must be a number > 0 or null; "
-                         f"got {budget!r}")
-    check_choice("pipeline_params.optimizer", p["optimizer"], OUTER_OPTIMIZERS)
-    lr = p["outer_lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-            math.isfinite(lr) and lr > 0):
-        raise ValueError(f"pipeline_params.outer_lr must be a finite number > 0; got {lr!r}")
-    for key in ("warm_start_w", "warm_start_v", "cap_inner_lr"):
-        if not isinstance(p[key], bool):
-            raise ValueError(f"pipeline_params.{key} must be true or false; got {p[key]!r}")
-    return p
+    """Merge ``pipeline_params`` over :data:`DEFAULTS`, checked by the schema the study
+    validator uses at plan time; bad keys/values raise ``ValueError`` (ParamsError)."""
+    return HpoParams.parse(params, prefix="pipeline_params").as_dict()
 
 
 def check_warm_start_v(params: dict, algorithm: str) -> None:
     """``warm_start_v: true`` needs an estimator with a ``v0``; ``ValueError`` otherwise."""
-    if params["warm_start_v"] and algorithm not in algorithms.ADJOINT_WARM_START:
-        raise ValueError(f"pipeline_params.warm_start_v is true, but algorithm {algorithm!r} "
-                         f"has no adjoint warm start. Valid choices: "
-                         f"{', '.join(algorithms.ADJOINT_WARM_START)}")
+    issues = HpoParams.parse(params, prefix="pipeline_params").algorithm_issues(algorithm)
+    if issues:
+        raise ParamsError(issues)
 
 
 def initial_lam(problem, lam0) -> np.ndarray:

@@ -17,13 +17,16 @@ from hypersweep import algorithms
 from hypersweep.orchestrator.cell import PipelineResult
 from hypersweep.pipelines._measure import PeakHeap, timed
 from hypersweep.pipelines.common import fixed_lam, next_pow2, oracle, problem_for
+from hypersweep.pipelines.params import HypergradientErrorParams
 
 _WARM: set = set()
 
 
 def run(cell) -> PipelineResult:
+    # the schema ``hypersweep plan`` checks the study with (only ``lam``)
+    params = HypergradientErrorParams.parse(cell.pipeline_kwargs,
+                                            prefix="pipeline_params").as_dict()
     problem = problem_for(cell)
-    params = cell.pipeline_kwargs
     lam = fixed_lam(problem, params)
     estimator = algorithms.get(cell.algorithm, cell.backend)
     kwargs = dict(t=cell.t, K=cell.K, seed=cell.seed, **cell.algorithm_kwargs)
