@@ -53,11 +53,12 @@ def test_example_study_parses_and_expands():
     assert spec.output == str(Path("results/example_small").absolute())
     assert spec.mlflow.experiment == "example-small"  # defaults to the study name
     assert spec.source_text == EXAMPLE.read_text()
-    # per backend and seed: itd one cell per t (3); aid K ∈ {5, t}: t=5 -> {5}, 20 -> {5, 20},
-    # 80 -> {5, 80} = 5. (3 + 5 + 5) * 2 backends * 2 seeds * 2 problems = 104.
+    # per backend and seed: itd one cell per t (3); aid one cell per (t, K line): 3 t × 2
+    # lines = 6 (at t = 5 the lines K = 5 and K = t each get a cell).
+    # (3 + 6 + 6) * 2 backends * 2 seeds * 2 problems = 120.
     listed = list(expand(spec))
-    assert len(listed) == count_cells(spec) == 104
-    assert len({c.cell_id for c in listed}) == 104
+    assert len(listed) == count_cells(spec) == 120
+    assert len({c.cell_id for c in listed}) == 120
     assert all(c.dtype == "float64" and c.study == "example-small" for c in listed)
 
 
@@ -70,11 +71,13 @@ def test_spec_is_frozen():
 # --- expansion -------------------------------------------------------------------------
 
 
-def test_k_equal_to_t_is_one_cell():
-    got = [(c.algorithm, c.t, c.K) for c in cells(seeds=[0])]
-    # K = 10 and K = t coincide at t = 10: one cell; at t = 20 they differ: two cells.
-    assert got == [("itd", 10, None), ("itd", 20, None),
-                   ("aid_cg", 10, 10), ("aid_cg", 20, 10), ("aid_cg", 20, 20)]
+def test_k_equal_to_t_gets_a_cell_on_each_line():
+    got = [(c.algorithm, c.t, c.K, c.K_setting) for c in cells(seeds=[0])]
+    # K = 10 and K = t coincide at t = 10: the same numbers, but one cell per line, so
+    # each line (K_setting "10" and "t") is whole in Parquet and MLflow.
+    assert got == [("itd", 10, None, None), ("itd", 20, None, None),
+                   ("aid_cg", 10, 10, "10"), ("aid_cg", 10, 10, "t"),
+                   ("aid_cg", 20, 10, "10"), ("aid_cg", 20, 20, "t")]
 
 
 def test_algorithm_without_K_gets_one_cell_per_t():
@@ -117,7 +120,8 @@ def test_unsatisfied_requires_is_skipped_and_reported():
     assert "minibatch" in skipped[0].reason
     counts = {(p.problem, p.algorithm): p.cells for p in pair_counts(spec)}
     assert counts[("quadratic", "stocbio")] == 0
-    assert sum(counts.values()) == count_cells(spec) == len(list(expand(spec))) == 18
+    # aid_cg and stocbio on ridge, aid_cg on quadratic: 3 pairs × (2 t × 2 K lines) × 2 seeds
+    assert sum(counts.values()) == count_cells(spec) == len(list(expand(spec))) == 24
     assert plan(spec).skipped == skipped
 
 
