@@ -7,7 +7,7 @@ Subcommands::
     hypersweep status OUTPUT_DIR
     hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
     hypersweep problems | algorithms
-    hypersweep report ... | regress ...      (forwarded to hypersweep.pipelines.*:main)
+    hypersweep report ... | regress ... | audit ...  (forwarded to hypersweep.pipelines.*)
 
 Exit codes: 0 success (a sweep whose cells failed still succeeded: failures are rows),
 1 an internal failure, 2 bad input (command line or study file), with a one-line message
@@ -36,6 +36,9 @@ FORWARDED = {
     "regress": ("hypersweep.pipelines.regression:main",
                 "regression suite against a baseline: regress --suite ... --baseline ... "
                 "[--update-baseline]"),
+    "audit": ("hypersweep.pipelines.audit:main",
+              ("re-run a sample of stored cells and check them: audit OUTPUT "
+               "[--sample N] [--seed S] [--fd-sample M]")),
 }
 
 
@@ -159,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summary(summary, _console())
     else:
         _print_summary(summary or {})
+    _say(_console(), f"verify a sample of the stored results: {PROG} audit {study.output}")
     return 0
 
 
