@@ -7,22 +7,32 @@ With g^B = ∇_w L_in^B (the problem's ``inner_loss_batch`` over training rows B
     adjoint:  v = η_N Σ_{q=0}^{K} Π_{j=1}^{q} (I − η_N H_{B_j}) ∇_w L_out^{B_val}(w_t, λ)
     output:   ∇_λ L_out^{B_val}(w_t, λ) − (∂_λ g^{B_c}(w_t, λ))ᵀ v
 
-with fresh batches B_1 … B_K (shared by all terms, as in the paper's recursion), one
-validation batch B_val for both outer gradients, and one more training batch B_c for the
-cross term. Compared with the AID convention (hypergrad = ∇_λ L_out − η (∂_λ g)ᵀ v_AID,
-v_AID = Σ_{q=0}^{K} (I − ηH)^q rhs), stocBiO's v already carries the step: v = η_N v_AID.
-Hence with ``batch_size`` ≥ both split sizes (every row used, no sampling) and η_N = η,
-stocbio(t, K) equals ``aid_neumann``(t, K) up to rounding (when that one does not stop
-early; stocBiO never stops early).
+with K independent training batches B_1 … B_K (one fresh batch per Neumann factor, as
+in the paper's recursion), one validation batch B_val for both outer gradients, and one
+more training batch B_c for the cross term. Compared with the AID convention (hypergrad =
+∇_λ L_out − η (∂_λ g)ᵀ v_AID, v_AID = Σ_{q=0}^{K} (I − ηH)^q rhs), stocBiO's v already
+carries the step: v = η_N v_AID. Hence with ``batch_size`` ≥ both split sizes (every row
+used, no sampling) and η_N = η, stocbio(t, K) equals ``aid_neumann``(t, K) up to rounding
+(when that one does not stop early; stocBiO never stops early).
 
-Sampling: each batch is ``batch_size`` distinct rows drawn uniformly *without
-replacement* from its split (``jax.random.choice(..., replace=False)``); batches are
-independent across steps. A split with at most ``batch_size`` rows is used whole, in
-order. Keys derive from ``seed`` with ``fold_in`` of the step index, so batch B_s does not
-depend on t or K and one seed reproduces one run exactly.
+Sampling: each batch is ``batch_size`` row indices drawn i.i.d. uniformly *with
+replacement* from its split (``jax.random.randint``): the t inner batches and B_1 … B_K,
+B_c from the training rows, B_val from the validation rows. That is what stocBiO's
+analysis assumes (independent samples, so every minibatch average is an unbiased
+estimate of its full-batch counterpart), it needs no per-epoch state, and one batch costs
+O(batch) whatever the split size; a permutation per batch (``choice(replace=False)``)
+costs O(n) per step, and a permutation per epoch O(n) once per epoch. A split with at
+most ``batch_size`` rows is used whole, in order (no draw). Keys derive from ``seed`` with
+``fold_in`` of the step index, so batch B_s does not depend on t or K and one seed
+reproduces one run bit for bit. Conditional on w_t, the batches B_val, B_1 … B_K and B_c
+are independent of each other, so the estimate is an unbiased estimate of the
+full-batch AID-Neumann(K) one at w_t.
 
-Counting convention: ``n_inner_grad_evals`` = t minibatch gradients; ``n_hvp_evals`` =
-K minibatch Hessian-vector products + 1 cross term; ``solver_iters`` = K.
+Counting convention (``docs/costs.md``): ``n_inner_grad_evals`` = t minibatch gradients;
+``n_hvp_evals`` = K minibatch Hessian-vector products (the Neumann ones);
+``n_cross_evals`` = 1 (the cross term); ``n_outer_grad_evals`` = 1 (one pair on B_val);
+``solver_iters`` = K; ``n_samples_touched`` = (t + K + 1)·b_tr + b_val with
+b_tr = min(batch_size, n_train), b_val = min(batch_size, n_val).
 One compilation per (problem functions, shapes, batch sizes); t, K, seed, η, η_N traced.
 """
 from __future__ import annotations
@@ -38,9 +48,11 @@ from hypersweep.algorithms.jax import _core
 
 
 def _batch(key, n: int, batch_size: int):
+    """One batch of row indices of an n-row split: all rows when n ≤ ``batch_size``,
+    else ``batch_size`` i.i.d. uniform draws with replacement (O(batch), not O(n))."""
     if batch_size >= n:
         return jnp.arange(n)
-    return jax.random.choice(key, n, (batch_size,), replace=False)
+    return jax.random.randint(key, (batch_size,), 0, n)
 
 
 @functools.partial(jax.jit, static_argnames=("fns", "n_train", "n_val", "batch_size"))
@@ -78,11 +90,18 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     """stocBiO hypergradient estimate (Ji, Yang & Liang, ICML 2021).
 
     t: minibatch SGD steps with step η = ``problem.inner_lr``. K: Neumann terms after the
-    first (K minibatch Hessian-vector products). ``batch_size``: rows per batch (≥ 1;
-    a split no larger than it is used whole). ``neumann_lr``: η_N (> 0; None → η).
-    ``seed``: the batches (reproducible).
+    first (K minibatch Hessian-vector products, each on its own batch). ``batch_size``:
+    rows per batch (≥ 1; a split no larger than it is used whole). ``neumann_lr``: η_N
+    (> 0; None → η). ``seed``: the batches (reproducible bit for bit).
 
-    Cost: t minibatch gradients, K + 1 minibatch Hessian-vector products, O(dim w) memory.
+    Sampler: every batch is ``batch_size`` i.i.d. uniform row indices drawn with
+    replacement (``jax.random.randint``, key = ``fold_in`` of the seed's stream and the
+    step index): t inner batches and K + 1 Hessian/cross batches from the training split,
+    one validation batch from the validation split. O(batch) per batch, independent of n.
+
+    Cost: t minibatch gradients, K minibatch Hessian-vector products, 1 minibatch cross
+    product, 1 minibatch outer-gradient pair; (t + K + 1)·b_tr + b_val rows read
+    (b = min(batch_size, split size)); O(dim w) memory. Counts as in the module docstring.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
@@ -99,7 +118,9 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
         fns, n_train, n_val, batch_size, w0, lam, arrays, eta,
         jnp.asarray(eta_n, problem.dtype), jnp.asarray(t, jnp.int32),
         jnp.asarray(K, jnp.int32), jax.random.PRNGKey(seed)))
-    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t, n_hvp_evals=K + 1,
-                     solver_iters=K,
+    b_train, b_val = min(batch_size, n_train), min(batch_size, n_val)
+    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t, n_hvp_evals=K,
+                     solver_iters=K, n_cross_evals=1, n_outer_grad_evals=1,
+                     n_samples_touched=(t + K + 1) * b_train + b_val,
                      extras={"batch_size": batch_size, "neumann_lr": float(eta_n),
                              "full_batch": batch_size >= max(n_train, n_val)})
