@@ -145,6 +145,45 @@ def test_error_vs_t_figure_has_a_panel_per_problem_and_the_fitted_rates(built):
     assert f"(q = {q:.4f})" in fig.axes[1].get_title()
 
 
+# Five seeds, one an outlier, so that the median, the mean and the band all differ. Sorted
+# factors 1.0, 1.1, 1.2, 1.3, 10: median 1.2 (mean 2.92); band by linear interpolation
+# between order statistics (numpy's default), at positions 0.2·4 and 0.8·4:
+# 20 %: 1.0 + 0.8·0.1 = 1.08, 80 %: 1.3 + 0.2·8.7 = 3.04.
+SKEWED = {0: 10.0, 1: 1.2, 2: 1.0, 3: 1.3, 4: 1.1}  # seed -> factor (outlier first)
+SKEWED_MEDIAN, SKEWED_LOW, SKEWED_HIGH = 1.2, 1.08, 3.04
+
+
+@pytest.fixture(scope="module")
+def skewed_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("skewed")
+    rows = [_row("hypergradient_error", "ridge", "itd", t, None, seed,
+                 hypergrad_rel_error=factor * 0.5 ** t)
+            for seed, factor in SKEWED.items() for t in (1, 2, 5)]
+    write_table_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out / "results")
+    return report.read_output(out)[0]
+
+
+def test_error_curves_are_the_median_over_seeds_with_a_20_80_band(skewed_results):
+    curves = report.error_curves(skewed_results)
+    assert list(curves["t"]) == [1, 2, 5] and set(curves["n"]) == {5}
+    base = 0.5 ** curves["t"].to_numpy(float)
+    np.testing.assert_allclose(curves["median"], SKEWED_MEDIAN * base, rtol=1e-12)
+    np.testing.assert_allclose(curves["low"], SKEWED_LOW * base, rtol=1e-12)
+    np.testing.assert_allclose(curves["high"], SKEWED_HIGH * base, rtol=1e-12)
+    # ... and the figure draws exactly those: the line is the median, the band 20-80 %.
+    fig, _ = report.plot_error_vs_t(skewed_results)
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), [1, 2, 5])
+    np.testing.assert_allclose(line.get_ydata(), SKEWED_MEDIAN * base, rtol=1e-12)
+    (band,) = ax.collections
+    vertices = np.concatenate([path.vertices for path in band.get_paths()])
+    for t, b in zip((1, 2, 5), base):
+        ys = vertices[vertices[:, 0] == t, 1]
+        assert ys.min() == pytest.approx(SKEWED_LOW * b, rel=1e-12)
+        assert ys.max() == pytest.approx(SKEWED_HIGH * b, rel=1e-12)
+
+
 def test_best_val_figure_and_comparison_table(built):
     fig = built["figures"]["best_val_vs_cost.png"]
     assert len(fig.axes) == 2  # one problem × (wall time, evaluations)
