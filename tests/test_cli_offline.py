@@ -139,8 +139,8 @@ def test_python_dash_m_plan_never_imports_ray(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(),
                             capture_output=True, text=True, timeout=120)
     assert "RC 0 RAY False" in result.stdout, result.stdout + result.stderr
-    # per seed: itd one cell per t (2); aid_cg K ∈ {5, t}: t=5 -> 1, t=10 -> 2. × 2 seeds.
-    assert "10 cells" in result.stdout
+    # per seed: itd one cell per t (2); aid_cg one per (t, K line): 2 t × {5, t} = 4. × 2 seeds.
+    assert "12 cells" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
@@ -152,13 +152,13 @@ def test_plan_output(tmp_path, capsys):
     path.write_text(_yaml(problems=["ridge", "quadratic"], algorithms=["itd", "stocbio"]))
     assert cli.main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
-    # ridge: itd 2 t × 2 seeds = 4; stocbio K ∈ {5, t}: t=5 -> 1, t=10 -> 2; × 2 seeds = 6.
-    # quadratic: itd 4; stocbio skipped (needs minibatch). Total 14.
-    assert "14 cells" in out
+    # ridge: itd 2 t × 2 seeds = 4; stocbio 2 t × 2 K lines {5, t} × 2 seeds = 8.
+    # quadratic: itd 4; stocbio skipped (needs minibatch). Total 16.
+    assert "16 cells" in out
     assert "cells per (problem, algorithm)" in out
     rows = {tuple(cell.strip() for cell in line.split("│")[1:4])
             for line in out.splitlines() if line.startswith("│")}
-    assert {("ridge", "itd", "4"), ("ridge", "stocbio", "6"), ("quadratic", "itd", "4"),
+    assert {("ridge", "itd", "4"), ("ridge", "stocbio", "8"), ("quadratic", "itd", "4"),
             ("quadratic", "stocbio", "0")} <= rows
     assert "skipped combinations" in out and "stocbio requires minibatch" in out
     sample = [line.strip() for line in out.splitlines() if line.startswith("  ridge.")
@@ -170,7 +170,7 @@ def test_plan_output(tmp_path, capsys):
 def test_plan_of_example(capsys):
     assert cli.main(["plan", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
-    assert "104 cells" in out and "skipped combinations: none" in out
+    assert "120 cells" in out and "skipped combinations: none" in out
 
 
 def test_problems_table(capsys):

@@ -188,7 +188,7 @@ def test_best_val_figure_and_comparison_table(built):
     fig = built["figures"]["best_val_vs_cost.png"]
     assert len(fig.axes) == 2  # one problem × (wall time, evaluations)
     assert fig.axes[0].get_xlabel() == "wall time (s)"
-    assert fig.axes[1].get_xlabel() == "inner-gradient evaluations"
+    assert fig.axes[1].get_xlabel() == report.COST_LABEL  # n_oracle_calls (docs/costs.md)
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles == {"aid_cg K=10 (gradient)": "-", "random (black-box)": "--"}
     # the median curve ends at the final best values
@@ -200,7 +200,7 @@ def test_best_val_figure_and_comparison_table(built):
     assert table.loc["random", "final_val_loss"] == pytest.approx(1.05)
     assert table.loc["random", "reached"] == "3/3"
     assert table.loc["random", "time_to_target_s"] == pytest.approx(0.8)
-    assert table.loc["random", "evals_to_target"] == pytest.approx(800)
+    assert table.loc["random", "calls_to_target"] == pytest.approx(800)
     assert table.loc["random", "cells"] == 4 and table.loc["random", "ok"] == 3
     assert table.loc["aid_cg K=10", "final_val_loss"] == pytest.approx(1.1)
     assert table.loc["aid_cg K=10", "reached"] == "0/3"
@@ -280,3 +280,19 @@ def test_report_from_real_blackbox_rows(tmp_path):
     assert table["reached"].iloc[0] == "1/1"
     assert "best_val_vs_cost.png" in built["figures"]
     assert json.loads(row["extra"])["n_trials"] == 5
+
+
+def test_cost_axis_is_n_oracle_calls_with_a_fallback_for_old_outputs():
+    """ITD-like traces (n_oracle_calls = 3 × inner gradients) plot at their oracle calls;
+    rows written before the column existed fall back to inner + Hessian-vector counts."""
+    import pandas as pd
+
+    df = pd.DataFrame({"n_inner_grad_evals": [100, 200, 100], "n_hvp_evals": [0, 0, 40],
+                       "n_oracle_calls": [301, 602, None]})
+    assert report.oracle_calls(df).tolist() == [301.0, 602.0, 140.0]
+    assert report.oracle_calls(df.drop(columns="n_oracle_calls")).tolist() == [100.0, 200.0,
+                                                                              140.0]
+    curves = pd.DataFrame({"panel": "p", "method": "itd", "kind": "gradient", "cell_id": "c",
+                           "n_oracle_calls": [301.0, 602.0], "best": [2.0, 1.0]})
+    drawn = report.best_curves(curves, report.COST_AXIS, n_grid=5)
+    assert drawn["x"].min() == pytest.approx(301.0) and drawn["x"].max() == pytest.approx(602.0)
