@@ -239,7 +239,8 @@ class ParquetSink:
 METRIC_COLUMNS = ("hypergrad_rel_error", "hypergrad_abs_error", "hypergrad_norm",
                   "inner_suboptimality", "val_loss", "test_loss", "test_accuracy",
                   "wall_time_s", "compile_time_s", "peak_memory_mb", "n_inner_grad_evals",
-                  "n_hvp_evals", "solver_iters")
+                  "n_hvp_evals", "n_cross_evals", "n_outer_grad_evals", "n_oracle_calls",
+                  "n_samples_touched", "solver_iters")
 #: the cell fields (all but t) that define one child run
 GROUP_FIELDS = ("study", "pipeline", "problem", "algorithm", "backend", "K", "seed",
                 "dtype", "problem_params", "algorithm_params", "pipeline_params")
