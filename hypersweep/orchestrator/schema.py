@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-#: the cost columns every result and trace row carries (``cost_columns`` fills them)
-COST_COLUMNS = ("n_inner_grad_evals", "n_hvp_evals", "n_cross_evals", "n_outer_grad_evals",
-                "n_oracle_calls", "n_samples_touched")
+#: the cost columns every result and trace row carries (``cost_columns`` fills them), one
+#: convention for every algorithm (docs/costs.md)
+COST_FIELDS = (
+    ("n_inner_grad_evals", pa.int64()),   # ∇_w L_in
+    ("n_hvp_evals", pa.int64()),          # ∇²_ww L_in · v
+    ("n_cross_evals", pa.int64()),        # ∇²_λw L_in · v
+    ("n_outer_grad_evals", pa.int64()),   # (∇_w L_out, ∇_λ L_out)
+    ("n_oracle_calls", pa.int64()),       # the sum of the four
+    ("n_samples_touched", pa.int64()),    # data rows read (minibatch methods), else null
+)
+COST_COLUMNS = tuple(name for name, _ in COST_FIELDS)
 
-STATUSES = ("ok", "error", "diverged", "timeout", "crashed")
+#: "oom": the actor outgrew ``resources.memory_mb`` and was stopped (actors.py watchdog)
+STATUSES = ("ok", "error", "diverged", "timeout", "crashed", "oom")
 #: statuses that ``--retry-failed`` re-runs; "ok" cells are always skipped on resume
-FAILED_STATUSES = ("error", "diverged", "timeout", "crashed")
+FAILED_STATUSES = ("error", "diverged", "timeout", "crashed", "oom")
 
 RESULT_SCHEMA = pa.schema([
     ("study", pa.string()),
@@ -40,13 +49,7 @@ RESULT_SCHEMA = pa.schema([
     ("wall_time_s", pa.float64()),
     ("compile_time_s", pa.float64()),
     ("peak_memory_mb", pa.float64()),
-    # cost columns, one convention for every algorithm (docs/costs.md)
-    ("n_inner_grad_evals", pa.int64()),   # ∇_w L_in
-    ("n_hvp_evals", pa.int64()),          # ∇²_ww L_in · v
-    ("n_cross_evals", pa.int64()),        # ∇²_λw L_in · v
-    ("n_outer_grad_evals", pa.int64()),   # (∇_w L_out, ∇_λ L_out)
-    ("n_oracle_calls", pa.int64()),       # the sum of the four
-    ("n_samples_touched", pa.int64()),    # data rows read (minibatch methods), else null
+    *COST_FIELDS,
     ("solver_iters", pa.int64()),
     ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")),
@@ -72,13 +75,7 @@ TRACE_SCHEMA = pa.schema([
     ("lam_min", pa.float64()),
     ("lam_max", pa.float64()),
     ("hypergrad_norm", pa.float64()),
-    # cost columns, one convention for every algorithm (docs/costs.md)
-    ("n_inner_grad_evals", pa.int64()),   # ∇_w L_in
-    ("n_hvp_evals", pa.int64()),          # ∇²_ww L_in · v
-    ("n_cross_evals", pa.int64()),        # ∇²_λw L_in · v
-    ("n_outer_grad_evals", pa.int64()),   # (∇_w L_out, ∇_λ L_out)
-    ("n_oracle_calls", pa.int64()),       # the sum of the four
-    ("n_samples_touched", pa.int64()),    # data rows read (minibatch methods), else null
+    *COST_FIELDS,
     ("extra", pa.string()),
 ])
 
