@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    hypersweep run STUDY.yaml [--address ADDR] [--quiet] [--retry-failed]
+    hypersweep run STUDY.yaml [--address ADDR] [--quiet] [--retry-failed] [--force]
     hypersweep plan STUDY.yaml
     hypersweep status OUTPUT_DIR
     hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
@@ -148,9 +148,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  what="the driver")
     driver = sys.modules["hypersweep.orchestrator.driver"]
     interrupted = getattr(driver, "SweepInterrupted", None)
+    from hypersweep.orchestrator.lock import OutputError
     try:
         summary = run_study(study, address=args.address or os.environ.get("RAY_ADDRESS"),
-                            quiet=quiet, retry_failed=args.retry_failed)
+                            quiet=quiet, retry_failed=args.retry_failed,
+                            **({"force": True} if args.force else {}))
+    except OutputError as exc:  # output held by another driver, or Parquet unwritable
+        _error(exc)
+        return exc.exit_code
     except Exception as exc:
         if interrupted is None or not isinstance(exc, interrupted):
             raise
@@ -187,6 +192,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     except ValueError as exc:  # not a study output, unreadable schema
         raise UsageError(str(exc)) from None
     console = _console()
+    from hypersweep.orchestrator import lock
+
+    held = lock.holder(args.output_dir)
+    if held is not None:
+        holder, alive = held
+        _say(console, f"{'running' if alive else 'stale lock (its run is gone)'}: "
+                      f"{lock.describe(holder)}")
     if table is None or table.num_rows == 0:
         _say(console, f"{args.output_dir}: no results yet")
         return 0
@@ -289,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="re-run cells whose latest status is error, diverged, timeout "
                           "or crashed (ok cells are always skipped)")
+    run.add_argument("--force", action="store_true",
+                     help="take the output's lock even if another run holds it (only for "
+                          "a holder known to be gone, e.g. on a lost host)")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="validate a study and show its cells; no Ray")

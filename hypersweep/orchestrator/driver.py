@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from hypersweep import __version__
+from hypersweep.orchestrator import lock as lock_mod
 from hypersweep.orchestrator import resources as resources_mod
 from hypersweep.orchestrator import sinks
 from hypersweep.orchestrator.cell import Cell
@@ -255,8 +256,10 @@ def _init_ray(address: str | None) -> bool:
 class _Sweep:
     def __init__(self, study: Any, cells: Iterable[Cell], *, total: int | None,
                  quiet: bool, retry_failed: bool, stop_event: threading.Event,
-                 ensure_ray: Callable[[], Any], address: str | None = None):
+                 ensure_ray: Callable[[], Any], address: str | None = None,
+                 force: bool = False):
         self.study = study
+        self.force = force  # take the output's lock even from a live holder
         self.request = actor_request(study)
         # only an embedded Ray may drop GPU requests; a cluster may autoscale GPU nodes
         self.local_ray = not (address or os.environ.get("RAY_ADDRESS"))
@@ -541,9 +544,19 @@ class _Sweep:
         return yaml.safe_dump(_plain(self.study), sort_keys=False)
 
     def run(self) -> dict:
-        wall_start = time.perf_counter()
+        """Hold the output's lock (before writing anything or starting Ray or MLflow)
+        around the sweep; raises :class:`~.lock.LockHeld` at once if another driver holds
+        it, :class:`~.sinks.SinkWriteError` if Parquet cannot be written (both exit 2)."""
         self.output.mkdir(parents=True, exist_ok=True)
-        sinks.write_text_atomic(self.output / sinks.STUDY_FILE, self._study_text())
+        with lock_mod.OutputLock(self.output, study=self.name, force=self.force):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict:
+        wall_start = time.perf_counter()
+        try:
+            sinks.write_text_atomic(self.output / sinks.STUDY_FILE, self._study_text())
+        except OSError as exc:
+            raise sinks.SinkWriteError(self.output / sinks.STUDY_FILE, exc, 1) from exc
         self.sink = sinks.ParquetSink(self.output, flush_rows=FLUSH_ROWS,
                                       flush_seconds=FLUSH_SECONDS)
         self._load_previous()
@@ -553,6 +566,7 @@ class _Sweep:
         completed = False
         interrupted = False
         crashed = True
+        write_error: sinks.SinkWriteError | None = None
         try:
             if not self.feed.empty():
                 self._start_pool()
@@ -572,11 +586,20 @@ class _Sweep:
             else:
                 completed = True
             crashed = False
+        except sinks.SinkWriteError as exc:  # retried already: stop, keep what is saved
+            write_error = exc
         finally:
-            self._flush()
+            if write_error is None:
+                try:
+                    self._flush()
+                except sinks.SinkWriteError as exc:
+                    write_error = exc
             self.progress.close()
             self._stop_actors()
-            status = "FINISHED" if completed else ("FAILED" if crashed else "KILLED")
+            if write_error is not None:
+                completed = False
+            status = "FINISHED" if completed else (
+                "FAILED" if crashed or write_error else "KILLED")
             summary = self._summary(wall_start, interrupted)
             if zero_hypergradient_warning(summary):
                 log.warning(zero_hypergradient_warning(summary))
@@ -588,6 +611,10 @@ class _Sweep:
             summary["wall_time_s"] = time.perf_counter() - wall_start
             summary["timings"]["mlflow_drain_wait_s"] = (
                 self.writer.drain_wait_s if self.writer else 0.0)
+        if write_error is not None:
+            summary["write_error"] = str(write_error)
+            raise write_error.stopped(saved=self.sink.rows_written,
+                                      unsaved=self.sink.pending, summary=summary)
         return summary
 
     def _stop_actors(self) -> None:
@@ -689,7 +716,8 @@ def zero_hypergradient_warning(summary: dict) -> str | None:
 
 def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
               quiet: bool = False, retry_failed: bool = False,
-              stop_event: threading.Event | None = None, address: str | None = None) -> dict:
+              stop_event: threading.Event | None = None, address: str | None = None,
+              force: bool = False) -> dict:
     """Run ``cells`` of ``study`` (attributes as in ``StudySpec``) on the current Ray, or
     on one started/joined as in :func:`run_study` when none is initialized (and then left
     running). Returns the summary; ``summary["interrupted"]`` if ``stop_event`` was set."""
@@ -697,13 +725,13 @@ def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
         total = len(cells)  # type: ignore[arg-type]
     sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
                    stop_event=stop_event or threading.Event(),
-                   ensure_ray=lambda: _init_ray(address), address=address)
+                   ensure_ray=lambda: _init_ray(address), address=address, force=force)
     return sweep.run()
 
 
 def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
               retry_failed: bool = False, cells: Iterable[Cell] | None = None,
-              total: int | None = None) -> dict:
+              total: int | None = None, force: bool = False) -> dict:
     """Run a validated study to completion; return its summary (see ``print_summary``).
 
     ``address``: a Ray cluster to join ("auto", "ray://…", "host:port"); default
@@ -711,7 +739,10 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
     127.0.0.1 that is shut down at the end. ``retry_failed``: re-run cells whose latest
     status is error/diverged/timeout/crashed (``ok`` cells are always skipped).
     ``cells``/``total``: run these instead of ``spec.expand(study)`` (tests, tools).
-    Raises :class:`SweepInterrupted` after SIGTERM/SIGINT (rows flushed first).
+    ``force``: take the output's lock even if another live driver holds it.
+    Raises :class:`SweepInterrupted` after SIGTERM/SIGINT (rows flushed first),
+    :class:`~.lock.LockHeld` if another driver holds the output, and
+    :class:`~.sinks.SinkWriteError` if Parquet parts cannot be written.
     """
     if cells is None:
         from hypersweep.orchestrator import spec
@@ -747,7 +778,8 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
     sinks.set_mlflow_env_defaults()
     try:
         sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
-                       stop_event=stop_event, ensure_ray=ensure_ray, address=address)
+                       stop_event=stop_event, ensure_ray=ensure_ray, address=address,
+                       force=force)
         summary = sweep.run()
     finally:
         for signum, handler in previous.items():

@@ -5,11 +5,18 @@ Only the driver process writes. Layout under a study's ``output`` directory::
     study.yaml                      the study as written (after validation)
     results/part-<ns>-<uuid8>.parquet   result rows, schema.RESULT_SCHEMA, one file per flush
     traces/part-<ns>-<uuid8>.parquet    per-step trace rows, schema.TRACE_SCHEMA
+    quarantine/results|traces/…      parts found unreadable, moved aside
+    hypersweep.lock                 the running driver (host, pid, since, study)
 
 Every file is written under a dot-prefixed temporary name, fsynced, renamed into place and
 its directory fsynced, so a SIGKILL at any moment leaves either a complete part or an
-invisible ``.part-*.tmp`` (readers skip names starting with ``.``; the next run deletes
-them). Retried or re-run cells append new rows; :func:`read_results` keeps the latest row
+invisible ``.part-*.<pid>@<host>.tmp`` (readers skip names starting with ``.``; the next
+driver on that host deletes those whose process is gone). Only the holder of the output's
+lock (:mod:`.lock`) writes. A write that fails (disk full, read-only) keeps its rows
+buffered and is retried; if it keeps failing the sweep stops with :class:`SinkWriteError`
+and the unsaved cells simply re-run next time. A visible part that cannot be read
+(truncated, zero bytes) is moved to ``quarantine/`` with a warning and its cells count as
+not done. Retried or re-run cells append new rows; :func:`read_results` keeps the latest row
 per ``cell_id`` (by ``finished_at``), so a study read back has every cell exactly once.
 
 MLflow granularity (why not one run per cell): the MLflow UI compares *runs* and draws a
@@ -27,12 +34,15 @@ holds the study's params, ``study.yaml`` and ``summary.json``.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import queue
+import re
+import socket
 import threading
 import time
 import uuid
@@ -44,6 +54,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from hypersweep.orchestrator.lock import OutputError
 from hypersweep.orchestrator.schema import RESULT_SCHEMA, TRACE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,36 @@ log = logging.getLogger(__name__)
 RESULTS_DIR = "results"
 TRACES_DIR = "traces"
 STUDY_FILE = "study.yaml"
+QUARANTINE_DIR = "quarantine"
+#: a failed Parquet write is tried this many times in all, sleeping WRITE_BACKOFF_S × 2^i
+WRITE_ATTEMPTS = 4
+WRITE_BACKOFF_S = 0.1
+
+
+class SinkWriteError(OutputError):
+    """Parquet parts could not be written to ``path`` after every attempt."""
+
+    def __init__(self, path: Path, exc: OSError, attempts: int):
+        self.path, self.error, self.attempts = path, exc, attempts
+        name = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        super().__init__(f"cannot write to {path} ({name + ': ' if name else ''}{reason}) "
+                         f"after {attempts} attempt(s)")
+        self.summary: dict | None = None
+
+    def stopped(self, *, saved: int, unsaved: int, summary: dict | None = None
+                ) -> SinkWriteError:
+        """This error, its message completed with what the stopped sweep kept."""
+        self.summary = summary
+        self.args = (f"{self.args[0]}; the sweep stopped: {saved} finished cell(s) of this "
+                     f"run are saved, {unsaved} more finished but could not be saved and "
+                     f"re-run on the next `hypersweep run`",)
+        return self
+
+
+def _tmp_suffix() -> str:
+    """``<pid>@<host>``: whose temporary file it is (see :func:`sweep_stale_tmp`)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
 
 # ---------------------------------------------------------------------------------------
 # Parquet
@@ -71,17 +112,25 @@ def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
     """Write ``table`` as a new ``part-<time_ns>-<uuid8>.parquet`` in ``directory``.
 
     tmp (dot-prefixed, invisible to readers) + fsync + ``os.replace`` + directory fsync:
-    after a crash the part is either complete or absent. Cost: ~1.5 ms for 50 rows.
+    after a crash the part is either complete or absent; after a failed write (OSError,
+    e.g. ENOSPC) the tmp is removed before the error propagates. Cost: ~1.5 ms for 50 rows.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = directory / f".{final.name}.tmp"
-    with open(tmp, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    tmp = directory / f".{final.name}.{_tmp_suffix()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     _fsync_dir(directory)
     return final
 
@@ -89,21 +138,55 @@ def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{_tmp_suffix()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
 
 
+_TMP_OWNER = re.compile(r"\.(\d+)@(.+)\.tmp$")
+
+
+def _stale(name: str) -> bool:
+    """Whether the writer of temporary file ``name`` is gone: a process of this host that
+    no longer exists (or this very process). Another host's files are left to that host;
+    names without an owner come from versions before owners were recorded."""
+    match = _TMP_OWNER.search(name)
+    if match is None:
+        return True
+    pid, host = int(match.group(1)), match.group(2)
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def sweep_stale_tmp(directory: str | Path) -> int:
-    """Delete ``.*.tmp`` left by a killed writer; returns how many were removed."""
+    """Delete the ``.*.tmp`` of writers that are gone (see :func:`_stale`); returns how
+    many were removed. Call it only while holding the output's lock."""
     directory = Path(directory)
     removed = 0
     if directory.is_dir():
         for stale in directory.glob(".*.tmp"):
+            if not _stale(stale.name):
+                continue
             try:
                 stale.unlink()
                 removed += 1
@@ -112,11 +195,61 @@ def sweep_stale_tmp(directory: str | Path) -> int:
     return removed
 
 
+def _parts(directory: Path) -> list[Path]:
+    """The visible parts, oldest first (names start with a nanosecond clock)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def quarantine(part: Path, error: BaseException) -> None:
+    """Move an unreadable ``part`` to ``<output>/quarantine/<results|traces>/`` with one
+    warning naming it and how many rows it held (0 when even its footer is unreadable)."""
+    try:
+        lost = pq.read_metadata(part).num_rows
+    except Exception:  # noqa: BLE001 - truncated or empty: no footer
+        lost = 0
+    target_dir = part.parent.parent / QUARANTINE_DIR / part.parent.name
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target_dir / part.name)
+        where = f"moved to {target_dir}"
+    except FileNotFoundError:  # another reader moved it first
+        return
+    except OSError as exc:  # a read-only output: skip it in place
+        where = f"left in place (cannot move it: {exc.strerror or exc})"
+    log.warning("unreadable Parquet part %s (%s): %d row(s) lost, %s; its cells count as not "
+                "done and re-run", part, reason, lost, where)
+
+
+def _read_part(part: Path, schema: pa.Schema) -> pa.Table | None:
+    try:
+        return pq.read_table(part, schema=schema)
+    except FileNotFoundError:  # quarantined by another reader meanwhile
+        return None
+    except (pa.ArrowInvalid, OSError) as exc:
+        try:
+            pq.read_table(part)
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowInvalid, OSError):
+            quarantine(part, exc)  # the file itself is unreadable
+            return None
+        raise  # readable, but not with this schema: not corruption, do not hide it
+
+
 def _dataset(directory: Path, schema: pa.Schema) -> pa.Table:
-    if not directory.is_dir() or not any(directory.glob("*.parquet")):
+    parts = _parts(directory)
+    if not parts:
         return schema.empty_table()
-    # ds.dataset ignores names starting with "." or "_" (our temporary files).
-    return ds.dataset(directory, format="parquet", schema=schema).to_table()
+    try:
+        return ds.dataset([str(p) for p in parts], format="parquet",
+                          schema=schema).to_table()
+    except (pa.ArrowInvalid, OSError):
+        pass  # some part is unreadable: read them one by one, quarantining the bad ones
+    tables = [t for t in (_read_part(p, schema) for p in parts) if t is not None]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def latest_per_cell(table: pa.Table) -> pa.Table:
@@ -154,10 +287,12 @@ def read_traces(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
     its most recent part win. ``latest=False``: every run's rows.
     """
     directory = Path(output_dir) / TRACES_DIR
-    files = sorted(p for p in directory.glob("*.parquet")) if directory.is_dir() else []
+    files = _parts(directory)
     if not latest or not files:
         return _dataset(directory, TRACE_SCHEMA)
-    parts = [pq.read_table(f, schema=TRACE_SCHEMA) for f in files]
+    parts = [t for t in (_read_part(f, TRACE_SCHEMA) for f in files) if t is not None]
+    if not parts:
+        return TRACE_SCHEMA.empty_table()
     newest: dict[str, int] = {}
     for index, part in enumerate(parts):
         for cell_id in set(part.column("cell_id").to_pylist()):
@@ -174,16 +309,27 @@ class ParquetSink:
 
     ``flush_rows`` / ``flush_seconds``: flush when that many rows are buffered or the
     oldest buffered row is that old (and always on ``flush()``), so a SIGKILL loses at most
-    ``flush_seconds`` of finished cells plus the in-flight ones.
+    ``flush_seconds`` of finished cells plus the in-flight ones. Create it only while
+    holding the output's lock: it deletes the stale temporary files of dead writers.
+
+    A write that raises OSError keeps every buffered row and is tried ``write_attempts``
+    times in all (backoff ``write_backoff_s`` × 2^i); then :class:`SinkWriteError`, with
+    the rows still buffered (``pending``), so nothing half-written is counted as saved.
     """
 
     def __init__(self, output_dir: str | Path, *, flush_rows: int = 50,
-                 flush_seconds: float = 2.0):
+                 flush_seconds: float = 2.0, write_attempts: int = WRITE_ATTEMPTS,
+                 write_backoff_s: float = WRITE_BACKOFF_S):
         self.output_dir = Path(output_dir)
         self.results_dir = self.output_dir / RESULTS_DIR
         self.traces_dir = self.output_dir / TRACES_DIR
+        self.write_attempts = max(1, int(write_attempts))
+        self.write_backoff_s = write_backoff_s
         for directory in (self.results_dir, self.traces_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SinkWriteError(directory, exc, 1) from exc
             removed = sweep_stale_tmp(directory)
             if removed:
                 log.info("removed %d stale temporary file(s) in %s", removed, directory)
@@ -212,23 +358,39 @@ class ParquetSink:
         return (len(self._rows) >= self.flush_rows
                 or time.monotonic() - self._oldest >= self.flush_seconds)
 
+    def _write(self, rows: list[dict], schema: pa.Schema, directory: Path) -> None:
+        table = pa.Table.from_pylist(rows, schema=schema)
+        for attempt in range(self.write_attempts):
+            try:
+                write_table_atomic(table, directory)
+                self.files_written += 1
+                return
+            except OSError as exc:
+                if attempt + 1 == self.write_attempts:
+                    raise SinkWriteError(directory, exc, self.write_attempts) from exc
+                log.info("writing a Parquet part to %s failed (%s); retrying", directory, exc)
+                time.sleep(self.write_backoff_s * 2 ** attempt)
+
     def flush(self) -> list[dict]:
-        """Write buffered rows (traces first, then results); returns the rows written."""
+        """Write buffered rows (traces first, then results); returns the rows written.
+
+        Rows leave the buffer only once their part is in place; raises
+        :class:`SinkWriteError` when a part cannot be written (they stay buffered).
+        """
         if not self._rows and not self._traces:
             return []
         start = time.perf_counter()
-        rows, traces = self._rows, self._traces
-        self._rows, self._traces, self._oldest = [], [], None
-        if traces:
-            write_table_atomic(pa.Table.from_pylist(traces, schema=TRACE_SCHEMA),
-                               self.traces_dir)
-            self.files_written += 1
-        if rows:
-            write_table_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA),
-                               self.results_dir)
-            self.files_written += 1
+        try:
+            if self._traces:
+                self._write(self._traces, TRACE_SCHEMA, self.traces_dir)
+                self._traces = []  # written: a retry of the results must not repeat them
+            rows = self._rows
+            if rows:
+                self._write(rows, RESULT_SCHEMA, self.results_dir)
+            self._rows, self._oldest = [], None
+        finally:
+            self.seconds += time.perf_counter() - start
         self.rows_written += len(rows)
-        self.seconds += time.perf_counter() - start
         return rows
 
 

@@ -1,0 +1,220 @@
+"""Durability of a study's output (issue #9, parts 2-4): a disk that refuses writes never
+drops a finished cell silently, an unreadable Parquet part is quarantined and its cells
+re-run, and two drivers on one output never both run it."""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hypersweep.orchestrator import driver, lock, sinks
+from hypersweep.orchestrator.cell import Cell, canonical_json
+
+pytestmark = pytest.mark.ray
+
+
+def _study(output: Path, name: str = "durable") -> types.SimpleNamespace:
+    return types.SimpleNamespace(study=name, output=str(output), backend=(),
+                                 resources={"num_cpus": 1, "num_gpus": 0}, num_actors=2,
+                                 max_retries=1, cell_timeout_s=None,
+                                 mlflow=types.SimpleNamespace(enabled=False))
+
+
+def _cells(n: int, name: str = "durable") -> list[Cell]:
+    return [Cell(study=name, pipeline="sweep_test", problem="toy", algorithm="probe",
+                 backend="none", t=1, K=None, seed=seed, pipeline_params=canonical_json({}))
+            for seed in range(n)]
+
+
+def _tmp_files(output: Path) -> list[Path]:
+    return [p for d in (sinks.RESULTS_DIR, sinks.TRACES_DIR) for p in
+            (output / d).glob(".*")]
+
+
+def _once_each(output: Path, cells: list[Cell]) -> None:
+    """Every cell exactly once on disk (all rows, not only the latest), every one ok."""
+    rows = driver.read_results(output, latest=False)
+    counts = Counter(rows.column("cell_id").to_pylist())
+    assert set(counts) == {c.cell_id for c in cells}
+    assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1]
+    assert set(rows.column("status").to_pylist()) == {"ok"}
+
+
+def _fail_after(monkeypatch, parts: int, code: int = errno.ENOSPC) -> dict:
+    """Make the Parquet writer fail with ``code`` once ``parts`` parts are written: the
+    failing call leaves half a file behind, as a full disk does."""
+    state = {"written": 0, "failures": 0}
+    real = sinks.pq.write_table
+
+    def write_table(table, where, **kwargs):
+        if state["written"] >= parts:
+            state["failures"] += 1
+            where.write(b"PAR1 half a part")
+            raise OSError(code, os.strerror(code))
+        real(table, where, **kwargs)
+        state["written"] += 1
+
+    monkeypatch.setattr(sinks.pq, "write_table", write_table)
+    return state
+
+
+def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
+        ray_session, sweep_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    cells, output = _cells(40), tmp_path / "out"
+    state = _fail_after(monkeypatch, parts=3)
+
+    with pytest.raises(sinks.SinkWriteError) as caught:
+        driver.run_cells(_study(output), cells, quiet=True)
+    message = str(caught.value)
+    saved = driver.read_results(output).num_rows
+    assert "\n" not in message
+    assert message.startswith(f"cannot write to {output / sinks.RESULTS_DIR} "
+                              "(ENOSPC: No space left on device) after 4 attempt(s)"), message
+    assert f"{saved} finished cell(s) of this run are saved" in message, message
+    assert 0 < saved < len(cells) and state["failures"] == 4
+    summary = caught.value.summary
+    unsaved = summary["cells_done"] - saved
+    assert unsaved > 0 and f", {unsaved} more finished but could not be saved" in message
+    assert not _tmp_files(output), _tmp_files(output)
+    assert not (output / lock.LOCK_FILE).exists()  # released on the error path
+
+    monkeypatch.undo()  # the disk has room again
+    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    rerun = driver.run_cells(_study(output), cells, quiet=True)
+    assert rerun["cells_skipped"] == saved and rerun["cells_done"] == len(cells) - saved
+    _once_each(output, cells)
+
+
+def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, sweep_pipeline,
+                                                          tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    cells, output = _cells(20), tmp_path / "out"
+    real = sinks.pq.write_table
+    calls = {"n": 0}
+
+    def flaky(table, where, **kwargs):  # every other call fails once
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise OSError(errno.EIO, "transient")
+        real(table, where, **kwargs)
+
+    monkeypatch.setattr(sinks.pq, "write_table", flaky)
+    summary = driver.run_cells(_study(output), cells, quiet=True)
+    assert summary["cells_done"] == len(cells)
+    _once_each(output, cells)
+    assert not _tmp_files(output)
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                             str(where)], check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {result.stderr.strip()}")
+
+
+def test_a_real_full_tmpfs(ray_session, sweep_pipeline, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "2m")
+    try:
+        monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+        output = disk / "out"
+        filler = disk / "filler"
+        # Leave ~96 KiB free: a few parts fit, then ENOSPC.
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write_bytes(b"\0" * (free - 96 * 1024))
+        cells = _cells(80)
+        with pytest.raises(sinks.SinkWriteError, match="ENOSPC") as caught:
+            driver.run_cells(_study(output), cells, quiet=True)
+        saved = driver.read_results(output).num_rows
+        assert 0 < saved < len(cells), saved
+        assert f"{saved} finished cell(s) of this run are saved" in str(caught.value)
+        assert not _tmp_files(output), _tmp_files(output)
+        filler.unlink()
+        rerun = driver.run_cells(_study(output), cells, quiet=True)
+        assert rerun["cells_done"] == len(cells) - saved
+        _once_each(output, cells)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+QUARANTINE_STUDY = """\
+study: quarantine-test
+pipeline: hypergradient_error
+backend: [jax]
+dtype: float64
+problems:
+  - name: ridge
+    params: {{n_features: 3, n_train: 10, n_val: 5}}
+algorithms: [itd]
+t: [1, 2, 3, 4]
+seeds: 2
+resources: {{num_cpus: 1}}
+output: {output}
+mlflow: {{enabled: false}}
+"""
+N_Q = 8  # 4 t × 2 seeds
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "hypersweep", *args], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_session, tmp_path,
+                                                                       monkeypatch, caplog):
+    from hypersweep import cli
+
+    output = tmp_path / "out"
+    study = tmp_path / "study.yaml"
+    study.write_text(QUARANTINE_STUDY.format(output=output))
+    monkeypatch.setattr(driver, "FLUSH_ROWS", 3)
+    monkeypatch.setattr(driver, "FLUSH_SECONDS", 1e6)
+    assert cli.main(["run", str(study), "--quiet"]) == 0
+    parts = sorted((output / sinks.RESULTS_DIR).glob("*.parquet"))
+    assert len(parts) >= 3, parts
+    truncated, emptied = parts[0], parts[1]
+    lost = {c for p in (truncated, emptied) for c in pq.read_table(p).column(
+        "cell_id").to_pylist()}
+    truncated_rows = pq.read_metadata(truncated).num_rows
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    emptied.write_bytes(b"")
+    quarantine = output / sinks.QUARANTINE_DIR / sinks.RESULTS_DIR
+
+    status = _cli("status", str(output))
+    assert status.returncode == 0, status.stderr
+    assert f"{output}: {N_Q - len(lost)} cells" in status.stdout, status.stdout
+    for part in (truncated, emptied):
+        assert f"unreadable Parquet part {part} (" in status.stderr, status.stderr
+        assert (quarantine / part.name).exists() and not part.exists()
+    assert "0 row(s) lost" in status.stderr  # no footer left to count them
+    assert truncated_rows > 0
+
+    report = _cli("report", str(output), "--out", str(tmp_path / "report"), "--no-mlflow")
+    assert report.returncode == 0, report.stderr[-3000:]
+
+    caplog.set_level(logging.INFO, logger="hypersweep")
+    before = driver.read_results(output).num_rows
+    printed = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", printed)
+    assert cli.main(["run", str(study), "--quiet"]) == 0
+    monkeypatch.undo()
+    assert f"{len(lost)} cells run, {before} skipped" in printed.getvalue(), printed.getvalue()
+    rows = driver.read_results(output, latest=False)
+    counts = Counter(rows.column("cell_id").to_pylist())
+    assert len(counts) == N_Q and set(counts.values()) == {1}
+    assert set(rows.column("status").to_pylist()) == {"ok"}
