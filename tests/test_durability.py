@@ -218,3 +218,20 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
     counts = Counter(rows.column("cell_id").to_pylist())
     assert len(counts) == N_Q and set(counts.values()) == {1}
     assert set(rows.column("status").to_pylist()) == {"ok"}
+
+
+def test_an_empty_trace_part_is_quarantined_and_the_others_read(tmp_path):
+    import pyarrow as pa
+
+    from hypersweep.orchestrator.schema import TRACE_SCHEMA, empty_trace
+
+    traces = tmp_path / sinks.TRACES_DIR
+    for cell_id in ("a", "b"):
+        rows = [dict(empty_trace(), cell_id=cell_id, step=step) for step in range(3)]
+        sinks.write_table_atomic(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), traces)
+    first = sorted(traces.glob("*.parquet"))[0]
+    first.write_bytes(b"")
+    for latest in (True, False):
+        table = sinks.read_traces(tmp_path, latest=latest)
+        assert set(table.column("cell_id").to_pylist()) == {"b"} and table.num_rows == 3
+    assert (tmp_path / sinks.QUARANTINE_DIR / sinks.TRACES_DIR / first.name).exists()

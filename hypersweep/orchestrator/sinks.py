@@ -219,8 +219,9 @@ def quarantine(part: Path, error: BaseException) -> None:
         return
     except OSError as exc:  # a read-only output: skip it in place
         where = f"left in place (cannot move it: {exc.strerror or exc})"
-    log.warning("unreadable Parquet part %s (%s): %d row(s) lost, %s; its cells count as not "
-                "done and re-run", part, reason, lost, where)
+    count = f"{lost} row(s) lost" if lost else "0 row(s) lost (no footer left to count them)"
+    log.warning("unreadable Parquet part %s (%s): %s, %s; its cells count as not done and "
+                "re-run", part, reason, count, where)
 
 
 def _read_part(part: Path, schema: pa.Schema) -> pa.Table | None:
