@@ -6,13 +6,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Loopback-only local Ray, no token prompt, no usage stats, no MLflow telemetry.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_AUTH_MODE ?= disabled
-export RAY_USAGE_STATS_ENABLED := 0
-export MLFLOW_DISABLE_TELEMETRY := true
-export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
-
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml

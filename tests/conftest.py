@@ -47,14 +47,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real local Ray (2 CPUs, no dashboard) shared by every test that needs it."""
+    """One real local Ray (2 CPUs, no dashboard, loopback only as the driver's own)
+    shared by every test that needs it."""
+    from hypersweep.orchestrator.ray_env import prepare_local_ray
+
+    local_kwargs = prepare_local_ray()
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         yield ray
         return
     temp_dir = tempfile.mkdtemp(prefix="hs-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", _temp_dir=temp_dir)
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR", _temp_dir=temp_dir,
+             **local_kwargs)
     yield ray
     ray.shutdown()
 

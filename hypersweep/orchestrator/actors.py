@@ -14,8 +14,6 @@ import logging
 import os
 from typing import Any
 
-import ray
-
 from hypersweep.orchestrator import cell as cell_module
 
 log = logging.getLogger(__name__)
@@ -78,4 +76,13 @@ def actor_options(*, num_cpus: float, num_gpus: float = 0.0, memory_mb: float | 
     return options
 
 
-CellRunner = ray.remote(_CellRunner)
+def __getattr__(name: str) -> Any:
+    """``CellRunner``, the Ray actor class, built on first use: importing this module
+    must not import Ray, whose environment the driver sets first (see ``ray_env``)."""
+    if name == "CellRunner":
+        import ray
+
+        runner = ray.remote(_CellRunner)
+        globals()["CellRunner"] = runner
+        return runner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

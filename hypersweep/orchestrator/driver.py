@@ -228,24 +228,31 @@ def pool_size(study: Any, cluster: dict | list, n_cells: int | None = None) -> i
 
 def _init_ray(address: str | None) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
-    Returns whether this call started it (only then does the driver shut it down)."""
-    import ray
+    Returns whether this call started it (only then does the driver shut it down).
 
-    if ray.is_initialized():
+    The environment is set before this process first imports Ray, which reads it then
+    (see :mod:`.ray_env`); a cluster that is joined keeps the user's environment."""
+    import sys
+
+    from hypersweep.orchestrator.ray_env import prepare_local_ray
+
+    imported = sys.modules.get("ray")
+    if imported is not None and imported.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    local_kwargs = {} if address else prepare_local_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Errors of refs we abandoned on purpose (timeouts, crashed actors) are handled; do not
     # let Ray print them again when the refs are garbage collected.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    address = address or os.environ.get("RAY_ADDRESS")
+    import ray
+
     if address:
         ray.init(address=address, logging_level="WARNING")
         return True
-    # Loopback only: without this Ray binds every interface (see docs/infra notes).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     temp_dir = os.path.join(tempfile.gettempdir(), f"hypersweep-ray-{os.getuid()}")
-    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir,
-             logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", _temp_dir=temp_dir, logging_level="ERROR",
+             log_to_driver=False, **local_kwargs)
     return True
 
 
@@ -316,10 +323,10 @@ class _Sweep:
         self.pings[slot.ping] = slot
 
     def _start_pool(self) -> None:
+        start = time.perf_counter()
+        self.ensure_ray()  # before the first import of ray: it sets Ray's environment
         import ray
 
-        start = time.perf_counter()
-        self.ensure_ray()
         self.timings["ray_init_s"] = time.perf_counter() - start
         if self.local_ray and self.request.uses_gpu:
             # A study written for a GPU cluster runs unchanged on a CPU-only laptop.

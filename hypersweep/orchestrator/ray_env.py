@@ -1,0 +1,69 @@
+"""What an embedded, single-machine Ray needs so that every server it starts listens on
+127.0.0.1 only, and stays quiet. Backend-free: this module imports neither Ray nor MLflow.
+
+Ray picks its node address, and from it its bind address, once: ``gcs_server``, ``raylet``,
+the dashboard and runtime-env agents and every worker listen on loopback only when the
+node address is exactly 127.0.0.1, and on all interfaces otherwise. On Linux Ray rewrites
+``127.0.0.1``/``localhost`` given as ``_node_ip_address`` to the routable interface's
+address, unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` — a variable Ray reads when it is
+first imported (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``). So
+:func:`prepare_local_ray` must run before the first ``import ray``; the driver calls it in
+the one function that starts the embedded Ray, and ``actors.py`` imports Ray lazily.
+
+That variable also makes ``ray start --address ...`` refuse to add a node, so it is set
+only for an embedded Ray, never when joining a cluster (``--address``, ``$RAY_ADDRESS``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, MutableMapping
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_IP = "127.0.0.1"
+
+#: Set unconditionally: an embedded Ray is one node, on loopback.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+#: Set unless the user chose otherwise. No usage-stats reporting; no token auth on a
+#: loopback-only single-user Ray (``RAY_AUTH_MODE=token`` still works if exported),
+#: which also spares creating ``~/.ray/auth_token`` and its warning.
+QUIET_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+#: ``ray.init`` arguments of an embedded Ray: its own host arguments say loopback too.
+LOCAL_INIT_KWARGS: dict[str, Any] = {"_node_ip_address": LOOPBACK_IP,
+                                     "dashboard_host": LOOPBACK_IP,
+                                     "include_dashboard": False}
+
+
+def prepare_local_ray(environ: MutableMapping[str, str] | None = None) -> dict[str, Any]:
+    """Set the environment of an embedded loopback-only Ray; return ``ray.init`` kwargs.
+
+    Call it right before starting a local Ray (``ray.init(address="local", **kwargs)``),
+    ideally before anything imports Ray. The variables are inherited by every process
+    Ray starts. If Ray was already imported in this process (a user's script, a test
+    session), the flag it read at import is aligned with the variable, since otherwise
+    the node address would silently stay the routable one.
+
+    ``environ``: the mapping to update (default ``os.environ``; a copy for a subprocess).
+    """
+    env = os.environ if environ is None else environ
+    env.update(LOOPBACK_ENV)
+    for key, value in QUIET_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    if environ is None:
+        _align_imported_ray()
+    return dict(LOCAL_INIT_KWARGS)
+
+
+def _align_imported_ray() -> None:
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        log.debug("ray was imported before prepare_local_ray(); switching it to loopback")
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+__all__ = ["prepare_local_ray", "LOOPBACK_IP", "LOOPBACK_ENV", "QUIET_ENV_DEFAULTS",
+           "LOCAL_INIT_KWARGS"]
