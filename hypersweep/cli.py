@@ -20,6 +20,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Callable, Sequence
@@ -149,6 +150,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     driver = sys.modules["hypersweep.orchestrator.driver"]
     interrupted = getattr(driver, "SweepInterrupted", None)
     from hypersweep.orchestrator.lock import OutputError
+    aborted = getattr(driver, "SweepAborted", None)
+    previous_term = None
+    if aborted is not None:
+        # A SIGTERM that lands while run_study is not listening (before it installs its
+        # handlers, or during Ray's shutdown after it restored them) still ends as 143
+        # "terminated" rather than as a bare kill or a traceback.
+        def _terminated(signum, frame):  # noqa: ARG001
+            raise aborted(signum)
+
+        previous_term = signal.signal(signal.SIGTERM, _terminated)
+        # Ray's native failure-signal handler, when uninstalled by ray.shutdown(), resets
+        # SIGTERM to the default action under Python's handler: a second SIGTERM during
+        # the shutdown would kill the process (-15, no message). Python's faulthandler
+        # still reports crashes; only native stack traces of Ray's processes are lost.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         summary = run_study(study, address=args.address or os.environ.get("RAY_ADDRESS"),
                             quiet=quiet, retry_failed=args.retry_failed,
@@ -162,6 +178,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         # SIGTERM (ray job stop) or Ctrl-C: finished rows are saved; exit 128 + signal
         _error(exc)
         return int(getattr(exc, "exit_code", 130))
+    except KeyboardInterrupt as exc:
+        if aborted is None or not isinstance(exc, aborted):
+            raise  # a plain Ctrl-C: main() says "interrupted", 130
+        # a second signal: 128 + signal, "terminated" for SIGTERM
+        _error(exc)
+        return exc.exit_code
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     print_summary = getattr(driver, "print_summary", None)
     if callable(print_summary) and summary:
         print_summary(summary, _console())

@@ -11,6 +11,10 @@ production. Keys of ``pipeline_params`` (all optional):
                        ``marker_dir`` remembers it)                  -> "ok" on attempt 2
 ``hang_seeds``         seeds whose cell sleeps ``hang_s`` (default 120) -> "timeout"
 ``done_dir``           a file named after the cell_id is created there when a cell ends
+``hog_seeds``          seeds whose cell allocates (and touches) ``hog_step_mb`` (default 50)
+                       every ``hog_every_s`` (default 0.01) up to ``hog_max_mb`` (default
+                       2000), then sleeps ``hang_s``; the RSS after each step goes to
+                       ``hog_log`` if set        -> "crashed" (memory) under memory_mb
 """
 from __future__ import annotations
 
@@ -29,6 +33,21 @@ def expected_rel_error(t: int, K, seed: int) -> float:
     return (1.0 + seed) / (t * (1 + (K or 0)))
 
 
+def _hog(params: dict) -> None:
+    import psutil
+
+    step = int(params.get("hog_step_mb", 50)) * 2**20
+    held, process = [], psutil.Process()
+    log = Path(params["hog_log"]) if params.get("hog_log") else None
+    while len(held) * step < int(params.get("hog_max_mb", 2000)) * 2**20:
+        held.append(bytearray(b"\x01") * step)  # filled, so every page is resident
+        if log is not None:
+            with log.open("a") as handle:
+                handle.write(f"{process.memory_info().rss}\n")
+        time.sleep(params.get("hog_every_s", 0.01))
+    time.sleep(params.get("hang_s", 120))
+
+
 def run(cell) -> PipelineResult:
     params = cell.pipeline_kwargs
     seed = cell.seed
@@ -41,6 +60,8 @@ def run(cell) -> PipelineResult:
             os._exit(13)
     if seed in params.get("raise_seeds", ()):
         raise RuntimeError(f"injected failure for seed {seed}")
+    if seed in params.get("hog_seeds", ()):
+        _hog(params)
     if seed in params.get("hang_seeds", ()):
         time.sleep(params.get("hang_s", 120))
     start = time.perf_counter()

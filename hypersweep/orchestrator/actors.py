@@ -12,7 +12,11 @@ import importlib
 import json
 import logging
 import os
-from typing import Any
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 from hypersweep.orchestrator import cell as cell_module
 
@@ -21,6 +25,83 @@ log = logging.getLogger(__name__)
 #: JSON ``{"pipeline name": "module:function"}`` merged into ``cell.PIPELINES`` in every
 #: runner (plugins and tests; the driver forwards it to the actors' runtime_env).
 EXTRA_PIPELINES_ENV = "HYPERSWEEP_EXTRA_PIPELINES"
+#: ``resources.memory_mb`` of the study, for the runner's memory watchdog (actor_options).
+MEMORY_LIMIT_ENV = "HYPERSWEEP_MEMORY_LIMIT_MB"
+#: Where a runner stopped by its watchdog leaves the reason for the driver (one small
+#: file per cell attempt, read and removed by :func:`read_memory_report`).
+MEMORY_REPORT_DIR_ENV = "HYPERSWEEP_MEMORY_REPORT_DIR"
+#: RSS sampling period. At 5 GB/s of allocation a cell overshoots its limit by at most
+#: about 5 GB/s × this before it is stopped.
+MEMORY_POLL_S = 0.02
+#: The runner's exit status when the watchdog stops it (128 + SIGKILL, as the kernel's
+#: OOM killer would leave it).
+MEMORY_EXIT_CODE = 137
+
+
+def memory_report_dir() -> Path:
+    return Path(os.environ.get(MEMORY_REPORT_DIR_ENV) or Path(
+        tempfile.gettempdir(), f"hypersweep-memory-{os.getuid()}"))
+
+
+def _report_path(cell_id: str, attempt: int) -> Path:
+    return memory_report_dir() / f"{cell_id}.{int(attempt)}.txt"
+
+
+def read_memory_report(cell_id: str, attempt: int) -> str | None:
+    """The watchdog's message for this cell attempt, if its runner was stopped for memory
+    (the file is removed). Only on the node the runner ran on: the driver of a multi-node
+    cluster sees the plain crash instead."""
+    path = _report_path(cell_id, attempt)
+    try:
+        message = path.read_text(encoding="utf-8").strip()
+        path.unlink()
+    except OSError:
+        return None
+    return message or None
+
+
+class _MemoryWatchdog(threading.Thread):
+    """Stops the runner's process once its RSS passes ``memory_mb`` while a cell runs.
+
+    Ray's ``memory`` option only reserves the amount for scheduling; nothing stops an
+    actor that grows past it until the whole node runs out. ``RLIMIT_AS`` would cap
+    virtual memory, which JAX/XLA and torch reserve by the gigabyte without touching, so
+    the resident set is sampled instead. On excess the reason is written for the driver
+    and the process hard-exits (``os._exit``: no cleanup that could allocate), which the
+    driver sees as a dead actor and records as a ``crashed`` row with this message (not
+    retried).
+    """
+
+    def __init__(self, limit_mb: float, current: Callable[[], tuple | None]):
+        super().__init__(name="hypersweep-memory-watchdog", daemon=True)
+        self.limit_mb = float(limit_mb)
+        self.current = current
+
+    def run(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        limit = self.limit_mb * 2**20
+        while True:
+            rss = process.memory_info().rss
+            running = self.current()
+            # Only while a cell runs: a runner whose idle footprint is above the limit
+            # gets a memory row for each cell (saying so) rather than endless restarts.
+            if rss > limit and running is not None:
+                self._stop(rss / 2**20, *running)
+            time.sleep(MEMORY_POLL_S)
+
+    def _stop(self, rss_mb: float, cell_id: str, attempt: int) -> None:
+        message = (f"memory limit exceeded: RSS {rss_mb:.0f} MB > memory_mb "
+                   f"{self.limit_mb:g}; the runner was stopped")
+        try:
+            path = _report_path(cell_id, attempt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(message, encoding="utf-8")
+            temporary.replace(path)
+        finally:
+            os._exit(MEMORY_EXIT_CODE)
 
 
 def register_extra_pipelines() -> dict[str, str]:
@@ -41,6 +122,10 @@ class _CellRunner:
     cell's clock (and its ``cell_timeout_s``) does not include a 1–2 s torch/jax import."""
 
     def __init__(self, preload: tuple[str, ...] = ()):
+        self._running: tuple[str, int] | None = None
+        limit = os.environ.get(MEMORY_LIMIT_ENV)
+        if limit:
+            _MemoryWatchdog(float(limit), lambda: self._running).start()
         register_extra_pipelines()
         for backend in preload:
             try:
@@ -53,7 +138,11 @@ class _CellRunner:
         return self.pid
 
     def run(self, cell: cell_module.Cell, attempt: int) -> tuple[dict, list[dict]]:
-        return cell_module.run_cell(cell, attempt)
+        self._running = (cell.cell_id, attempt)
+        try:
+            return cell_module.run_cell(cell, attempt)
+        finally:
+            self._running = None
 
 
 def actor_options(*, num_cpus: float, num_gpus: float = 0.0, memory_mb: float | None = None,
@@ -67,6 +156,9 @@ def actor_options(*, num_cpus: float, num_gpus: float = 0.0, memory_mb: float | 
         env_vars["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if os.environ.get(EXTRA_PIPELINES_ENV):
         env_vars[EXTRA_PIPELINES_ENV] = os.environ[EXTRA_PIPELINES_ENV]
+    if memory_mb:
+        env_vars[MEMORY_LIMIT_ENV] = f"{float(memory_mb):g}"
+        env_vars[MEMORY_REPORT_DIR_ENV] = str(memory_report_dir())
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus,
                                    max_restarts=max_restarts, max_task_retries=0)
     if memory_mb:

@@ -62,15 +62,35 @@ FLUSH_ROWS = 50
 FLUSH_SECONDS = 2.0
 
 
+def _signal_word(signum: int) -> str:
+    """What the shell says of a process stopped by ``signum``."""
+    return "terminated" if signum == signal.SIGTERM else "interrupted"
+
+
 class SweepInterrupted(RuntimeError):
-    """Raised by :func:`run_study` after a SIGTERM/SIGINT once finished rows are flushed."""
+    """Raised by :func:`run_study` after a SIGTERM/SIGINT once finished rows are flushed;
+    ``exit_code`` is 128 + signal (143 "terminated", 130 "interrupted")."""
 
     def __init__(self, signum: int, summary: dict):
         self.signum = signum
         self.summary = summary
         self.exit_code = 128 + int(signum)
-        super().__init__(f"sweep interrupted by signal {signum}; {summary.get('cells_done', 0)}"
-                         f" cells finished and saved in {summary.get('results_dir')}")
+        super().__init__(f"{_signal_word(signum)} (signal {signum}); "
+                         f"{summary.get('cells_done', 0)} cells finished and saved in "
+                         f"{summary.get('results_dir')}")
+
+
+class SweepAborted(KeyboardInterrupt):
+    """A signal that ends the run at once: a second SIGINT (a second SIGTERM is ignored
+    so that the stop under way can flush), or a SIGTERM caught by the CLI outside
+    :func:`run_study`'s handlers (e.g. during Ray's shutdown). A KeyboardInterrupt, so it
+    unwinds like Ctrl-C; ``exit_code`` is 128 + signal as for :class:`SweepInterrupted`."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"{_signal_word(signum)} (signal {signum}); rows finished before "
+                         "it are saved in the output")
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -432,6 +452,22 @@ class _Sweep:
         self._record(row, traces)
 
     def _actor_died(self, slot: _Slot, exc: BaseException) -> None:
+        from hypersweep.orchestrator.actors import read_memory_report
+
+        for task in slot.queue:
+            reason = read_memory_report(task.cell.cell_id, task.attempt)
+            if reason is None:
+                continue
+            # Stopped by its memory watchdog: the culprit is certain and a retry would
+            # only outgrow memory_mb again, so it is recorded now (``crashed``, the
+            # message says memory) and the others re-sent uncharged.
+            for other in reversed(slot.queue):
+                if other is not task:
+                    self.feed.retry.appendleft((other.cell, other.attempt, False))
+            self._record(failure_row(task.cell, task.attempt, "crashed", reason,
+                                     task.started_at), [])
+            self._restart(slot, kill=False)
+            return
         if len(slot.queue) > 1:
             # Which of the queued cells killed it is uncertain: the reply of a cell that
             # finished just before the crash can be lost with the process. Re-run each
@@ -763,8 +799,13 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
     started: list[bool] = []
 
     def on_signal(signum, frame):  # noqa: ARG001
-        if stop_event.is_set():  # a second signal: stop waiting for anything
-            raise KeyboardInterrupt
+        if stop_event.is_set():
+            if signum == signal.SIGTERM:
+                # Supervisors repeat SIGTERM before their SIGKILL: raising here could cut
+                # the final flush short, so the stop under way is left to finish (143).
+                log.warning("signal %d again: already flushing and stopping", signum)
+                return
+            raise SweepAborted(signum)  # Ctrl-C twice: stop waiting for anything
         received.append(signum)
         log.warning("signal %d: flushing finished cells and stopping", signum)
         stop_event.set()
@@ -872,6 +913,7 @@ def print_summary(summary: dict, console: Any = None) -> None:
 
 
 __all__ = ["run_study", "run_cells", "read_results", "sync_mlflow", "SweepInterrupted",
+           "SweepAborted",
            "format_summary", "print_summary", "pool_size", "failure_row"]
 
 read_results = sinks.read_results

@@ -19,10 +19,9 @@ COST_FIELDS = (
 )
 COST_COLUMNS = tuple(name for name, _ in COST_FIELDS)
 
-#: "oom": the actor outgrew ``resources.memory_mb`` and was stopped (actors.py watchdog)
-STATUSES = ("ok", "error", "diverged", "timeout", "crashed", "oom")
+STATUSES = ("ok", "error", "diverged", "timeout", "crashed")
 #: statuses that ``--retry-failed`` re-runs; "ok" cells are always skipped on resume
-FAILED_STATUSES = ("error", "diverged", "timeout", "crashed", "oom")
+FAILED_STATUSES = ("error", "diverged", "timeout", "crashed")
 
 RESULT_SCHEMA = pa.schema([
     ("study", pa.string()),

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,15 @@ PIPELINE_ALGORITHM_KINDS = {
 # Ray keeps resource quantities in units of 1e-4 and rejects finer fractions.
 _RAY_RESOURCE_PRECISION = 1e-4
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+#: A study file larger than this is refused before it is parsed (a real study is a few KiB).
+MAX_STUDY_BYTES = 2**20
+#: How many nodes YAML aliases may add to a study once expanded. PyYAML builds an aliased
+#: value once and shares it, but validation and the canonical JSON of every cell walk the
+#: expanded tree, so nine nested aliases ("billion laughs") would cost 10**9 visits.
+MAX_ALIAS_NODES = 100_000
+#: ``cell_timeout_s`` when the study does not set it (``null`` disables the timeout).
+DEFAULT_CELL_TIMEOUT_S = 3600.0
 
 
 class StudyError(ValueError):
@@ -392,8 +403,11 @@ class StudySpec(_Section):
     num_actors: Annotated[int | None, BeforeValidator(
         lambda v: None if v is None else _int_at_least(1)(v))] = None
     max_retries: Annotated[int, BeforeValidator(_int_at_least(0))] = 2
+    #: Seconds one cell may run before it is recorded ``timeout`` and its actor restarted;
+    #: default :data:`DEFAULT_CELL_TIMEOUT_S` (one hour), ``null`` for no limit.
     cell_timeout_s: Annotated[float | None, BeforeValidator(
-        lambda v: None if v is None else _float_field(strict=True)(v))] = None
+        lambda v: None if v is None else _float_field(strict=True)(v))] = \
+        DEFAULT_CELL_TIMEOUT_S
     output: str = ""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     source_text: str = Field(default="", repr=False, exclude=True)
@@ -539,11 +553,40 @@ class StudySpec(_Section):
                                 for s in skipped_combinations(self))
             raise _fail(f"the study expands to no cells ({skipped})", "algorithms")
         _check_data_files(self)
+        output = Path(self.output).expanduser().absolute()
+        _check_output(output)
         mlflow = self.mlflow
         if mlflow.experiment is None:
             mlflow = mlflow.model_copy(update={"experiment": self.study})
-        return self.model_copy(update={
-            "output": str(Path(self.output).expanduser().absolute()), "mlflow": mlflow})
+        return self.model_copy(update={"output": str(output), "mlflow": mlflow})
+
+
+def _check_output(output: Path) -> None:
+    """That the sweep will be able to create ``output`` and write in it, so that a bad
+    path is one line now rather than a traceback after Ray has started.
+
+    The first existing directory on the way up is probed with a real file (created and
+    removed at once): ``os.access`` alone says yes to root on a read-only mount and knows
+    nothing of pseudo file systems such as /proc or /sys. Nothing else is written.
+    """
+    if output.exists() and not output.is_dir():
+        raise _fail(f"{str(output)!r} exists and is not a directory", "output")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _fail(f"{str(output)!r} cannot be created: {str(existing)!r} is not a "
+                    "directory", "output")
+    what = "is not writable" if existing == output else \
+        f"cannot be created: {str(existing)!r} is not writable"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _fail(f"{str(output)!r} {what}", "output")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".hypersweep-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _fail(f"{str(output)!r} {what} ({exc.strerror or exc})", "output") from None
 
 
 def _check_params(study: StudySpec) -> None:
@@ -626,6 +669,12 @@ class _StudyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, minus two traps: duplicate keys are errors (PyYAML keeps the
     last silently) and ``1e-4`` is a float (YAML 1.1 wants ``1.0e-4``)."""
 
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_aliases(node)
+        return node
+
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
@@ -648,6 +697,49 @@ _StudyLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return []
+
+
+def _check_aliases(root) -> None:
+    """Refuse a composed document whose aliases expand it by more than
+    :data:`MAX_ALIAS_NODES` nodes, or that refers to itself. An alias is the very node
+    object of its anchor, so the expanded size is counted over the distinct nodes (each
+    once, children before parents, without recursion): linear in the document, however
+    many times its aliases multiply it."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()  # the ancestors of the node being expanded
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            continue
+        if key in sizes:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                line = child.start_mark.line + 1
+                raise StudyError(f"YAML alias refers to a value that contains it (anchored "
+                                 f"on line {line}); a study cannot be recursive")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    extra = sizes[id(root)] - len(sizes)
+    if extra > MAX_ALIAS_NODES:
+        amount = f"{extra:,}" if extra < 10**12 else f"about 10^{len(str(extra)) - 1}"
+        raise StudyError(f"YAML aliases expand the study by {amount} nodes, more than the "
+                         f"limit of {MAX_ALIAS_NODES:,} (an alias bomb?); write the values "
+                         "out or use fewer nested aliases")
 
 
 def _path_text(loc: tuple) -> str:
@@ -682,9 +774,16 @@ def _study_error(exc: ValidationError) -> StudyError:
 
 
 def parse_study(text: str, *, source: str = "<string>") -> StudySpec:
-    """Validate the YAML ``text`` of a study; ``source`` names it in error messages."""
+    """Validate the YAML ``text`` of a study; ``source`` names it in error messages.
+
+    Bounded: a text over :data:`MAX_STUDY_BYTES` or whose aliases would expand it by more
+    than :data:`MAX_ALIAS_NODES` nodes is refused before anything walks it."""
+    if len(text) > MAX_STUDY_BYTES or len(text.encode("utf-8")) > MAX_STUDY_BYTES:
+        raise StudyError(_too_big(len(text.encode("utf-8"))))
     try:
         data = yaml.load(text, Loader=_StudyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise StudyError("the YAML nests too deeply to be a study") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -702,11 +801,25 @@ def parse_study(text: str, *, source: str = "<string>") -> StudySpec:
     return spec.model_copy(update={"source_text": text, "source_path": source})
 
 
+def _too_big(size: int | None) -> str:
+    what = f"is {size:,} bytes," if size else "is"
+    return (f"the study {what} more than the limit of {MAX_STUDY_BYTES:,} bytes "
+            "(1 MiB); a study names its data files rather than holding data")
+
+
 def load_study(path: str | Path) -> StudySpec:
-    """Read and validate a study YAML file. Raises :class:`StudyError` (one line)."""
+    """Read and validate a study YAML file. Raises :class:`StudyError` (one line).
+
+    At most :data:`MAX_STUDY_BYTES` + 1 bytes are read, so a huge file (or /dev/zero)
+    costs nothing."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_STUDY_BYTES + 1)
+        if len(raw) > MAX_STUDY_BYTES:
+            size = path.stat().st_size if path.is_file() else None
+            raise StudyError(f"{path}: {_too_big(size)}")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise StudyError(f"study file {str(path)!r} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
