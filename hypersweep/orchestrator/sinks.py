@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -108,6 +108,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _replace_atomically(tmp: Path, final: Path, write: Callable[[Any], None],
+                        mode: str) -> None:
+    """Write through ``tmp`` (``write(handle)``), fsync, ``os.replace`` onto ``final`` and
+    fsync the directory; on any failure the tmp is removed before the error propagates."""
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(final.parent)
+
+
 def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
     """Write ``table`` as a new ``part-<time_ns>-<uuid8>.parquet`` in ``directory``.
 
@@ -119,19 +138,8 @@ def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = directory / f".{final.name}.{_tmp_suffix()}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    _replace_atomically(tmp, final, lambda h: pq.write_table(table, h, compression="zstd"),
+                        "wb")
     return final
 
 
@@ -139,19 +147,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{_tmp_suffix()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    _replace_atomically(tmp, path, lambda h: h.write(text), "w")
 
 
 _TMP_OWNER = re.compile(r"\.(\d+)@(.+)\.tmp$")
