@@ -713,6 +713,8 @@ def _check_aliases(root) -> None:
     object of its anchor, so the expanded size is counted over the distinct nodes (each
     once, children before parents, without recursion): linear in the document, however
     many times its aliases multiply it."""
+    # Keyed by id(node) on purpose: every node is alive in the one composed graph for the
+    # whole walk (no id can be reused), and an alias *is* its anchor's node object.
     sizes: dict[int, int] = {}
     on_path: set[int] = set()  # the ancestors of the node being expanded
     stack: list[tuple[Any, bool]] = [(root, False)]
