@@ -713,30 +713,30 @@ def _check_aliases(root) -> None:
     object of its anchor, so the expanded size is counted over the distinct nodes (each
     once, children before parents, without recursion): linear in the document, however
     many times its aliases multiply it."""
-    # Keyed by id(node) on purpose: every node is alive in the one composed graph for the
-    # whole walk (no id can be reused), and an alias *is* its anchor's node object.
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()  # the ancestors of the node being expanded
+    # Keyed by the node objects themselves (yaml nodes hash by identity, and the dict keeps
+    # them alive): an alias *is* its anchor's node object, so it is counted once.
+    sizes: dict[Any, int] = {}
+    on_path: set[Any] = set()  # the ancestors of the node being expanded
     stack: list[tuple[Any, bool]] = [(root, False)]
     while stack:
         node, leaving = stack.pop()
-        key = id(node)
+        key = node
         if leaving:
             on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            sizes[key] = 1 + sum(sizes[child] for child in _children(node))
             continue
         if key in sizes:
             continue
         on_path.add(key)
         stack.append((node, True))
         for child in _children(node):
-            if id(child) in on_path:
+            if child in on_path:
                 line = child.start_mark.line + 1
                 raise StudyError(f"YAML alias refers to a value that contains it (anchored "
                                  f"on line {line}); a study cannot be recursive")
-            if id(child) not in sizes:
+            if child not in sizes:
                 stack.append((child, False))
-    extra = sizes[id(root)] - len(sizes)
+    extra = sizes[root] - len(sizes)
     if extra > MAX_ALIAS_NODES:
         amount = f"{extra:,}" if extra < 10**12 else f"about 10^{len(str(extra)) - 1}"
         raise StudyError(f"YAML aliases expand the study by {amount} nodes, more than the "

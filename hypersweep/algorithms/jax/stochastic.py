@@ -20,7 +20,7 @@ replacement* from its split (``jax.random.randint``): the t inner batches and B_
 B_c from the training rows, B_val from the validation rows. That is what stocBiO's
 analysis assumes (independent samples, so every minibatch average is an unbiased
 estimate of its full-batch counterpart), it needs no per-epoch state, and one batch costs
-O(batch) whatever the split size; a permutation per batch (``choice(replace=False)``)
+O(batch) whatever the split size; a permutation per batch (drawing without replacement)
 costs O(n) per step, and a permutation per epoch O(n) once per epoch. A split with at
 most ``batch_size`` rows is used whole, in order (no draw). Keys derive from ``seed`` with
 ``fold_in`` of the step index, so batch B_s does not depend on t or K and one seed
