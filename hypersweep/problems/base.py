@@ -262,7 +262,7 @@ class Problem:
         """What the instance's data and oracles are a function of: (problem, params, seed).
 
         Cache keys use this (plus backend and dtype where the arrays matter), never
-        ``id(self)``: Python reuses a freed object's id, and a bounded cache frees objects.
+        the object's address: Python reuses a freed object's address, and a bounded cache frees objects.
         """
         return (self.name, json.dumps(self.params, sort_keys=True, separators=(",", ":"),
                                       default=str), int(self.seed))
