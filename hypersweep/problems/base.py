@@ -262,7 +262,8 @@ class Problem:
         """What the instance's data and oracles are a function of: (problem, params, seed).
 
         Cache keys use this (plus backend and dtype where the arrays matter), never
-        the object's address: Python reuses a freed object's address, and a bounded cache frees objects.
+        the object's address: Python reuses a freed object's address, and a bounded cache
+        frees objects.
         """
         return (self.name, json.dumps(self.params, sort_keys=True, separators=(",", ":"),
                                       default=str), int(self.seed))
