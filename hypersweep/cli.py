@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  what="the driver")
     driver = sys.modules["hypersweep.orchestrator.driver"]
     interrupted = getattr(driver, "SweepInterrupted", None)
-    from hypersweep.orchestrator.lock import OutputError
+    from hypersweep.io.lock import OutputError
     aborted = getattr(driver, "SweepAborted", None)
     previous_term = None
     if aborted is not None:
@@ -210,14 +210,14 @@ def _print_summary(summary: dict) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
-    read_results = _import_optional("hypersweep.orchestrator.sinks", "read_results",
+    read_results = _import_optional("hypersweep.io.parquet", "read_results",
                                     what="reading results")
     try:
         table = read_results(args.output_dir)
     except ValueError as exc:  # not a study output, unreadable schema
         raise UsageError(str(exc)) from None
     console = _console()
-    from hypersweep.orchestrator import lock
+    from hypersweep.io import lock
 
     held = lock.holder(args.output_dir)
     if held is not None:
@@ -243,7 +243,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_order(status: str) -> tuple:
-    from hypersweep.orchestrator.schema import STATUSES
+    from hypersweep.io.schema import STATUSES
 
     return (STATUSES.index(status) if status in STATUSES else len(STATUSES), status)
 
@@ -258,7 +258,7 @@ def _group_counts(table, keys: list[str]) -> dict[tuple, int]:
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
-    sync_mlflow = _import_optional("hypersweep.orchestrator.sinks", "sync_mlflow",
+    sync_mlflow = _import_optional("hypersweep.io.tracking", "sync_mlflow",
                                    what="MLflow sync")
     try:
         result = sync_mlflow(args.output_dir, tracking_uri=args.tracking_uri)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hypersweep import cli, problems
-from hypersweep.orchestrator import sinks
+from hypersweep.io import parquet
 from hypersweep.orchestrator.cell import Cell, canonical_json, run_cell
 from hypersweep.pipelines import audit
 from hypersweep.problems.catalog import PROBLEMS
@@ -80,7 +80,7 @@ def study_output(ray_session, tmp_path_factory) -> Path:
     assert rc == 0, printed.getvalue()
     assert printed.getvalue().strip().splitlines()[-1] == (
         f"verify a sample of the stored results: hypersweep audit {root / 'out'}")
-    table = sinks.read_results(root / "out")
+    table = parquet.read_results(root / "out")
     assert table.num_rows == N_CELLS and set(table.column("status").to_pylist()) == {"ok"}
     return root / "out"
 
@@ -106,10 +106,10 @@ def test_audit_of_a_fresh_study_passes_bitwise(study_output):
 def test_a_stored_error_off_by_1e_3_fails_and_names_the_cell(study_output, tmp_path):
     edited = tmp_path / "out"
     shutil.copytree(study_output, edited)
-    results = edited / sinks.RESULTS_DIR
+    results = edited / parquet.RESULTS_DIR
     table = pq.read_table(results)
     # --sample 4: one cell from each of 4 strata (seed 0); the victim is one of them
-    picked = audit.sample_cells(sinks.read_results(edited).to_pylist(), 4, seed=0)
+    picked = audit.sample_cells(parquet.read_results(edited).to_pylist(), 4, seed=0)
     victim = picked[-1]["cell_id"]
     is_victim = pc.equal(table.column("cell_id"), victim)
     rel = table.column("hypergrad_rel_error")
@@ -118,7 +118,7 @@ def test_a_stored_error_off_by_1e_3_fails_and_names_the_cell(study_output, tmp_p
                              pc.if_else(is_victim, pc.multiply(rel, 1 + 1e-3), rel))
     for part in results.glob("*.parquet"):
         part.unlink()
-    sinks.write_table_atomic(table, results)
+    parquet.write_table_atomic(table, results)
 
     result = _audit(edited, "--sample", "4", "--fd-sample", "0")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -170,7 +170,7 @@ def test_oracles_cached_by_id_are_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_problem", _recycling_lru(common._problem.__wrapped__, 2))
 
     params = {"n_features": 5, "n_train": 20, "n_val": 10}
-    sink = sinks.ParquetSink(tmp_path / "out")
+    sink = parquet.ParquetSink(tmp_path / "out")
     for seed in range(6):  # 6 instances through a cache of 2, one process, in turn
         cell = Cell(study="audit-stale", pipeline="hypergradient_error", problem="ridge",
                     algorithm="itd", backend="torch", t=5, K=None, seed=seed,
@@ -181,7 +181,7 @@ def test_oracles_cached_by_id_are_caught(tmp_path, monkeypatch):
     sink.flush()
 
     stale = set()
-    for row in sinks.read_results(tmp_path / "out").to_pylist():
+    for row in parquet.read_results(tmp_path / "out").to_pylist():
         fresh = problems.make("ridge", backend="torch", seed=row["seed"], dtype="float64",
                               **params)
         g_star = fresh.exact_hypergradient(fresh.initial_hyperparams())

@@ -114,7 +114,7 @@ def test_bad_input_exits_2_with_one_line(bad_input_runs, case, text, argv, fragm
 
 def test_library_imports_no_backend():
     modules = ["hypersweep.orchestrator.spec", "hypersweep.orchestrator.cell",
-               "hypersweep.orchestrator.schema", "hypersweep.cli",
+               "hypersweep.io.schema", "hypersweep.cli",
                "hypersweep.problems.catalog", "hypersweep.algorithms.catalog",
                "hypersweep.problems", "hypersweep.algorithms"]
     for name in ("driver", "sinks", "actors"):  # being written in parallel
@@ -234,7 +234,7 @@ def _write_results(output_dir: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hypersweep.orchestrator.schema import RESULT_SCHEMA, empty_row
+    from hypersweep.io.schema import RESULT_SCHEMA, empty_row
 
     when = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -275,10 +275,10 @@ def test_status_of_empty_output(tmp_path, capsys):
 
 def test_sync_mlflow_prints_what_it_backfilled(tmp_path, monkeypatch, capsys):
     got = []
-    fake = types.ModuleType("hypersweep.orchestrator.sinks")
+    fake = types.ModuleType("hypersweep.io.tracking")
     fake.sync_mlflow = lambda output_dir, tracking_uri=None: (
         got.append((output_dir, tracking_uri)) or {"cells": 4, "logged": 3})
-    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.sinks", fake)
+    monkeypatch.setitem(sys.modules, "hypersweep.io.tracking", fake)
     assert cli.main(["sync-mlflow", str(tmp_path), "--tracking-uri", "sqlite:///x.db"]) == 0
     assert got == [(str(tmp_path), "sqlite:///x.db")]
     out = capsys.readouterr().out

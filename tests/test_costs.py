@@ -19,7 +19,7 @@ from hypersweep import algorithms, problems
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.algorithms.online_common import step_counts
 from hypersweep.orchestrator.cell import Cell, canonical_json, run_cell
-from hypersweep.orchestrator.schema import COST_COLUMNS, RESULT_COLUMNS, TRACE_COLUMNS
+from hypersweep.io.schema import COST_COLUMNS, RESULT_COLUMNS, TRACE_COLUMNS
 
 BACKENDS = ("jax", "torch")
 # logreg: per-feature λ (dim λ = 4), minibatch capability, dim w = 4

@@ -15,9 +15,10 @@ import types
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver, sinks
+from hypersweep.orchestrator import driver
+from hypersweep.io import parquet, tracking
 from hypersweep.orchestrator.cell import Cell
-from hypersweep.orchestrator.schema import RESULT_SCHEMA, empty_row
+from hypersweep.io.schema import RESULT_SCHEMA, empty_row
 
 STUDY_YAML = """\
 study: e2e_ridge
@@ -158,7 +159,7 @@ def _row(cell_id: str, status: str, minute: int) -> dict:
 
 
 def test_parquet_parts_are_atomic_and_deduped_on_read(tmp_path):
-    sink = sinks.ParquetSink(tmp_path, flush_rows=2, flush_seconds=1e9)
+    sink = parquet.ParquetSink(tmp_path, flush_rows=2, flush_seconds=1e9)
     sink.add(_row("c1", "crashed", 1))
     assert not sink.due()
     sink.add(_row("c2", "ok", 2))
@@ -176,7 +177,7 @@ def test_parquet_parts_are_atomic_and_deduped_on_read(tmp_path):
                     latest.column("status").to_pylist())) == {"c1": "ok", "c2": "ok"}
     for part in results.glob("part-*.parquet"):
         assert pq.read_schema(part) == RESULT_SCHEMA
-    sinks.ParquetSink(tmp_path)  # startup sweeps stale temporaries
+    parquet.ParquetSink(tmp_path)  # startup sweeps stale temporaries
     assert not list(results.glob(".*.tmp"))
     assert driver.read_results(tmp_path / "missing").num_rows == 0
 
@@ -188,17 +189,17 @@ def test_mlflow_group_and_fingerprint_are_stable():
            "pipeline_params": "{}"}
     other_t = {**row, "t": 20}
     other_seed = {**row, "seed": 4}
-    assert sinks.group_id(row) == sinks.group_id(other_t) != sinks.group_id(other_seed)
-    params = sinks.group_params(row)
+    assert tracking.group_id(row) == tracking.group_id(other_t) != tracking.group_id(other_seed)
+    params = tracking.group_params(row)
     assert params["problem.n.a"] == "1" and params["K"] == "None"
-    assert sinks.cell_fingerprint(row) == "ok@2026-01-01T00:01:00.000000+00:00"
+    assert tracking.cell_fingerprint(row) == "ok@2026-01-01T00:01:00.000000+00:00"
 
 
 def test_orchestrator_never_imports_torch_or_jax():
     code = textwrap.dedent("""
         import sys
         import hypersweep.orchestrator.driver, hypersweep.orchestrator.actors
-        import hypersweep.orchestrator.sinks, hypersweep.orchestrator.progress
+        import hypersweep.io.parquet, hypersweep.io.tracking, hypersweep.orchestrator.progress
         bad = [m for m in ("torch", "jax") if m in sys.modules]
         assert not bad, bad
     """)

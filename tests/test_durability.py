@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver, lock, sinks
+from hypersweep.orchestrator import driver
+from hypersweep.io import lock, parquet
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
@@ -36,7 +37,7 @@ def _cells(n: int, name: str = "durable") -> list[Cell]:
 
 
 def _tmp_files(output: Path) -> list[Path]:
-    return [p for d in (sinks.RESULTS_DIR, sinks.TRACES_DIR) for p in
+    return [p for d in (parquet.RESULTS_DIR, parquet.TRACES_DIR) for p in
             (output / d).glob(".*")]
 
 
@@ -53,7 +54,7 @@ def _fail_after(monkeypatch, parts: int, code: int = errno.ENOSPC) -> dict:
     """Make the Parquet writer fail with ``code`` once ``parts`` parts are written: the
     failing call leaves half a file behind, as a full disk does."""
     state = {"written": 0, "failures": 0}
-    real = sinks.pq.write_table
+    real = parquet.pq.write_table
 
     def write_table(table, where, **kwargs):
         if state["written"] >= parts:
@@ -63,7 +64,7 @@ def _fail_after(monkeypatch, parts: int, code: int = errno.ENOSPC) -> dict:
         real(table, where, **kwargs)
         state["written"] += 1
 
-    monkeypatch.setattr(sinks.pq, "write_table", write_table)
+    monkeypatch.setattr(parquet.pq, "write_table", write_table)
     return state
 
 
@@ -73,12 +74,12 @@ def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
     cells, output = _cells(40), tmp_path / "out"
     state = _fail_after(monkeypatch, parts=3)
 
-    with pytest.raises(sinks.SinkWriteError) as caught:
+    with pytest.raises(parquet.SinkWriteError) as caught:
         driver.run_cells(_study(output), cells, quiet=True)
     message = str(caught.value)
     saved = driver.read_results(output).num_rows
     assert "\n" not in message
-    assert message.startswith(f"cannot write to {output / sinks.RESULTS_DIR} "
+    assert message.startswith(f"cannot write to {output / parquet.RESULTS_DIR} "
                               "(ENOSPC: No space left on device) after 4 attempt(s)"), message
     assert f"{saved} finished cell(s) of this run are saved" in message, message
     assert 0 < saved < len(cells) and state["failures"] == 4
@@ -99,7 +100,7 @@ def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, sweep_pip
                                                           tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
     cells, output = _cells(20), tmp_path / "out"
-    real = sinks.pq.write_table
+    real = parquet.pq.write_table
     calls = {"n": 0}
 
     def flaky(table, where, **kwargs):  # every other call fails once
@@ -108,7 +109,7 @@ def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, sweep_pip
             raise OSError(errno.EIO, "transient")
         real(table, where, **kwargs)
 
-    monkeypatch.setattr(sinks.pq, "write_table", flaky)
+    monkeypatch.setattr(parquet.pq, "write_table", flaky)
     summary = driver.run_cells(_study(output), cells, quiet=True)
     assert summary["cells_done"] == len(cells)
     _once_each(output, cells)
@@ -136,7 +137,7 @@ def test_a_real_full_tmpfs(ray_session, sweep_pipeline, tmp_path, monkeypatch):
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         filler.write_bytes(b"\0" * (free - 96 * 1024))
         cells = _cells(80)
-        with pytest.raises(sinks.SinkWriteError, match="ENOSPC") as caught:
+        with pytest.raises(parquet.SinkWriteError, match="ENOSPC") as caught:
             driver.run_cells(_study(output), cells, quiet=True)
         saved = driver.read_results(output).num_rows
         assert 0 < saved < len(cells), saved
@@ -184,7 +185,7 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
     monkeypatch.setattr(driver, "FLUSH_ROWS", 3)
     monkeypatch.setattr(driver, "FLUSH_SECONDS", 1e6)
     assert cli.main(["run", str(study), "--quiet"]) == 0
-    parts = sorted((output / sinks.RESULTS_DIR).glob("*.parquet"))
+    parts = sorted((output / parquet.RESULTS_DIR).glob("*.parquet"))
     assert len(parts) >= 3, parts
     truncated, emptied = parts[0], parts[1]
     lost = {c for p in (truncated, emptied) for c in pq.read_table(p).column(
@@ -193,7 +194,7 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
     data = truncated.read_bytes()
     truncated.write_bytes(data[:len(data) // 2])
     emptied.write_bytes(b"")
-    quarantine = output / sinks.QUARANTINE_DIR / sinks.RESULTS_DIR
+    quarantine = output / parquet.QUARANTINE_DIR / parquet.RESULTS_DIR
 
     status = _cli("status", str(output))
     assert status.returncode == 0, status.stderr
@@ -223,15 +224,15 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
 def test_an_empty_trace_part_is_quarantined_and_the_others_read(tmp_path):
     import pyarrow as pa
 
-    from hypersweep.orchestrator.schema import TRACE_SCHEMA, empty_trace
+    from hypersweep.io.schema import TRACE_SCHEMA, empty_trace
 
-    traces = tmp_path / sinks.TRACES_DIR
+    traces = tmp_path / parquet.TRACES_DIR
     for cell_id in ("a", "b"):
         rows = [dict(empty_trace(), cell_id=cell_id, step=step) for step in range(3)]
-        sinks.write_table_atomic(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), traces)
+        parquet.write_table_atomic(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), traces)
     first = sorted(traces.glob("*.parquet"))[0]
     first.write_bytes(b"")
     for latest in (True, False):
-        table = sinks.read_traces(tmp_path, latest=latest)
+        table = parquet.read_traces(tmp_path, latest=latest)
         assert set(table.column("cell_id").to_pylist()) == {"b"} and table.num_rows == 3
-    assert (tmp_path / sinks.QUARANTINE_DIR / sinks.TRACES_DIR / first.name).exists()
+    assert (tmp_path / parquet.QUARANTINE_DIR / parquet.TRACES_DIR / first.name).exists()

@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver, sinks
+from hypersweep.orchestrator import driver
+from hypersweep.io import parquet
 from hypersweep.orchestrator.cell import Cell, canonical_json
-from hypersweep.orchestrator.schema import FAILED_STATUSES
+from hypersweep.io.schema import FAILED_STATUSES
 
 import sweep_test_pipeline  # noqa: E402 - on sys.path via conftest
 
@@ -107,7 +108,7 @@ def test_retry_failed_reruns_every_failed_status_and_no_ok_cell(ray_session, swe
     statuses = ("ok", *FAILED_STATUSES)
     cells = _cells(range(len(statuses)), {})  # healthy cells: a re-run gives "ok"
     output = tmp_path / "out"
-    earlier = sinks.ParquetSink(output)
+    earlier = parquet.ParquetSink(output)
     for cell, status in zip(cells, statuses):
         earlier.add(driver.failure_row(cell, 1, status, f"earlier {status}"))
     earlier.flush()

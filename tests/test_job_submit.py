@@ -182,9 +182,9 @@ def test_ray_job_submit_runs_a_study_on_its_own_head(head, tmp_path):
     logs = client.get_job_logs(submission_id)
     assert status == "SUCCEEDED", f"job ended {status}: {logs[-4000:]}"
 
-    from hypersweep.orchestrator import sinks
+    from hypersweep.io import parquet, tracking
 
-    table = sinks.read_results(output)
+    table = parquet.read_results(output)
     assert table.num_rows == 4
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert set(table.column("device").to_pylist()) == {"cpu"}
@@ -197,9 +197,9 @@ def test_ray_job_submit_runs_a_study_on_its_own_head(head, tmp_path):
     experiment = client_ml.get_experiment_by_name("job-submit-smoke")
     assert experiment is not None
     runs = client_ml.search_runs([experiment.experiment_id])
-    roles = sorted(r.data.tags.get(sinks.TAG_ROLE) for r in runs)
+    roles = sorted(r.data.tags.get(tracking.TAG_ROLE) for r in runs)
     assert roles == ["group"] * 4 + ["parent"]
-    parent = next(r for r in runs if r.data.tags.get(sinks.TAG_ROLE) == "parent")
+    parent = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "parent")
     assert parent.info.status == "FINISHED"
     # the job ran in a temporary copy of the repository; nothing was written back into it
     assert not (REPO_ROOT / "mlflow.db").exists()

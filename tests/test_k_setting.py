@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from hypersweep.orchestrator import sinks
+from hypersweep.io import tracking
 from hypersweep.orchestrator.cell import Cell
 from hypersweep.orchestrator.spec import count_cells, expand, parse_study
 
@@ -48,11 +48,11 @@ def test_mlflow_groups_follow_the_setting():
     rows = [dict(study="s", pipeline="p", problem="ridge", algorithm="aid_cg", backend="jax",
                  K=5, K_setting=setting, t=5, seed=0, dtype="float64", problem_params="{}",
                  algorithm_params="{}", pipeline_params="{}") for setting in ("5", "t")]
-    assert sinks.k_setting(rows[0]) == 5 and sinks.k_setting(rows[1]) == "t"
-    assert sinks.group_id(rows[0]) != sinks.group_id(rows[1])
+    assert tracking.k_setting(rows[0]) == 5 and tracking.k_setting(rows[1]) == "t"
+    assert tracking.group_id(rows[0]) != tracking.group_id(rows[1])
     # rows written before the column existed: the study's K list decides, as before
     old = {**rows[0], "K_setting": None}
-    assert sinks.k_setting(old, uses_t=True) == "t" and sinks.k_setting(old) == 5
+    assert tracking.k_setting(old, uses_t=True) == "t" and tracking.k_setting(old) == 5
 
 
 @pytest.mark.ray
@@ -84,7 +84,7 @@ def test_parquet_and_mlflow_hold_both_lines(ray_session, tmp_path, mlflow_sqlite
 
 def test_summary_totals_and_the_zero_hypergradient_warning():
     from hypersweep.orchestrator.driver import _compute_totals, zero_hypergradient_warning
-    from hypersweep.orchestrator.schema import RESULT_SCHEMA, empty_row
+    from hypersweep.io.schema import RESULT_SCHEMA, empty_row
 
     rows = []
     for i, (algo, extra) in enumerate([("first_order", '{"zero_hypergradient":true}'),

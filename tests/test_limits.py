@@ -20,7 +20,7 @@ import pytest
 
 from hypersweep.orchestrator import driver
 from hypersweep.orchestrator.cell import Cell, canonical_json
-from hypersweep.orchestrator.schema import FAILED_STATUSES
+from hypersweep.io.schema import FAILED_STATUSES
 from hypersweep.orchestrator.spec import (DEFAULT_CELL_TIMEOUT_S, MAX_STUDY_BYTES, StudyError,
                                           parse_study)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from hypersweep.orchestrator import lock, sinks
+from hypersweep.io import lock, parquet, tracking
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from hypersweep.orchestrator.lock import OutputLock
+    from hypersweep.io.lock import OutputLock
     OutputLock(sys.argv[1], study="other").acquire()
     print("locked", flush=True)
     time.sleep(120)
@@ -81,7 +81,7 @@ def test_a_live_holder_in_another_process_blocks_until_force(holder_process, cap
     proc, output = holder_process
     with pytest.raises(lock.LockHeld, match=f"pid {proc.pid},"):
         lock.OutputLock(output).acquire()
-    caplog.set_level(logging.WARNING, logger="hypersweep.orchestrator.lock")
+    caplog.set_level(logging.WARNING, logger="hypersweep.io.lock")
     forced = lock.OutputLock(output, study="mine", force=True).acquire()
     assert "--force" in caplog.text and f"pid {proc.pid}" in caplog.text
     assert lock.holder(output)[0]["pid"] == os.getpid()
@@ -98,7 +98,7 @@ def test_a_lock_left_by_a_killed_driver_is_taken_over_with_a_warning(holder_proc
     proc.wait(10)
     holder, alive = lock.holder(output)
     assert holder["pid"] == proc.pid and not alive
-    caplog.set_level(logging.WARNING, logger="hypersweep.orchestrator.lock")
+    caplog.set_level(logging.WARNING, logger="hypersweep.io.lock")
     with lock.OutputLock(output):
         assert "stale lock" in caplog.text and f"pid {proc.pid}" in caplog.text
 
@@ -116,7 +116,7 @@ def test_stale_tmp_sweep_removes_only_files_of_gone_writers(tmp_path):
         }
         for name in names.values():
             (tmp_path / name).write_bytes(b"x")
-        assert sinks.sweep_stale_tmp(tmp_path) == 3
+        assert parquet.sweep_stale_tmp(tmp_path) == 3
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             [names["live"], names["other_host"]])
     finally:
@@ -138,7 +138,7 @@ def test_cli_run_on_a_held_output_exits_2_in_5s_with_one_line(holder_process, tm
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("hypersweep: error: output ") and \
         f"host {socket.gethostname()}, pid {proc.pid}, since " in lines[0], lines[0]
-    assert not (output / sinks.STUDY_FILE).exists()  # refused before writing anything
+    assert not (output / parquet.STUDY_FILE).exists()  # refused before writing anything
 
     status = subprocess.run([sys.executable, "-m", "hypersweep", "status", str(output)],
                             check=False, capture_output=True, text=True, timeout=60)
@@ -255,16 +255,16 @@ def test_two_concurrent_cli_runs_one_runs_the_other_exits_2(tmp_path, mlflow_sql
     assert third.returncode == 0, third.stderr
     assert f"0 cells run, {N_CONCURRENT_CELLS} skipped" in third.stdout, third.stdout
 
-    rows = sinks.read_results(output, latest=False)
+    rows = parquet.read_results(output, latest=False)
     counts = Counter(rows.column("cell_id").to_pylist())
     assert len(counts) == N_CONCURRENT_CELLS and set(counts.values()) == {1}
     client = MlflowClient(tracking_uri=mlflow_sqlite)
     experiment = client.get_experiment_by_name("concurrent-test")
     runs = client.search_runs([experiment.experiment_id])
-    roles = Counter(r.data.tags.get(sinks.TAG_ROLE) for r in runs)
+    roles = Counter(r.data.tags.get(tracking.TAG_ROLE) for r in runs)
     assert roles == {"parent": 1, "group": N_GROUPS}, roles
-    groups = [r.data.tags[sinks.TAG_GROUP] for r in runs
-              if r.data.tags.get(sinks.TAG_ROLE) == "group"]
+    groups = [r.data.tags[tracking.TAG_GROUP] for r in runs
+              if r.data.tags.get(tracking.TAG_ROLE) == "group"]
     assert len(set(groups)) == N_GROUPS
-    logged = sum(1 for r in runs for key in r.data.tags if key.startswith(sinks.TAG_CELL_PREFIX))
+    logged = sum(1 for r in runs for key in r.data.tags if key.startswith(tracking.TAG_CELL_PREFIX))
     assert logged == N_CONCURRENT_CELLS

@@ -15,7 +15,8 @@ import types
 
 import pytest
 
-from hypersweep.orchestrator import driver, sinks
+from hypersweep.orchestrator import driver
+from hypersweep.io import tracking
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
@@ -28,7 +29,7 @@ def _logged_cells(client, experiment_id: str) -> dict[str, dict]:
     """run name -> {cell tags} for every child run."""
     runs = client.search_runs([experiment_id], "tags.`hypersweep.role` = 'group'")
     return {run.info.run_id: {k: v for k, v in run.data.tags.items()
-                              if k.startswith(sinks.TAG_CELL_PREFIX)} for run in runs}
+                              if k.startswith(tracking.TAG_CELL_PREFIX)} for run in runs}
 
 
 def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
@@ -87,7 +88,7 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
                         _logged_cells(client, experiment.experiment_id).values())
     assert 0 < logged_before < len(cells), "the outage should land mid-sweep"
 
-    first = sinks.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
+    first = tracking.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
     assert first["logged"] == len(cells) - logged_before
     assert first["already_logged"] == logged_before
     children = client.search_runs([experiment.experiment_id],
@@ -101,6 +102,6 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
     assert len(parents) == 1
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
-    second = sinks.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
+    second = tracking.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
     assert second["logged"] == 0 and second["already_logged"] == len(cells)
     assert second["runs_created"] == 0

@@ -23,7 +23,7 @@ import pytest
 
 from hypersweep import problems
 from hypersweep.orchestrator import driver, spec
-from hypersweep.orchestrator.schema import RESULT_SCHEMA, TRACE_SCHEMA
+from hypersweep.io.schema import RESULT_SCHEMA, TRACE_SCHEMA
 from hypersweep.pipelines import report
 
 pytestmark = pytest.mark.ray

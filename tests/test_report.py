@@ -15,9 +15,9 @@ import pytest
 
 from hypersweep import problems
 from hypersweep.orchestrator.cell import Cell, canonical_json, make_cell_id
-from hypersweep.orchestrator.schema import (RESULT_SCHEMA, TRACE_SCHEMA, empty_row,
+from hypersweep.io.schema import (RESULT_SCHEMA, TRACE_SCHEMA, empty_row,
                                             empty_trace)
-from hypersweep.orchestrator.sinks import write_table_atomic
+from hypersweep.io.parquet import write_table_atomic
 from hypersweep.pipelines import report
 
 T_GRID = [1, 2, 5, 10, 20, 50, 100]

@@ -4,8 +4,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hypersweep.orchestrator import sinks
-from hypersweep.orchestrator.schema import TRACE_SCHEMA, empty_trace
+from hypersweep.io import parquet
+from hypersweep.io.schema import TRACE_SCHEMA, empty_trace
 
 
 def _write_part(directory, rows):
@@ -24,10 +24,10 @@ def test_read_traces_keeps_only_the_latest_run_of_a_rerun_cell(tmp_path):
     _write_part(traces, [("a", 0, 1.0), ("a", 1, 2.0), ("b", 0, 5.0)])  # first run
     _write_part(traces, [("a", 0, 9.0)])  # cell a re-run (e.g. --retry-failed), 1 step
     latest = sorted((r["cell_id"], r["step"], r["val_loss"])
-                    for r in sinks.read_traces(tmp_path).to_pylist())
+                    for r in parquet.read_traces(tmp_path).to_pylist())
     assert latest == [("a", 0, 9.0), ("b", 0, 5.0)]
-    assert sinks.read_traces(tmp_path, latest=False).num_rows == 4
+    assert parquet.read_traces(tmp_path, latest=False).num_rows == 4
 
 
 def test_read_traces_of_a_missing_directory_is_empty(tmp_path):
-    assert sinks.read_traces(tmp_path).num_rows == 0
+    assert parquet.read_traces(tmp_path).num_rows == 0

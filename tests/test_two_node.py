@@ -124,7 +124,7 @@ def _kill_all(procs) -> None:
 
 
 def _rows(output: Path) -> int:
-    from hypersweep.orchestrator.sinks import read_results
+    from hypersweep.io.tracking import read_results
 
     try:
         return read_results(output).num_rows
@@ -144,7 +144,7 @@ def _runner_on(raylet_pid: int) -> bool:
 
 
 def test_sweep_survives_losing_the_worker_node(tmp_path):
-    from hypersweep.orchestrator.sinks import read_results
+    from hypersweep.io.tracking import read_results
     import pyarrow.dataset as ds
 
     temp_dir = tempfile.mkdtemp(prefix="hs-2n-")  # short: socket paths are capped

@@ -1,4 +1,6 @@
-"""Where and when cells run: study specs, Ray actors, the driver, Parquet and MLflow sinks.
+"""Where and when cells run: study specs, cells, Ray actors and the driver.
+
+Results go through :mod:`hypersweep.io`.
 
 Nothing in this package imports torch or jax (a test checks it in a subprocess).
 """

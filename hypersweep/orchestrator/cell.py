@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hypersweep import __version__
-from hypersweep.orchestrator.schema import empty_row, empty_trace
+from hypersweep.io.schema import empty_row, empty_trace
 from hypersweep.registry import load_object
 
 PIPELINES = {

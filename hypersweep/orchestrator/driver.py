@@ -42,12 +42,12 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from hypersweep import __version__
-from hypersweep.orchestrator import lock as lock_mod
+from hypersweep.io import lock as lock_mod
 from hypersweep.orchestrator import resources as resources_mod
-from hypersweep.orchestrator import sinks
+from hypersweep.io import parquet, tracking
 from hypersweep.orchestrator.cell import Cell
 from hypersweep.orchestrator.progress import SweepProgress
-from hypersweep.orchestrator.schema import FAILED_STATUSES, STATUSES, empty_row
+from hypersweep.io.schema import FAILED_STATUSES, STATUSES, empty_row
 from hypersweep.registry import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ class _Sweep:
 
     # -- resume ----------------------------------------------------------------------------
     def _load_previous(self) -> None:
-        table = sinks.read_results(self.output)
+        table = parquet.read_results(self.output)
         self.previous = dict(zip(table.column("cell_id").to_pylist(),
                                  table.column("status").to_pylist()))
 
@@ -559,7 +559,7 @@ class _Sweep:
                 self._flush()
             self.progress.refresh()
 
-    def _mlflow_writer(self) -> sinks.MlflowWriter | None:
+    def _mlflow_writer(self) -> tracking.MlflowWriter | None:
         config = _get(self.study, "mlflow")
         if not _get(config, "enabled", True):
             return None
@@ -570,15 +570,15 @@ class _Sweep:
             uri = os.environ["MLFLOW_TRACKING_URI"]  # study left the default: env wins
         # The URI goes to MlflowClient explicitly (never mlflow's cwd default); the process
         # environment is left alone so a later study in the same process is not redirected.
-        uri = sinks.resolve_tracking_uri(uri)
-        sinks.set_mlflow_env_defaults()
+        uri = tracking.resolve_tracking_uri(uri)
+        tracking.set_mlflow_env_defaults()
         experiment = _get(config, "experiment") or self.name
-        logger = sinks.MlflowLogger(uri, experiment, self.name,
-                                    study_params=sinks.study_params(self.study),
+        logger = tracking.MlflowLogger(uri, experiment, self.name,
+                                    study_params=tracking.study_params(self.study),
                                     study_yaml=self._study_text(),
-                                    artifact_root=sinks.default_artifact_root(uri),
-                                    k_uses_t=sinks.k_uses_t(_get(self.study, "K", []) or []))
-        return sinks.MlflowWriter(logger).start()
+                                    artifact_root=tracking.default_artifact_root(uri),
+                                    k_uses_t=tracking.k_uses_t(_get(self.study, "K", []) or []))
+        return tracking.MlflowWriter(logger).start()
 
     def _study_text(self) -> str:
         text = _get(self.study, "source_text")
@@ -589,7 +589,7 @@ class _Sweep:
     def run(self) -> dict:
         """Hold the output's lock (before writing anything or starting Ray or MLflow)
         around the sweep; raises :class:`~.lock.LockHeld` at once if another driver holds
-        it, :class:`~.sinks.SinkWriteError` if Parquet cannot be written (both exit 2)."""
+        it, :class:`~.parquet.SinkWriteError` if Parquet cannot be written (both exit 2)."""
         self.output.mkdir(parents=True, exist_ok=True)
         with lock_mod.OutputLock(self.output, study=self.name, force=self.force):
             return self._run_locked()
@@ -597,10 +597,10 @@ class _Sweep:
     def _run_locked(self) -> dict:
         wall_start = time.perf_counter()
         try:
-            sinks.write_text_atomic(self.output / sinks.STUDY_FILE, self._study_text())
+            parquet.write_text_atomic(self.output / parquet.STUDY_FILE, self._study_text())
         except OSError as exc:
-            raise sinks.SinkWriteError(self.output / sinks.STUDY_FILE, exc, 1) from exc
-        self.sink = sinks.ParquetSink(self.output, flush_rows=FLUSH_ROWS,
+            raise parquet.SinkWriteError(self.output / parquet.STUDY_FILE, exc, 1) from exc
+        self.sink = parquet.ParquetSink(self.output, flush_rows=FLUSH_ROWS,
                                       flush_seconds=FLUSH_SECONDS)
         self._load_previous()
         self.writer = self._mlflow_writer()
@@ -609,7 +609,7 @@ class _Sweep:
         completed = False
         interrupted = False
         crashed = True
-        write_error: sinks.SinkWriteError | None = None
+        write_error: parquet.SinkWriteError | None = None
         try:
             if not self.feed.empty():
                 self._start_pool()
@@ -629,13 +629,13 @@ class _Sweep:
             else:
                 completed = True
             crashed = False
-        except sinks.SinkWriteError as exc:  # retried already: stop, keep what is saved
+        except parquet.SinkWriteError as exc:  # retried already: stop, keep what is saved
             write_error = exc
         finally:
             if write_error is None:
                 try:
                     self._flush()
-                except sinks.SinkWriteError as exc:
+                except parquet.SinkWriteError as exc:
                     write_error = exc
             self.progress.close()
             self._stop_actors()
@@ -680,7 +680,7 @@ class _Sweep:
                 "connect_seconds": logger.connect_seconds}
 
     def _summary(self, wall_start: float, interrupted: bool) -> dict:
-        table = sinks.read_results(self.output)
+        table = parquet.read_results(self.output)
         study_counts = Counter(table.column("status").to_pylist())
         totals = _compute_totals(table)
         pairs: dict[tuple, dict[str, list]] = {}
@@ -708,7 +708,7 @@ class _Sweep:
             "output": str(self.output),
             "results_dir": str(self.sink.results_dir),
             "traces_dir": str(self.sink.traces_dir),
-            "study_yaml": str(self.output / sinks.STUDY_FILE),
+            "study_yaml": str(self.output / parquet.STUDY_FILE),
             "cells_seen": self.feed.seen,
             "cells_skipped": self.feed.skipped,
             "cells_done": sum(self.counts.values()),
@@ -785,7 +785,7 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
     ``force``: take the output's lock even if another live driver holds it.
     Raises :class:`SweepInterrupted` after SIGTERM/SIGINT (rows flushed first),
     :class:`~.lock.LockHeld` if another driver holds the output, and
-    :class:`~.sinks.SinkWriteError` if Parquet parts cannot be written.
+    :class:`~.parquet.SinkWriteError` if Parquet parts cannot be written.
     """
     if cells is None:
         from hypersweep.orchestrator import spec
@@ -823,7 +823,7 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
                 signal.signal(signum, on_signal)
 
     install_handlers()
-    sinks.set_mlflow_env_defaults()
+    tracking.set_mlflow_env_defaults()
     try:
         sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
                        stop_event=stop_event, ensure_ray=ensure_ray, address=address,
@@ -916,5 +916,5 @@ __all__ = ["run_study", "run_cells", "read_results", "sync_mlflow", "SweepInterr
            "SweepAborted",
            "format_summary", "print_summary", "pool_size", "failure_row"]
 
-read_results = sinks.read_results
-sync_mlflow = sinks.sync_mlflow
+read_results = parquet.read_results
+sync_mlflow = tracking.sync_mlflow

@@ -390,7 +390,7 @@ def worker_main() -> int:
 def _candidates(output: Path) -> tuple[list[dict], set[str], int]:
     """ok rows, the columns null in every row (absent from an older output), and how many
     ok rows were left out for depending on the clock."""
-    from hypersweep.orchestrator.sinks import RESULTS_DIR, read_results
+    from hypersweep.io.parquet import RESULTS_DIR, read_results
 
     if not output.is_dir():
         raise AuditInputError(f"output directory {str(output)!r} not found")

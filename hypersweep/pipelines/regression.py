@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hypersweep import __version__
-from hypersweep.orchestrator.schema import RESULT_SCHEMA
+from hypersweep.io.schema import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def compare(baseline: pa.Table, current: pa.Table,
             tolerances: Tolerances = Tolerances()) -> Comparison:
     """Compare the ``current`` run with the ``baseline`` cell by cell (by ``cell_id``).
 
-    Both are result tables with at most one row per cell (``sinks.read_results``). Cost:
+    Both are result tables with at most one row per cell (``parquet.read_results``). Cost:
     O(cells) Python work, no backend imported.
     """
     for name, table in (("baseline", baseline), ("current results", current)):
@@ -411,12 +411,13 @@ def load_suite(path: str | Path, *, output: str | Path | None = None,
 def run_in_process(study) -> dict:
     """Run every cell of ``study`` here, one after another; rows go to Parquet under
     ``study.output`` like the driver's. Returns {status: count}."""
-    from hypersweep.orchestrator import sinks, spec
+    from hypersweep.io import parquet
+    from hypersweep.orchestrator import spec
     from hypersweep.orchestrator.cell import run_cell
 
     output = Path(study.output)
-    sink = sinks.ParquetSink(output)
-    sinks.write_text_atomic(output / sinks.STUDY_FILE, study.source_text)
+    sink = parquet.ParquetSink(output)
+    parquet.write_text_atomic(output / parquet.STUDY_FILE, study.source_text)
     total = spec.count_cells(study)
     counts: dict[str, int] = {}
     start = time.perf_counter()
@@ -435,7 +436,7 @@ def run_in_process(study) -> dict:
 
 def run_suite(study, *, executor: str = "inprocess", address: str | None = None):
     """Run the suite's cells; return the result table (latest row per cell)."""
-    from hypersweep.orchestrator import sinks
+    from hypersweep.io import parquet
 
     if executor == "ray":
         from hypersweep.orchestrator.driver import run_study
@@ -443,7 +444,7 @@ def run_suite(study, *, executor: str = "inprocess", address: str | None = None)
         run_study(study, address=address, quiet=True)
     else:
         run_in_process(study)
-    return sinks.read_results(study.output)
+    return parquet.read_results(study.output)
 
 
 # ---------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def read_output(output_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(results, traces) of one study output directory as DataFrames.
 
     Results: the latest row per ``cell_id`` (by ``finished_at``), via
-    ``hypersweep.orchestrator.sinks.read_results``. Traces: every trace row, keeping the
+    ``hypersweep.orchestrator.parquet.read_results``. Traces: every trace row, keeping the
     last-written row per (cell_id, step) — a re-run cell's newer part files sort after
     the older ones (names start with a nanosecond clock).
     """
@@ -80,11 +80,11 @@ def read_output(output_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not directory.is_dir():
         raise ValueError(f"results directory {str(directory)!r} does not exist")
     try:
-        from hypersweep.orchestrator import sinks
-        results = sinks.read_results(directory)
-        traces = sinks.read_traces(directory)
+        from hypersweep.io import parquet
+        results = parquet.read_results(directory)
+        traces = parquet.read_traces(directory)
     except ImportError:  # pragma: no cover - the sinks module ships with hypersweep
-        from hypersweep.orchestrator.schema import RESULT_SCHEMA, TRACE_SCHEMA
+        from hypersweep.io.schema import RESULT_SCHEMA, TRACE_SCHEMA
         results = _read_parquet_dir(directory / "results", RESULT_SCHEMA)
         df = results.to_pandas()
         df = df.sort_values("finished_at").drop_duplicates("cell_id", keep="last")
@@ -713,7 +713,7 @@ def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
             uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
             if uri is None:
                 continue
-            from hypersweep.orchestrator.sinks import set_mlflow_env_defaults
+            from hypersweep.io.tracking import set_mlflow_env_defaults
             set_mlflow_env_defaults()
             from mlflow import MlflowClient
             client = MlflowClient(tracking_uri=uri)
