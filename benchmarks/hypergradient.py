@@ -127,7 +127,7 @@ def torchopt_cg(problem, lam, t: int, K: int, *, autograd_inner: bool = False):
 
 # ----------------------------------------------------------------------------- main
 def cases(ts, include_forward: bool):
-    for name in algorithms.names(kind="hypergradient"):
+    for name in algorithms.names(kind="estimator"):
         spec = algorithms.spec(name)
         if name in ("exact",):
             continue

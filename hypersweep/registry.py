@@ -1,14 +1,31 @@
 """Registries: name -> frozen spec -> lazily imported implementation.
 
+Three catalogs hold every list the package and its tests use: ``problems/catalog.py``
+(:class:`ProblemSpec`), ``algorithms/catalog.py`` (:class:`AlgorithmSpec`) and
+``pipelines/catalog.py`` (:class:`PipelineSpec`). Code outside them derives its lists from
+the registries (``PIPELINES.names()``, ``ALGORITHMS`` filtered by ``kind``), never keeps its
+own.
+
+Plugins: ``$HYPERSWEEP_PLUGINS`` names modules (comma-separated) that register more
+problems, algorithms or pipelines when imported; :func:`load_plugins` imports them, and the
+driver and every actor call it, so a plugin's entries exist wherever cells run.
+
 Pure data and ``importlib``; importing this module never imports torch or jax.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 BACKENDS = ("jax", "torch")
+#: what an algorithm is: a hypergradient ``estimator`` fn(problem, lam, *, t, K, seed); an
+#: ``online`` (init, step) pair that tunes λ during one training run; a bilevel ``solver``
+#: (init, step) pair that updates inner, adjoint and outer variables together; a black-box
+#: ``searcher`` factory (Ray Tune).
+ALGORITHM_KINDS = ("estimator", "online", "solver", "searcher")
+PLUGINS_ENV = "HYPERSWEEP_PLUGINS"
 
 
 def load_object(path: str) -> Any:
@@ -31,8 +48,10 @@ class AlgorithmSpec:
 
     ``uses_K``: whether K (linear-system / truncation budget) changes the result.
     ``requires``: problem capabilities it needs (e.g. ``"minibatch"``).
-    ``kind``: ``"hypergradient"`` (fn(problem, lam, *, t, K, seed)) or ``"online"``
-    (an ``(init, step)`` pair that tunes λ during one training run).
+    ``kind``: one of :data:`ALGORITHM_KINDS`.
+    ``params``: defaults of its extra keyword params (algorithm params in a study);
+    ``params_model``: ``"module:Class"`` of the pydantic model that checks them (or None).
+    ``warm_start_adjoint``: whether it accepts ``v0=``, an adjoint warm start.
     """
 
     name: str
@@ -41,8 +60,13 @@ class AlgorithmSpec:
     impls: Mapping[str, str]
     uses_K: bool = False
     requires: frozenset = frozenset()
-    kind: str = "hypergradient"
-    params: Mapping[str, Any] = field(default_factory=dict)  # defaults of extra keyword params
+    kind: str = "estimator"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    params_model: str | None = None
+    warm_start_adjoint: bool = False
+
+    def __post_init__(self):
+        check_choice("algorithm kind", self.kind, ALGORITHM_KINDS)
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,28 @@ class ProblemSpec:
     lam_parametrization: str
     capabilities: frozenset = frozenset()
     params: Mapping[str, Any] = field(default_factory=dict)  # defaults of make(**params)
+    #: the small, well-conditioned instance (params over ``params``) that the generic tests
+    #: build: oracle vs finite differences, every estimator vs the oracle, parity
+    small: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a pipeline measures; ``run`` is ``"module:function"``, fn(cell) -> PipelineResult.
+
+    ``params_model``: ``"module:Class"`` of the pydantic model of its ``pipeline_params``
+    (None: any JSON mapping). ``algorithm_kinds``: the :data:`ALGORITHM_KINDS` it runs.
+    """
+
+    name: str
+    summary: str
+    run: str
+    algorithm_kinds: tuple[str, ...]
+    params_model: str | None = None
+
+    def __post_init__(self):
+        for kind in self.algorithm_kinds:
+            check_choice("algorithm kind", kind, ALGORITHM_KINDS)
 
 
 S = TypeVar("S")
@@ -69,14 +115,12 @@ class Registry(Generic[S]):
         self._specs: dict[str, S] = {}
 
     def register(self, spec: S) -> S:
+        """Add ``spec``; registering an equal spec again (a re-imported plugin) is a no-op."""
         name = spec.name  # type: ignore[attr-defined]
-        if name in self._specs:
+        if name in self._specs and self._specs[name] != spec:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._specs[name] = spec
         return spec
-
-    def unregister(self, name: str) -> None:
-        self._specs.pop(name, None)
 
     def spec(self, name: str) -> S:
         check_choice(self.kind, name, self.names())
@@ -90,6 +134,14 @@ class Registry(Generic[S]):
 
     def __iter__(self) -> Iterator[S]:
         return iter(self._specs.values())
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$HYPERSWEEP_PLUGINS``; return their names."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 def resolve_impl(spec: AlgorithmSpec, backend: str) -> Callable:

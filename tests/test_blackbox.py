@@ -52,9 +52,9 @@ def ridge_runs():
 
 
 def test_searchers_are_registered_for_both_backends():
-    assert algorithms.names("blackbox") == SEARCHERS
+    assert algorithms.names("searcher") == SEARCHERS
     for name in SEARCHERS:
-        assert algorithms.spec(name).kind == "blackbox"
+        assert algorithms.spec(name).kind == "searcher"
         assert algorithms.get(name, "jax") is algorithms.get(name, "torch")
         assert algorithms.get(name, "torch") is blackbox.SEARCHERS[name]
 

@@ -50,7 +50,7 @@ def expected(name: str, *, t: int, K: int, iters, dim_lam: int, dim_w: int) -> t
     return table[name]
 
 
-HYPERGRADIENT = algorithms.names("hypergradient")
+HYPERGRADIENT = algorithms.names("estimator")
 
 
 def test_every_hypergradient_algorithm_has_a_definition():

@@ -426,7 +426,7 @@ def _torch_float64_op_log():
 
 @backend_param
 @pytest.mark.parametrize("problem_name", ("ridge", "logreg"))
-@pytest.mark.parametrize("algo", algorithms.names("hypergradient"))
+@pytest.mark.parametrize("algo", algorithms.names("estimator"))
 def test_float32_works_in_float32_and_is_close_to_float64(backend, problem_name, algo):
     p64 = get_problem(problem_name, backend)
     if not applies(algo, p64):

@@ -44,7 +44,7 @@ SMALL = {
     "quadratic": dict(dim_inner=8, dim_outer=3),
 }
 # The estimators implemented under hypersweep/algorithms/torch (not the float64 oracle).
-HYPERGRADIENT_ALGOS = [n for n in algorithms.names("hypergradient")
+HYPERGRADIENT_ALGOS = [n for n in algorithms.names("estimator")
                        if algorithms.spec(n).impls["torch"].startswith(
                            "hypersweep.algorithms.torch.")]
 

@@ -296,7 +296,7 @@ def test_suite_covers_every_hypergradient_algorithm_and_problem():
     from hypersweep.orchestrator.spec import load_study
 
     study = load_study(SUITE)
-    assert {a.name for a in study.algorithms} == set(algorithms.names("hypergradient"))
+    assert {a.name for a in study.algorithms} == set(algorithms.names("estimator"))
     assert {p.name for p in study.problems} == set(problems.names())
     assert set(study.backend) == {"jax", "torch"}
     assert study.dtype == "float64" and study.pipeline == "hypergradient_error"

@@ -57,7 +57,7 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
     algo = ALGORITHMS.spec(name)
     check_choice("backend", backend, BACKENDS)
     impl = resolve_impl(algo, backend)
-    if algo.kind != "hypergradient":
+    if algo.kind != "estimator":
         return impl
 
     @functools.wraps(impl)

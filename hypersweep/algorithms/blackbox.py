@@ -331,7 +331,7 @@ def asha(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
     return search
 
 
-#: name -> factory; the catalog registers these same entries (kind="blackbox")
+#: name -> factory; the catalog registers these same entries (kind="searcher")
 SEARCHERS: dict[str, Callable[..., TuneSearch]] = {
     "grid": grid, "random": random_search, "tpe": tpe, "hyperopt": hyperopt, "asha": asha}
 

@@ -107,7 +107,7 @@ ALGORITHMS.register(AlgorithmSpec(
 # --- end online methods ---
 
 # --- black-box searchers (Ray Tune) ---
-# kind="blackbox": ``get(name, backend)`` returns a searcher factory
+# kind="searcher": ``get(name, backend)`` returns a searcher factory
 # ``fn(space, *, num_samples, seed, max_t, **params) -> TuneSearch`` (backend-free: both
 # backends point at the same entry); the ``blackbox`` pipeline runs it. t = inner steps
 # per trial, K unused. ``params`` are the searcher's options (algorithm params in a study).
@@ -119,31 +119,31 @@ ALGORITHMS.register(AlgorithmSpec(
     name="grid",
     summary="Grid search over the λ box (Ray Tune BasicVariantGenerator); small dim λ only.",
     reference="Bergstra & Bengio 2012 (as the baseline random search beats)",
-    impls=_blackbox("grid"), kind="blackbox", params={"grid_points": None},
+    impls=_blackbox("grid"), kind="searcher", params={"grid_points": None},
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="random",
     summary="Uniform random search over the λ box (Ray Tune BasicVariantGenerator, seeded).",
     reference="Bergstra & Bengio 2012",
-    impls=_blackbox("random_search"), kind="blackbox",
+    impls=_blackbox("random_search"), kind="searcher",
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="tpe",
     summary="Tree-structured Parzen estimator (Optuna TPESampler via Ray Tune OptunaSearch).",
     reference="Bergstra et al. 2011; Akiba et al. 2019",
-    impls=_blackbox("tpe"), kind="blackbox", params={"n_startup_trials": 10},
+    impls=_blackbox("tpe"), kind="searcher", params={"n_startup_trials": 10},
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="hyperopt",
     summary="HyperOpt TPE via Ray Tune HyperOptSearch (seeded).",
     reference="Bergstra, Yamins & Cox 2013",
-    impls=_blackbox("hyperopt"), kind="blackbox", params={"n_initial_points": 10},
+    impls=_blackbox("hyperopt"), kind="searcher", params={"n_initial_points": 10},
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="asha",
     summary="Random search + ASHA early stopping; the inner steps are the resource.",
     reference="Li et al. 2020 (ASHA)",
-    impls=_blackbox("asha"), kind="blackbox",
+    impls=_blackbox("asha"), kind="searcher",
     params={"grace_period": None, "reduction_factor": 3.0, "workers": 4,
             "report_every": None},
 ))

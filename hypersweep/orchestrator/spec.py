@@ -42,9 +42,9 @@ from hypersweep.registry import BACKENDS
 
 #: Algorithm kinds each pipeline accepts. A pipeline missing here accepts every kind.
 PIPELINE_ALGORITHM_KINDS = {
-    "hypergradient_error": ("hypergradient",),
-    "hpo": ("hypergradient", "online"),
-    "blackbox": ("blackbox",),
+    "hypergradient_error": ("estimator",),
+    "hpo": ("estimator", "online"),
+    "blackbox": ("searcher",),
 }
 
 # Ray keeps resource quantities in units of 1e-4 and rejects finer fractions.

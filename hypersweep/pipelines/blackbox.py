@@ -67,7 +67,7 @@ def run(cell) -> PipelineResult:
                          f"the inner steps per trial); got K={cell.K!r}")
     params = check_params(cell.pipeline_kwargs)
     algo = algorithms.spec(cell.algorithm)
-    if algo.kind != "blackbox":
+    if algo.kind != "searcher":
         raise ValueError(f"pipeline 'blackbox' runs black-box searchers; {cell.algorithm!r} "
                          f"is of kind {algo.kind!r}. Valid choices: "
                          f"{', '.join(algorithms.names('blackbox'))}")

@@ -2,7 +2,7 @@
 
 Two kinds of algorithm run here:
 
-* ``kind="hypergradient"`` (itd, aid_*, one_step, first_order, exact, …): each outer step
+* ``kind="estimator"`` (itd, aid_*, one_step, first_order, exact, …): each outer step
   calls the estimator at the current λ with the cell's t (inner steps) and K (its linear
   system / truncation budget), then takes one step of the outer optimizer on λ.
   With ``warm_start_w`` the inner loop of step k+1 starts from step k's w_t (so
@@ -113,7 +113,7 @@ def _backend_online(backend: str):
 
 
 class _HypergradientLoop:
-    """Outer loop for ``kind="hypergradient"``: estimator + outer optimizer on λ."""
+    """Outer loop for ``kind="estimator"``: estimator + outer optimizer on λ."""
 
     def __init__(self, cell, problem, params, lam0):
         self.cell, self.problem = cell, problem
@@ -215,8 +215,8 @@ def run(cell) -> PipelineResult:
 def _run(cell) -> PipelineResult:
     params = check_params(cell.pipeline_kwargs)
     spec = algorithms.spec(cell.algorithm)
-    if spec.kind not in ("hypergradient", "online"):
-        valid = algorithms.names("hypergradient") + algorithms.names("online")
+    if spec.kind not in ("estimator", "online"):
+        valid = algorithms.names("estimator") + algorithms.names("online")
         raise ValueError(f"pipeline 'hpo' runs hypergradient or online algorithms; "
                          f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
                          f"{', '.join(valid)}")
