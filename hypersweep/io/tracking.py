@@ -65,6 +65,23 @@ def set_mlflow_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+#: where MLflow runs go when neither the command line, the study nor
+#: ``$MLFLOW_TRACKING_URI`` says: a sqlite file beside the results (relative to the cwd)
+DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
+
+
+def choose_tracking_uri(explicit: str | None = None, study_value: str | None = None) -> str:
+    """The one rule for the tracking URI: a command-line ``explicit`` value, else the study's
+    own ``mlflow.tracking_uri`` (the default value counts as unset), else
+    ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`; made absolute by
+    :func:`resolve_tracking_uri`."""
+    if study_value == DEFAULT_TRACKING_URI:
+        study_value = None
+    uri = (explicit or study_value or os.environ.get("MLFLOW_TRACKING_URI")
+           or DEFAULT_TRACKING_URI)
+    return resolve_tracking_uri(uri)
+
+
 def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///path`` absolute (from the cwd) and create its folder;
     other URIs are returned unchanged."""
