@@ -50,8 +50,11 @@ class AlgorithmSpec:
     ``requires``: problem capabilities it needs (e.g. ``"minibatch"``).
     ``kind``: one of :data:`ALGORITHM_KINDS`.
     ``params``: defaults of its extra keyword params (algorithm params in a study);
-    ``params_model``: ``"module:Class"`` of the pydantic model that checks them (or None).
-    ``warm_start_adjoint``: whether it accepts ``v0=``, an adjoint warm start.
+    ``params_model``: ``"module:Class"`` of the pydantic model that checks them (None:
+    it takes none). ``warm_start_adjoint``: whether it accepts ``v0=``, an adjoint warm
+    start. ``consistent``: an iterative estimator whose estimate from t inner and K solver
+    steps tends to ∇F(λ) as t, K → ∞ (the generic tests check it against the oracle);
+    False for biased-by-design ones and for the oracle itself, which runs no steps.
     """
 
     name: str
@@ -64,6 +67,7 @@ class AlgorithmSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     params_model: str | None = None
     warm_start_adjoint: bool = False
+    consistent: bool = False
 
     def __post_init__(self):
         check_choice("algorithm kind", self.kind, ALGORITHM_KINDS)
@@ -83,6 +87,9 @@ class ProblemSpec:
     #: the small, well-conditioned instance (params over ``params``) that the generic tests
     #: build: oracle vs finite differences, every estimator vs the oracle, parity
     small: Mapping[str, Any] = field(default_factory=dict)
+    #: the black-box searchers' default box (low, high) for every coordinate of λ, in the
+    #: λ parametrization; None: λ₀ ± 2 (for a λ without a transform)
+    search_box: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

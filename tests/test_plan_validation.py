@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from hypersweep.algorithms.catalog import ALGORITHMS
-from hypersweep.orchestrator.cell import PIPELINES
 from hypersweep.pipelines import blackbox, hpo
-from hypersweep.pipelines.params import ALGORITHM_PARAMS, PIPELINE_PARAMS, ParamsError
+from hypersweep.pipelines.catalog import PIPELINES
+from hypersweep.registry import load_object
+from hypersweep.validation import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,26 +218,35 @@ def test_run_time_checkers_share_the_plan_time_schema(params, pipeline):
 
 
 def test_defaults_are_the_models():
-    assert hpo.check_params({}) == hpo.DEFAULTS == PIPELINE_PARAMS["hpo"].defaults()
+    hpo_model = load_object(PIPELINES.spec("hpo").params_model)
+    assert hpo.check_params({}) == hpo.DEFAULTS == hpo_model.defaults()
     assert blackbox.check_params({}) == blackbox.DEFAULTS
     assert hpo.DEFAULTS["outer_steps"] == 100 and blackbox.DEFAULTS["num_samples"] == 20
 
 
 def test_every_production_pipeline_has_a_schema():
-    assert set(PIPELINE_PARAMS) == {"hypergradient_error", "hpo", "blackbox"} <= set(PIPELINES)
+    with_model = {spec.name for spec in PIPELINES if spec.params_model}
+    assert with_model == {"hypergradient_error", "hpo", "blackbox"} <= set(PIPELINES.names())
+    for name in with_model:
+        model = load_object(PIPELINES.spec(name).params_model)
+        assert model.owner == f"pipeline {name!r}"
+        model.parse({}, prefix="pipeline_params")  # every key has a default
 
 
 def test_algorithm_models_match_the_catalog():
     with_params = {spec.name for spec in ALGORITHMS if spec.params}
-    assert set(ALGORITHM_PARAMS) == with_params
-    for name, model in ALGORITHM_PARAMS.items():
+    assert {spec.name for spec in ALGORITHMS if spec.params_model} == with_params
+    for name in with_params:
+        model = load_object(ALGORITHMS.spec(name).params_model)
         defaults = dict(ALGORITHMS.spec(name).params)
+        assert model.owner == f"algorithm {name!r}"
         assert set(model.model_fields) == set(defaults), name
         model.parse(defaults, prefix="params")  # the catalog's defaults pass their model
 
 
 def test_schemas_import_no_backend():
     code = ("import sys\nimport hypersweep.pipelines.params\n"
+            "import hypersweep.algorithms.params\n"
             "import hypersweep.orchestrator.spec\n"
             "print(sorted(m for m in ('torch', 'jax', 'ray') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,

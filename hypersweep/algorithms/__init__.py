@@ -1,8 +1,9 @@
 """The hypergradient-algorithm registry: ``get(name, backend=...)`` and ``names()``.
 
 Every estimator is called as ``fn(problem, lam, *, t, K, seed=0, **params)`` and returns a
-:class:`~hypersweep.algorithms.common.Hypergrad`. The estimators in
-:data:`ADJOINT_WARM_START` (aid_cg, aid_fp) also take ``v0=``, an adjoint warm start.
+:class:`~hypersweep.algorithms.common.Hypergrad`. The estimators flagged
+``warm_start_adjoint`` in the catalog (:func:`adjoint_warm_starts`: aid_cg, aid_fp) also
+take ``v0=``, an adjoint warm start.
 Importing this package never imports torch or jax; ``get`` imports the backend
 implementation lazily.
 """
@@ -13,13 +14,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hypersweep.algorithms.catalog import ADJOINT_WARM_START, ALGORITHMS
+from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import Hypergrad, check_budget
 from hypersweep.registry import BACKENDS, check_choice, resolve_impl
 
 
 def names(kind: str | None = None) -> list[str]:
+    """The registered algorithms (of ``kind``, one of ``ALGORITHM_KINDS``), catalog order."""
     return [s.name for s in ALGORITHMS if kind is None or s.kind == kind]
+
+
+def adjoint_warm_starts() -> list[str]:
+    """The estimators that accept an adjoint warm start ``v0`` (``warm_start_adjoint``)."""
+    return [s.name for s in ALGORITHMS if s.warm_start_adjoint]
 
 
 def spec(name: str):
@@ -51,7 +58,7 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
     unknown keys), and forwards the call-time keyword ``v0`` (the adjoint warm start: an
     array of w's shape, numpy or the backend's, or None) apart from ``params``: it is
     per-call state, not a study parameter, so it is never checked against the spec's
-    ``params``. ``v0`` is accepted only by :data:`ADJOINT_WARM_START`; a wrong shape or
+    ``params``. ``v0`` is accepted only by :func:`adjoint_warm_starts`; a wrong shape or
     another algorithm raises ``ValueError``.
     """
     algo = ALGORITHMS.spec(name)
@@ -80,9 +87,9 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
 
 def _check_v0(name: str, problem, v0):
     """``v0`` as a backend array in the problem's dtype; ``ValueError`` when not allowed."""
-    if name not in ADJOINT_WARM_START:
+    if not ALGORITHMS.spec(name).warm_start_adjoint:
         raise ValueError(f"algorithm {name!r} takes no adjoint warm start v0. Valid choices: "
-                         f"{', '.join(ADJOINT_WARM_START)}")
+                         f"{', '.join(adjoint_warm_starts())}")
     shape = tuple(np.shape(v0))
     if shape != tuple(problem.w_shape):
         raise ValueError(f"v0 for problem {problem.name!r} must have w's shape "
@@ -90,5 +97,5 @@ def _check_v0(name: str, problem, v0):
     return problem.ops.asarray(v0, problem.dtype)
 
 
-__all__ = ["get", "names", "spec", "check_params", "applicable", "Hypergrad", "ALGORITHMS",
-           "ADJOINT_WARM_START"]
+__all__ = ["get", "names", "adjoint_warm_starts", "spec", "check_params", "applicable",
+           "Hypergrad", "ALGORITHMS"]

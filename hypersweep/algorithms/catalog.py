@@ -1,58 +1,65 @@
-"""One ``register(AlgorithmSpec(...))`` per algorithm: pure data, no torch or jax."""
-from hypersweep.registry import AlgorithmSpec, Registry
+"""One ``register(AlgorithmSpec(...))`` per algorithm: pure data, no torch or jax.
+
+This is the one list of algorithms and of their ``params`` (the defaults a study's
+algorithm params are merged over); the pydantic model named by ``params_model``
+(:mod:`hypersweep.algorithms.params`) checks the merged values and has exactly these keys.
+"""
+from hypersweep.registry import BACKENDS, AlgorithmSpec, Registry
 
 ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
 
 
 def _impls(module: str, fn: str) -> dict:
-    return {b: f"hypersweep.algorithms.{b}.{module}:{fn}" for b in ("jax", "torch")}
+    return {b: f"hypersweep.algorithms.{b}.{module}:{fn}" for b in BACKENDS}
+
+
+def _model(name: str) -> str:
+    return f"hypersweep.algorithms.params:{name}"
 
 
 ALGORITHMS.register(AlgorithmSpec(
     name="itd",
     summary="Iterative differentiation: reverse mode through the t inner steps.",
     reference="Maclaurin et al. 2015; Franceschi et al. 2017; Grazzi et al. 2020",
-    impls=_impls("itd", "itd"),
+    impls=_impls("itd", "itd"), consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="itd_forward",
     summary="Iterative differentiation in forward mode (cost grows with dim λ).",
     reference="Franceschi et al. 2017 (RTHO / forward-mode)",
-    impls=_impls("itd", "itd_forward"),
+    impls=_impls("itd", "itd_forward"), consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="tbptt",
     summary="Truncated backprop: reverse mode through the last K of the t steps.",
     reference="Shaban et al. 2019",
-    impls=_impls("itd", "tbptt"), uses_K=True,
+    impls=_impls("itd", "tbptt"), uses_K=True, consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_cg",
     summary="Approximate implicit differentiation; adjoint by ≤ K conjugate-gradient steps.",
     reference="Pedregosa 2016; Grazzi et al. 2020",
-    impls=_impls("aid", "aid_cg"), uses_K=True,
+    impls=_impls("aid", "aid_cg"), uses_K=True, consistent=True, warm_start_adjoint=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_fp",
     summary="Approximate implicit differentiation; adjoint by ≤ K fixed-point (Richardson) steps.",
     reference="Grazzi et al. 2020; Liao et al. 2018",
-    impls=_impls("aid", "aid_fp"), uses_K=True,
+    impls=_impls("aid", "aid_fp"), uses_K=True, consistent=True, warm_start_adjoint=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_neumann",
     summary="Approximate implicit differentiation; adjoint by a K-term Neumann series.",
     reference="Lorraine et al. 2020",
-    impls=_impls("aid", "aid_neumann"), uses_K=True,
+    # a Neumann series has no initial point: no adjoint warm start
+    impls=_impls("aid", "aid_neumann"), uses_K=True, consistent=True,
 ))
-# The estimators that accept an adjoint warm start ``v0`` at call time (see
-# ``hypersweep.algorithms.get``); a Neumann series has no initial point, so not aid_neumann.
-ADJOINT_WARM_START = ("aid_cg", "aid_fp")
 
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_exact",
     summary="Implicit differentiation at w_t with a direct (dense) solve; small dim w only.",
     reference="Bengio 2000; Pedregosa 2016",
-    impls=_impls("aid", "aid_exact"),
+    impls=_impls("aid", "aid_exact"), consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="stocbio",
@@ -60,6 +67,7 @@ ALGORITHMS.register(AlgorithmSpec(
     reference="Ji, Yang & Liang 2021",
     impls=_impls("stochastic", "stocbio"), uses_K=True,
     requires=frozenset({"minibatch"}), params={"batch_size": 64, "neumann_lr": None},
+    params_model=_model("StocbioParams"), consistent=True,  # with full batches
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="first_order",
@@ -78,12 +86,13 @@ ALGORITHMS.register(AlgorithmSpec(
 # --- online methods (HPO pipeline) ---
 # ``exact`` is the oracle ∇F(λ) (backend-free); the three online methods are
 # ``OnlineMethod(init, step)`` pairs run by the HPO pipeline (see
-# hypersweep/algorithms/online_common.py for what t and K mean for each).
+# hypersweep/algorithms/online_common.py for what t and K mean for each). Their ``params``
+# are every setting of the method besides the outer optimizer, with its default.
 ALGORITHMS.register(AlgorithmSpec(
     name="exact",
     summary="The exact hypergradient ∇F(λ) from the problem's float64 oracle (w_t = w*).",
     reference="ridge tutorial: gradient descent on the exact value function",
-    impls={b: "hypersweep.algorithms.oracle:exact" for b in ("jax", "torch")},
+    impls={b: "hypersweep.algorithms.oracle:exact" for b in BACKENDS},
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="hyperdistill",
@@ -91,59 +100,65 @@ ALGORITHMS.register(AlgorithmSpec(
     reference="Lee et al., ICLR 2022; DrMAD: Fu et al., IJCAI 2016",
     impls=_impls("online", "hyperdistill"), uses_K=True, kind="online",
     params={"gamma": 0.9, "theta0": 1.0, "theta_every": 10},
+    params_model=_model("HyperdistillParams"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="t1t2",
     summary="Online T1-T2: one-step hypergradient, mixed term by DARTS central differences.",
     reference="Luketina et al., ICML 2016; Liu, Simonyan & Yang, ICLR 2019 (DARTS)",
     impls=_impls("online", "t1t2"), kind="online", params={"fd_eps": 0.01},
+    params_model=_model("T1t2Params"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="greedy",
     summary="Online greedy: Σ γ^{T−s} ∇_w L_out(w_s)·∂_λΦ over a window of T = t steps.",
     reference="Generalized greedy gradient-based HPO (ICLR 2025 submission)",
     impls=_impls("online", "greedy"), kind="online", params={"gamma": 0.9},
+    params_model=_model("GreedyParams"),
 ))
-# --- end online methods ---
 
 # --- black-box searchers (Ray Tune) ---
 # kind="searcher": ``get(name, backend)`` returns a searcher factory
 # ``fn(space, *, num_samples, seed, max_t, **params) -> TuneSearch`` (backend-free: both
 # backends point at the same entry); the ``blackbox`` pipeline runs it. t = inner steps
 # per trial, K unused. ``params`` are the searcher's options (algorithm params in a study).
-def _blackbox(fn: str) -> dict:
-    return {b: f"hypersweep.algorithms.blackbox:{fn}" for b in ("jax", "torch")}
+def _searcher(fn: str) -> dict:
+    return {b: f"hypersweep.algorithms.searchers:{fn}" for b in BACKENDS}
 
 
 ALGORITHMS.register(AlgorithmSpec(
     name="grid",
     summary="Grid search over the λ box (Ray Tune BasicVariantGenerator); small dim λ only.",
     reference="Bergstra & Bengio 2012 (as the baseline random search beats)",
-    impls=_blackbox("grid"), kind="searcher", params={"grid_points": None},
+    impls=_searcher("grid"), kind="searcher", params={"grid_points": None},
+    params_model=_model("GridParams"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="random",
     summary="Uniform random search over the λ box (Ray Tune BasicVariantGenerator, seeded).",
     reference="Bergstra & Bengio 2012",
-    impls=_blackbox("random_search"), kind="searcher",
+    impls=_searcher("random_search"), kind="searcher",
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="tpe",
     summary="Tree-structured Parzen estimator (Optuna TPESampler via Ray Tune OptunaSearch).",
     reference="Bergstra et al. 2011; Akiba et al. 2019",
-    impls=_blackbox("tpe"), kind="searcher", params={"n_startup_trials": 10},
+    impls=_searcher("tpe"), kind="searcher", params={"n_startup_trials": 10},
+    params_model=_model("TpeParams"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="hyperopt",
     summary="HyperOpt TPE via Ray Tune HyperOptSearch (seeded).",
     reference="Bergstra, Yamins & Cox 2013",
-    impls=_blackbox("hyperopt"), kind="searcher", params={"n_initial_points": 10},
+    impls=_searcher("hyperopt"), kind="searcher", params={"n_initial_points": 10},
+    params_model=_model("HyperoptParams"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="asha",
     summary="Random search + ASHA early stopping; the inner steps are the resource.",
     reference="Li et al. 2020 (ASHA)",
-    impls=_blackbox("asha"), kind="searcher",
+    impls=_searcher("asha"), kind="searcher",
     params={"grace_period": None, "reduction_factor": 3.0, "workers": 4,
             "report_every": None},
+    params_model=_model("AshaParams"),
 ))

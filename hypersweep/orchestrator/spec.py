@@ -36,9 +36,11 @@ from pydantic_core import PydanticCustomError
 from hypersweep import algorithms as algorithm_registry
 from hypersweep import problems as problem_registry
 from hypersweep.orchestrator.cell import PIPELINES, Cell, canonical_json
-from hypersweep.pipelines import params as param_schemas
+from hypersweep.algorithms.params import check_algorithm_params
+from hypersweep.pipelines.params import check_pipeline_params
 from hypersweep.problems.base import DTYPES
 from hypersweep.registry import BACKENDS
+from hypersweep.validation import ParamsError
 
 #: Algorithm kinds each pipeline accepts. A pipeline missing here accepts every kind.
 PIPELINE_ALGORITHM_KINDS = {
@@ -591,22 +593,22 @@ def _check_output(output: Path) -> None:
 
 def _check_params(study: StudySpec) -> None:
     """Algorithm ``params`` and ``pipeline_params`` by the models the cells check them with
-    (:mod:`hypersweep.pipelines.params`), then the checks that pair them with the study's
-    algorithms and t values; every issue found goes into the one line."""
+    (:mod:`hypersweep.algorithms.params`, :mod:`hypersweep.pipelines.params`), then the
+    checks that pair them with the study's algorithms and t values; every issue found goes
+    into the one line."""
     issues: list[str] = []
     for index, entry in enumerate(study.algorithms):
         prefix = f"algorithms[{index}].params"
         try:
-            checked = param_schemas.check_algorithm_params(entry.name, entry.params,
-                                                           prefix=prefix)
-        except param_schemas.ParamsError as exc:
+            checked = check_algorithm_params(entry.name, entry.params, prefix=prefix)
+        except ParamsError as exc:
             issues.extend(exc.issues)
             continue
         if checked is not None:
             issues.extend(checked.study_issues(prefix=prefix, t_values=study.t))
     try:
-        checked = param_schemas.check_pipeline_params(study.pipeline, study.pipeline_params)
-    except param_schemas.ParamsError as exc:
+        checked = check_pipeline_params(study.pipeline, study.pipeline_params)
+    except ParamsError as exc:
         issues.extend(exc.issues)
     else:
         if checked is not None:

@@ -4,7 +4,7 @@ A cell (problem, searcher, backend, t, seed) runs up to ``num_samples`` trials; 
 solves the inner problem at its λ with t steps of Φ from ``w_init`` (t inner-gradient
 evaluations; ASHA may stop it earlier) and scores ``L_out(w_t, λ)`` in float64. Why the
 searchers are driven inside the cell rather than through ``Tuner.fit()``: see
-:mod:`hypersweep.algorithms.blackbox`.
+:mod:`hypersweep.algorithms.searchers` and :mod:`hypersweep.algorithms.trials`.
 
 ``pipeline_params``:
 
@@ -14,8 +14,8 @@ searchers are driven inside the cell rather than through ``Tuner.fit()``: see
     no trial starts after this many seconds of search.
 ``space``
     the box in λ's parametrization: ``{low: -6, high: 3}`` (numbers, or one per
-    coordinate) or ``{problem_name: {low, high}}``; default: per problem (see
-    :data:`hypersweep.algorithms.blackbox.DEFAULT_BOUNDS`).
+    coordinate) or ``{problem_name: {low, high}}``; default: the problem's catalog
+    ``search_box`` (see :func:`hypersweep.algorithms.searchers.search_space`).
 
 Output, in the shared schemas: one result row — ``val_loss`` = the best validation loss
 found, ``test_loss``/``test_accuracy`` at that trial's iterate, ``wall_time_s`` = the
@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from hypersweep import algorithms
-from hypersweep.algorithms import blackbox
+from hypersweep.algorithms import searchers, trials
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
@@ -70,14 +70,14 @@ def run(cell) -> PipelineResult:
     if algo.kind != "searcher":
         raise ValueError(f"pipeline 'blackbox' runs black-box searchers; {cell.algorithm!r} "
                          f"is of kind {algo.kind!r}. Valid choices: "
-                         f"{', '.join(algorithms.names('blackbox'))}")
+                         f"{', '.join(algorithms.names('searcher'))}")
     problem = problem_for(cell)
-    space = blackbox.search_space(problem, params["space"])
-    seed = blackbox.searcher_seed(cell.seed, cell.algorithm, "blackbox")
+    space = searchers.search_space(problem, params["space"])
+    seed = searchers.searcher_seed(cell.seed, cell.algorithm, "blackbox")
     make_search = algorithms.get(cell.algorithm, cell.backend)
     search = make_search(space, num_samples=params["num_samples"], seed=seed, max_t=cell.t,
                          **algorithms.check_params(cell.algorithm, cell.algorithm_kwargs))
-    trainable = functools.partial(blackbox.inner_trainable, problem, t=cell.t,
+    trainable = functools.partial(trials.inner_trainable, problem, t=cell.t,
                                   cap_inner_lr=params["cap_inner_lr"])
 
     # Warm-up (JAX compiles here, once per process and shapes; t is traced), so that
@@ -91,12 +91,12 @@ def run(cell) -> PipelineResult:
         _WARM.add(key)
 
     t0 = time.perf_counter()
-    records, stop_reason = blackbox.run_search(
+    records, stop_reason = trials.run_search(
         search, trainable, num_samples=params["num_samples"],
         time_budget_s=params["time_budget_s"])
     wall = time.perf_counter() - t0
 
-    best = blackbox.best_so_far([r.val_loss for r in records])
+    best = trials.best_so_far([r.val_loss for r in records])
     traces = []
     for rec, best_val in zip(records, best):
         traces.append(dict(

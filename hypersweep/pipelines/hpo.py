@@ -65,7 +65,8 @@ from hypersweep import algorithms
 from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
-from hypersweep.pipelines.params import HpoParams, ParamsError
+from hypersweep.pipelines.params import HpoParams
+from hypersweep.validation import ParamsError
 
 #: the schema of ``pipeline_params``, shared with ``hypersweep plan``
 #: (:class:`hypersweep.pipelines.params.HpoParams`)

@@ -1,9 +1,11 @@
-"""Black-box hyperparameter searchers (Ray Tune's own classes), by name, and one trainable.
+"""Black-box hyperparameter searchers (Ray Tune's own classes), by name, driven in-process.
 
 A black-box baseline treats ``F(λ) ≈ L_out(w_t(λ), λ)`` as an opaque function: each trial
-picks a λ, solves the inner problem with t steps of Φ from ``w_init`` (t inner-gradient
-evaluations, no hypergradient), and reports the validation loss in float64. The cell's
-``t`` is therefore the per-trial inner budget, and ``K`` is unused.
+picks a λ in a box (:class:`SearchSpace`), the trial loop of :mod:`hypersweep.algorithms.
+trials` solves the inner problem with t steps of Φ and reports the validation loss. The
+cell's ``t`` is therefore the per-trial inner budget, and ``K`` is unused. The catalog
+(``kind="searcher"``) names these factories, ``fn(space, *, num_samples, seed, max_t,
+**params) -> TuneSearch``; its ``params`` are their keyword options.
 
 =====================  ===========================================================
 name                   Ray Tune objects (imported lazily, like Tune's SEARCH_ALG_IMPORT)
@@ -35,10 +37,6 @@ comparable with a gradient-based HPO cell on the same resources. Model-based sea
 are wrapped in ``ConcurrencyLimiter(max_concurrent=1)``, which is what sequential
 evaluation means. ASHA interleaves ``workers`` trials round-robin (one report interval
 each), as that many parallel workers would, so its rungs fill the way they do in Tune.
-
-Non-finite objectives (a diverging inner loop at an extreme λ) never reach a searcher:
-they are reported as :data:`OBJECTIVE_CAP` (finite values above it are clipped to it
-too) and flagged in the trial record; the trial is stopped at once.
 """
 from __future__ import annotations
 
@@ -47,30 +45,17 @@ import hashlib
 import logging
 import math
 import tempfile
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 METRIC = "val_loss"
 MODE = "min"
 #: the ASHA resource: inner steps of Φ run so far in the trial
 RESOURCE = "inner_steps"
-#: what a searcher is told for a non-finite (or larger) validation loss
-OBJECTIVE_CAP = 1e30
 #: grid search over more coordinates than this is refused (the grid grows as points^d)
 MAX_GRID_DIMS = 3
-
-#: default search box per problem, in the problem's λ parametrization
-DEFAULT_BOUNDS = {
-    "ridge": (-6.0, 3.0),          # h = log λ
-    "logreg": (-6.0, 3.0),         # log penalty per feature
-    "kernel_ridge": (-6.0, 3.0),   # [log γ, log μ]
-    "data_cleaning": (-6.0, 6.0),  # logits of the example weights
-}
-#: half-width of the default box around λ₀ for problems whose λ has no transform
+#: half-width of the default box around λ₀ for problems without a catalog ``search_box``
 DEFAULT_HALF_WIDTH = 2.0
 
 
@@ -127,8 +112,8 @@ def _bounds_array(value: Any, size: int, key: str) -> np.ndarray:
 
 def search_space(problem, spec: dict | None = None) -> SearchSpace:
     """The box searched for ``problem``: ``spec`` = ``{low, high}`` (numbers, or one per
-    coordinate), or ``{problem_name: {low, high}, ...}``; None: :data:`DEFAULT_BOUNDS`, or
-    λ₀ ± :data:`DEFAULT_HALF_WIDTH` for problems not listed there."""
+    coordinate), or ``{problem_name: {low, high}, ...}``; None: the problem's catalog
+    ``search_box``, or λ₀ ± :data:`DEFAULT_HALF_WIDTH` for a problem without one."""
     lam0 = problem.initial_hyperparams()
     size = int(lam0.size)
     if spec is not None and not isinstance(spec, dict):
@@ -142,8 +127,8 @@ def search_space(problem, spec: dict | None = None) -> SearchSpace:
                              f"low, high; got {sorted(spec)}")
         low = _bounds_array(spec["low"], size, "low")
         high = _bounds_array(spec["high"], size, "high")
-    elif problem.name in DEFAULT_BOUNDS:
-        low, high = (np.full(size, b) for b in DEFAULT_BOUNDS[problem.name])
+    elif problem.spec.search_box is not None:
+        low, high = (np.full(size, b) for b in problem.spec.search_box)
     else:
         low = lam0.reshape(-1) - DEFAULT_HALF_WIDTH
         high = lam0.reshape(-1) + DEFAULT_HALF_WIDTH
@@ -155,7 +140,7 @@ def search_space(problem, spec: dict | None = None) -> SearchSpace:
 
 
 # ---------------------------------------------------------------------------------------
-# Searchers, driven in-process
+# Searchers
 
 
 @dataclasses.dataclass
@@ -245,7 +230,7 @@ class _SearcherSearch(TuneSearch):
 
 
 def _unused_tune_trainable(config):  # pragma: no cover - never run; names the experiment
-    raise RuntimeError("hypersweep drives Tune searchers in-process; see blackbox.py")
+    raise RuntimeError("hypersweep drives Tune searchers in-process; see searchers.py")
 
 
 def grid(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
@@ -331,193 +316,7 @@ def asha(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
     return search
 
 
-#: name -> factory; the catalog registers these same entries (kind="searcher")
-SEARCHERS: dict[str, Callable[..., TuneSearch]] = {
-    "grid": grid, "random": random_search, "tpe": tpe, "hyperopt": hyperopt, "asha": asha}
-
-
 def searcher_seed(*fields: Any) -> int:
     """A stable 31-bit seed from the cell's fields (blake2b; never Python's ``hash``)."""
     text = "|".join(map(str, fields)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big") >> 1
-
-
-# ---------------------------------------------------------------------------------------
-# The generic trainable and the trial loop
-
-
-@dataclasses.dataclass
-class Report:
-    """One report of a trial: after ``steps`` inner steps (``evals`` new ∇_w L_in since
-    the previous report), validation loss ``val_loss`` (float64) at the iterate ``w``;
-    ``final``: the trial's budget t is used up."""
-
-    steps: int
-    evals: int
-    val_loss: float
-    w: Any
-    final: bool
-
-
-def inner_trainable(problem, lam: np.ndarray, *, t: int, report_every: int | None = None,
-                    cap_inner_lr: bool = True) -> Iterator[Report]:
-    """The generic trainable: t steps of Φ from ``w_init`` at λ, reporting every
-    ``report_every`` steps (and at t) the float64 validation loss L_out(w_s, λ).
-
-    The steps are the backend's ``first_order`` estimator (so JAX compiles once for every
-    t: t is traced), resumed from the previous iterate. Cost: t inner-gradient
-    evaluations plus one L_out gradient per report; memory O(dim w).
-    """
-    from hypersweep import algorithms
-    first_order = algorithms.get("first_order", problem.backend)
-    lam_backend = problem.as_lam(lam)
-    # η = min(η, 1/L(λ)): a trial at large λ must not diverge only because η was set for
-    # λ₀ (the same rule as the HPO pipeline); a copy sharing data and compiled shapes.
-    resumed = problem.with_inner_lr(problem.stable_inner_lr(lam) if cap_inner_lr
-                                    else problem.inner_lr)
-    every = t if report_every is None else max(1, min(int(report_every), t))
-    done = 0
-    while done < t:
-        steps = min(every, t - done)
-        out = first_order(resumed, lam_backend, t=steps)
-        resumed.__dict__["w_init"] = out.w_t  # overrides the cached_property
-        done += steps
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported, not warned
-            val_loss = problem.outer_loss_np(out.w_t, lam)
-        yield Report(done, int(out.n_inner_grad_evals), val_loss, out.w_t, final=done >= t)
-
-
-@dataclasses.dataclass
-class TrialRecord:
-    """A finished trial. ``val_loss`` is what was measured (may be NaN/inf: then
-    ``nonfinite``); ``objective`` what the searcher was told; ``elapsed_s`` and
-    ``total_evals`` are the search's running totals when the trial finished."""
-
-    index: int
-    trial_id: str
-    lam: np.ndarray
-    val_loss: float
-    objective: float
-    steps: int
-    evals: int
-    nonfinite: bool
-    stopped_early: bool
-    elapsed_s: float
-    total_evals: int
-    w: Any = None
-
-
-def objective_of(val_loss: float) -> tuple[float, bool]:
-    """(what the searcher is told, whether the measurement was non-finite)."""
-    if not math.isfinite(val_loss):
-        return OBJECTIVE_CAP, True
-    return min(val_loss, OBJECTIVE_CAP), False
-
-
-@dataclasses.dataclass
-class _Running:
-    suggestion: Suggestion
-    lam: np.ndarray
-    reports: Iterator[Report]
-    last: Report | None = None
-    evals: int = 0
-
-
-def run_search(search: TuneSearch, trainable: Callable[..., Iterator[Report]], *,
-               num_samples: int, time_budget_s: float | None = None,
-               clock: Callable[[], float] = time.perf_counter,
-               ) -> tuple[list[TrialRecord], str]:
-    """Run up to ``num_samples`` trials of ``trainable(lam, report_every=...)``.
-
-    Returns the finished trials in completion order and why the search stopped:
-    ``"num_samples"``, ``"time_budget"`` (no trial starts after ``time_budget_s``; trials
-    in flight are then closed with their last report) or ``"exhausted"`` (the searcher
-    had no more points, e.g. a full grid). A trial whose report is non-finite is stopped
-    and its searcher told :data:`OBJECTIVE_CAP`.
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
-    start = clock()
-    records: list[TrialRecord] = []
-    running: list[_Running] = []
-    started = 0
-    total_evals = 0
-    reason = None
-    scheduler = search.scheduler
-
-    def finish(run: _Running, stopped_early: bool) -> None:
-        report = run.last
-        objective, nonfinite = objective_of(report.val_loss)
-        search.complete(run.suggestion, objective)
-        if scheduler is not None:
-            scheduler.on_trial_complete(None, run.suggestion.trial,
-                                        {RESOURCE: report.steps, METRIC: objective})
-        records.append(TrialRecord(
-            index=len(records), trial_id=run.suggestion.trial_id, lam=run.lam,
-            val_loss=float(report.val_loss), objective=objective, steps=report.steps,
-            evals=run.evals, nonfinite=nonfinite, stopped_early=stopped_early,
-            elapsed_s=clock() - start, total_evals=total_evals, w=report.w))
-
-    try:
-        while True:
-            while reason is None and len(running) < search.workers:
-                if started >= num_samples:
-                    reason = "num_samples"
-                elif time_budget_s is not None and clock() - start >= time_budget_s:
-                    reason = "time_budget"
-                elif (suggestion := search.suggest()) is None:
-                    reason = "exhausted"
-                else:
-                    started += 1
-                    lam = search.space.to_lam(suggestion.config)
-                    if scheduler is not None:
-                        scheduler.on_trial_add(None, suggestion.trial)
-                    running.append(_Running(suggestion, lam, iter(
-                        trainable(lam, report_every=search.report_every))))
-            if not running:
-                break
-            if (reason == "time_budget" or (
-                    time_budget_s is not None and clock() - start >= time_budget_s)):
-                reason = "time_budget"
-                for run in running:
-                    if run.last is not None:
-                        finish(run, stopped_early=True)
-                running.clear()
-                break
-            run = running.pop(0)
-            report = next(run.reports)
-            run.last = report
-            run.evals += report.evals
-            total_evals += report.evals
-            objective, nonfinite = objective_of(report.val_loss)
-            if report.final or nonfinite:
-                # a diverged inner loop cannot recover: stop it at once
-                finish(run, stopped_early=not report.final)
-                continue
-            if scheduler is not None:
-                from ray.tune.schedulers import TrialScheduler
-                decision = scheduler.on_trial_result(
-                    None, run.suggestion.trial, {RESOURCE: report.steps, METRIC: objective})
-                if decision == TrialScheduler.STOP:
-                    finish(run, stopped_early=True)
-                    continue
-            running.append(run)
-    finally:
-        search.close()
-    return records, reason or "num_samples"
-
-
-def best_so_far(values: Sequence[float]) -> list[float]:
-    """Running minimum over the finite values (NaN until the first finite one)."""
-    out, best = [], math.nan
-    for v in values:
-        if math.isfinite(v) and (math.isnan(best) or v < best):
-            best = v
-        out.append(best)
-    return out
-
-
-__all__ = ["SEARCHERS", "SearchSpace", "search_space", "TuneSearch", "grid",
-           "random_search", "tpe", "hyperopt", "asha", "inner_trainable", "run_search",
-           "TrialRecord", "Report", "objective_of", "searcher_seed", "best_so_far",
-           "OBJECTIVE_CAP", "METRIC", "MODE", "RESOURCE", "DEFAULT_BOUNDS"]
