@@ -67,7 +67,8 @@ def test_more_instances_than_any_cache_in_one_process():
     assert len({(c.problem, c.seed) for c in cells}) > common.ORACLE_CACHE_SIZE
     rows = [run_cell(cell)[0] for cell in cells]
     _check(rows)
-    assert len(common._ORACLE) <= common.ORACLE_CACHE_SIZE  # still bounded
+    assert len(common.ORACLES) <= common.ORACLE_CACHE_SIZE  # still bounded
+    assert len(common.WARM_UPS) <= common.WARM_UP_CACHE_SIZE
     assert common._problem.cache_info().currsize <= common.PROBLEM_CACHE_SIZE
 
 
@@ -86,6 +87,7 @@ def test_oracle_key_is_the_instance_identity():
 def test_more_instances_than_any_cache_through_a_real_ray_sweep(ray_session, tmp_path):
     """The same through the driver and Ray actors (2 actors: each one sees more instances
     than its caches hold), read back from Parquet."""
+    from hypersweep.io import parquet
     from hypersweep.orchestrator import driver
     from hypersweep.orchestrator.spec import parse_study
 
@@ -108,6 +110,6 @@ mlflow: {{enabled: false}}
 """)
     summary = driver.run_study(study, quiet=True)
     assert summary["study_counts"]["ok"] == seeds * len(PROBLEMS) * len(BACKENDS)
-    rows = driver.read_results(tmp_path / "out").to_pylist()
+    rows = parquet.read_results(tmp_path / "out").to_pylist()
     assert len(rows) == seeds * len(PROBLEMS) * len(BACKENDS)
     _check(rows)

@@ -38,16 +38,15 @@ from hypersweep import algorithms
 from hypersweep.algorithms import searchers, trials
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
-from hypersweep.pipelines.common import problem_for
+from hypersweep.pipelines.common import WARM_UPS, problem_for
 from hypersweep.pipelines.params import BlackboxParams
+from hypersweep.seeding import derive_seed
 
 #: the schema of ``pipeline_params``, shared with ``hypersweep plan``
 #: (:class:`hypersweep.pipelines.params.BlackboxParams`)
 DEFAULTS = BlackboxParams.defaults()
 #: λ with at most this many coordinates is written out in full in ``extra``
 MAX_LAM_IN_EXTRA = 64
-
-_WARM: set = set()
 
 
 def check_params(params: dict) -> dict:
@@ -73,7 +72,7 @@ def run(cell) -> PipelineResult:
                          f"{', '.join(algorithms.names('searcher'))}")
     problem = problem_for(cell)
     space = searchers.search_space(problem, params["space"])
-    seed = searchers.searcher_seed(cell.seed, cell.algorithm, "blackbox")
+    seed = derive_seed("blackbox", cell.algorithm, cell.seed, bits=31)  # Tune takes 32 bits
     make_search = algorithms.get(cell.algorithm, cell.backend)
     search = make_search(space, num_samples=params["num_samples"], seed=seed, max_t=cell.t,
                          **algorithms.check_params(cell.algorithm, cell.algorithm_kwargs))
@@ -85,10 +84,8 @@ def run(cell) -> PipelineResult:
     # compile events during warm-up and search; 0 when it reused compiled functions).
     compile_clock = problem.ops.compile_seconds
     c0 = compile_clock()
-    key = (cell.shape_key(), cell.problem_params)
-    if key not in _WARM:
+    if WARM_UPS.first_time(("blackbox", cell.shape_key(), problem.ops.device_name())):
         list(trainable(space.center(), report_every=None))
-        _WARM.add(key)
 
     t0 = time.perf_counter()
     records, stop_reason = trials.run_search(

@@ -1,36 +1,87 @@
-"""Pieces every pipeline uses: per-process caches of problem instances and oracles.
+"""Pieces every pipeline uses: the per-process caches of problem instances, oracles and
+warm-ups, and small helpers.
 
-Both caches are keyed by identities — (problem, params, seed, backend, dtype) for an
-instance, (problem, params, seed, λ) for an oracle — never by ``id()``: a bounded cache
-frees instances, and CPython hands a freed object's id to the next one, which would then be
-scored against the old instance's ∇F.
+The caches are the only state a pipeline keeps between cells; each is bounded and keyed by
+identities — (problem, params, seed, backend, dtype, device) for an instance, (problem,
+params, seed, λ) for an oracle, (pipeline, what compiles) for a warm-up — never by
+``id()``: a bounded cache frees instances, and CPython hands a freed object's id to the
+next one, which would then be scored against the old instance's ∇F.
 """
 from __future__ import annotations
 
 import functools
 import json
 from collections import OrderedDict
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
 from hypersweep import problems
+from hypersweep.problems.base import default_device
 
 #: instances kept per process (each holds its data on the backend)
 PROBLEM_CACHE_SIZE = 16
 #: (∇F(λ), w*(λ)) pairs kept per process
 ORACLE_CACHE_SIZE = 64
+#: warm-up keys remembered per process (one forgotten costs one more warm-up call)
+WARM_UP_CACHE_SIZE = 256
+
+
+class LruCache:
+    """A bounded map from identity keys to values, least recently used evicted first.
+
+    ``get(key, compute)`` returns the value, computing and storing it on a miss;
+    ``first_time(key)`` records a key with no value and says whether it was new (the
+    warm-up bookkeeping: compile once per process and key, time the calls after).
+    """
+
+    def __init__(self, name: str, maxsize: int):
+        self.name, self.maxsize = name, int(maxsize)
+        self._items: "OrderedDict[Hashable, Any]" = OrderedDict()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = compute()
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+        return value
+
+    def first_time(self, key: Hashable) -> bool:
+        new = key not in self._items
+        self.get(key, lambda: None)
+        return new
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __repr__(self) -> str:
+        return f"LruCache({self.name!r}, {len(self)}/{self.maxsize})"
+
+
+#: the oracle pairs of this process, by :func:`oracle_key`
+ORACLES = LruCache("oracle", ORACLE_CACHE_SIZE)
+#: the warm-ups this process has run, by (pipeline, what the warm-up compiled)
+WARM_UPS = LruCache("warm-up", WARM_UP_CACHE_SIZE)
 
 
 @functools.lru_cache(maxsize=PROBLEM_CACHE_SIZE)
-def _problem(name: str, params_json: str, seed: int, backend: str, dtype: str):
-    return problems.make(name, backend=backend, seed=seed, dtype=dtype,
+def _problem(name: str, params_json: str, seed: int, backend: str, dtype: str,
+             device: str | None):
+    return problems.make(name, backend=backend, seed=seed, dtype=dtype, device=device,
                          **json.loads(params_json))
 
 
 def problem_for(cell):
     """The cell's problem instance, built inside this process from (problem, params, seed)
-    and reused by every later cell with the same key (same data, same compiled shapes)."""
-    return _problem(cell.problem, cell.problem_params, cell.seed, cell.backend, cell.dtype)
+    on the default device (``$HYPERSWEEP_DEVICE``, else the backend's) and reused by every
+    later cell with the same key (same data, same compiled shapes)."""
+    return _problem(cell.problem, cell.problem_params, cell.seed, cell.backend, cell.dtype,
+                    default_device())
 
 
 def fixed_lam(problem, pipeline_params: dict) -> np.ndarray:
@@ -43,9 +94,6 @@ def fixed_lam(problem, pipeline_params: dict) -> np.ndarray:
     return problem.lam_numpy(lam)
 
 
-_ORACLE: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
-
-
 def oracle_key(problem, lam: np.ndarray) -> tuple:
     """The oracle's identity: the float64 oracles depend on the data (problem, params,
     seed) and λ only — not on the backend or dtype the estimator runs in."""
@@ -54,17 +102,9 @@ def oracle_key(problem, lam: np.ndarray) -> tuple:
 
 
 def oracle(problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(∇F(λ), w*(λ)) in float64, cached per (problem identity, λ), least recently used
-    evicted first."""
-    key = oracle_key(problem, lam)
-    if key in _ORACLE:
-        _ORACLE.move_to_end(key)
-        return _ORACLE[key]
-    value = (problem.exact_hypergradient(lam), problem.exact_inner_solution(lam))
-    _ORACLE[key] = value
-    while len(_ORACLE) > ORACLE_CACHE_SIZE:
-        _ORACLE.popitem(last=False)
-    return value
+    """(∇F(λ), w*(λ)) in float64, cached in :data:`ORACLES` per (problem identity, λ)."""
+    return ORACLES.get(oracle_key(problem, lam), lambda: (
+        problem.exact_hypergradient(lam), problem.exact_inner_solution(lam)))
 
 
 def next_pow2(n: int) -> int:

@@ -41,11 +41,12 @@ def check_params(name: str, params: dict) -> dict:
 
 
 def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
-         **params: Any) -> Problem:
+         device: str | None = None, **params: Any) -> Problem:
     """Build problem ``name`` for ``backend`` ("jax" or "torch") in ``dtype``.
 
     Data are generated in numpy from ``seed`` (or read from ``data="path.npz|.parquet"``),
-    so both backends see the same arrays.
+    so both backends see the same arrays. ``device`` (e.g. "cpu", "cuda:0"; default
+    ``$HYPERSWEEP_DEVICE``, else the backend's choice): see :class:`~.base.Problem`.
     """
     problem_spec = PROBLEMS.spec(name)
     check_choice("backend", backend, BACKENDS)
@@ -64,7 +65,7 @@ def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
     if merged["w_init"] is not None:
         built.info["w_init"] = merged["w_init"]
     return Problem(problem_spec, module, built, backend=backend, dtype=dtype, seed=seed,
-                   params=params)
+                   params=params, device=device)
 
 
 __all__ = ["make", "names", "spec", "valid_params", "check_params", "Problem",

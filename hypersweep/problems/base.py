@@ -1,4 +1,4 @@
-"""The bound problem instance: one problem module + data + backend + dtype.
+"""The bound problem instance: one problem module + data + backend + dtype + device.
 
 A problem *module* (e.g. ``hypersweep/problems/ridge.py``) imports numpy only and
 defines its math once against an ``ops`` namespace:
@@ -7,16 +7,30 @@ defines its math once against an ``ops`` namespace:
     numpy float64 arrays, hashable static config, λ₀, the inner step η.
 ``inner_loss(w, lam, arrays, static, ops)`` / ``outer_loss(w, lam, arrays, static, ops)``
     scalar losses, identical math in numpy, JAX and PyTorch.
-``inner_grad(w, lam, arrays, static, ops)`` (optional)
-    analytic ∇_w L_in; faster in eager PyTorch than autograd. Checked against autodiff.
-``inner_loss_batch(w, lam, arrays, static, ops, idx)`` / ``outer_loss_batch(...)`` (optional)
-    minibatch losses over the rows ``idx`` (capability ``"minibatch"``; stocbio).
 ``exact_inner_solution(lam, arrays, static)`` / ``exact_hypergradient(lam, arrays, static)``
     float64 numpy oracles (closed form, or Newton to ‖∇‖ ≤ 1e-12 + a direct solve).
 ``inner_hessian(w, lam, arrays, static)``
     dense float64 ∇²_w L_in (w flattened), for the contraction factor and Newton.
 ``metrics(w, lam, arrays, static) -> dict``
     evaluation metrics in float64: ``test_loss`` and ``test_accuracy`` (None if undefined).
+``HOOKS: frozenset[str]``
+    which of the optional functions (:data:`OPTIONAL_HOOKS`) the module defines; checked
+    against the module when a problem is built (:func:`declared_hooks`), never probed:
+
+    ``inner_grad(w, lam, arrays, static, ops)``
+        analytic ∇_w L_in; faster in eager PyTorch than autograd. Checked against autodiff.
+    ``inner_loss_batch(w, lam, arrays, static, ops, idx)`` / ``outer_loss_batch(...)``
+        minibatch losses over the rows ``idx``; declared exactly when the catalog gives the
+        problem the capability ``"minibatch"`` (stocbio).
+    ``lipschitz(lam, arrays, static, cache)``
+        a bound on the inner curvature at λ (:meth:`Problem.stable_inner_lr`).
+
+Device: chosen once when the problem is built — the ``device`` argument, else
+``$HYPERSWEEP_DEVICE`` (``cpu``, ``cuda``, ``cuda:N``), else the backend's default (the
+GPU Ray assigned if any, else the CPU) — and carried by ``Problem.ops``, whose array
+constructors place every array there. float64 on JAX turns on ``jax_enable_x64`` for the
+process when the problem is built (see :mod:`hypersweep.problems.jax.ops` for why it must
+be global).
 
 This module imports neither torch nor jax: the backend ``ops`` module is loaded lazily.
 """
@@ -25,8 +39,8 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -35,6 +49,11 @@ import numpy as np
 from hypersweep.registry import BACKENDS, ProblemSpec, check_choice
 
 DTYPES = ("float32", "float64")
+#: the optional functions a problem module may define, each declared in its ``HOOKS``
+OPTIONAL_HOOKS = ("inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz")
+_MINIBATCH_HOOKS = frozenset({"inner_loss_batch", "outer_loss_batch"})
+#: the environment variable naming the default device (``cpu``, ``cuda``, ``cuda:N``)
+DEVICE_ENV = "HYPERSWEEP_DEVICE"
 
 
 @dataclass
@@ -50,10 +69,80 @@ class ProblemData:
 
 
 def load_ops(backend: str) -> ModuleType:
+    """The ``ops`` module of ``backend`` ("numpy": the oracles' math vocabulary)."""
     if backend == "numpy":
         return importlib.import_module("hypersweep.problems.numpy_ops")
     check_choice("backend", backend, BACKENDS)
     return importlib.import_module(f"hypersweep.problems.{backend}.ops")
+
+
+def default_device() -> str | None:
+    """``$HYPERSWEEP_DEVICE`` if set (read when a problem is built), else None: the backend
+    picks (the GPU Ray assigned through ``CUDA_VISIBLE_DEVICES`` if any, else the CPU)."""
+    return os.environ.get(DEVICE_ENV) or None
+
+
+def declared_hooks(module: ModuleType, spec: ProblemSpec) -> frozenset[str]:
+    """The module's ``HOOKS``, checked: known names, each defined, none defined but left
+    undeclared, and the minibatch pair declared exactly with the ``"minibatch"`` capability."""
+    where = f"problem module {module.__name__!r}"
+    hooks = module.__dict__.get("HOOKS")
+    if not isinstance(hooks, frozenset):
+        raise TypeError(f"{where} must declare HOOKS, a frozenset of the optional functions "
+                        f"it defines (from: {', '.join(OPTIONAL_HOOKS)}); got {hooks!r}")
+    unknown = sorted(hooks - set(OPTIONAL_HOOKS))
+    if unknown:
+        raise ValueError(f"{where}: unknown HOOKS {unknown}. Valid choices: "
+                         f"{', '.join(OPTIONAL_HOOKS)}")
+    for hook in OPTIONAL_HOOKS:
+        defined = callable(module.__dict__.get(hook))
+        if defined != (hook in hooks):
+            raise ValueError(f"{where}: {hook!r} is {'defined' if defined else 'declared'} "
+                             f"but not {'declared in HOOKS' if defined else 'defined'}")
+    minibatch = "minibatch" in spec.capabilities
+    if hooks & _MINIBATCH_HOOKS != (_MINIBATCH_HOOKS if minibatch else frozenset()):
+        raise ValueError(f"{where}: HOOKS {sorted(hooks & _MINIBATCH_HOOKS)} disagree with "
+                         f"the catalog's capabilities {sorted(spec.capabilities)} (capability "
+                         f"'minibatch' ⇔ both of {sorted(_MINIBATCH_HOOKS)})")
+    return hooks
+
+
+class BackendOps:
+    """A backend's ``ops`` module bound to one device: what code outside the problem math
+    uses to make, read and wait for arrays (``problem.ops``).
+
+    The constructors (``asarray``, ``zeros``) place arrays on ``device`` and ``block``
+    waits for it; ``to_numpy`` and ``compile_seconds`` are the module's. The math
+    vocabulary (``exp``, ``einsum``…) is the module's too and is reached through
+    :attr:`Problem.fns` (``fns.ops``): math transforms its inputs and builds no arrays.
+    """
+
+    def __init__(self, module: ModuleType, device: Any):
+        self.module = module
+        self.name = module.name
+        self.device = device
+
+    def asarray(self, x, dtype="float64"):
+        return self.module.asarray(x, dtype, device=self.device)
+
+    def zeros(self, shape, dtype="float64"):
+        return self.module.zeros(shape, dtype, device=self.device)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return self.module.to_numpy(x)
+
+    def block(self, x):
+        return self.module.block(x, device=self.device)
+
+    def device_name(self) -> str:
+        """Where this problem computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
+        return self.module.device_name(self.device)
+
+    def compile_seconds(self) -> float:
+        return self.module.compile_seconds()
+
+    def __repr__(self) -> str:
+        return f"BackendOps({self.name!r}, device={self.device!r})"
 
 
 @dataclass(frozen=True)
@@ -82,7 +171,8 @@ class ProblemFns:
 
     @property
     def has_inner_grad(self) -> bool:
-        return hasattr(self.module, "inner_grad")
+        """Whether the module declares an analytic ``inner_grad`` (its ``HOOKS``)."""
+        return "inner_grad" in self.module.HOOKS
 
     def inner_loss(self, w, lam, arrays):
         return self.module.inner_loss(w, lam, arrays, self.static, self.ops)
@@ -113,12 +203,15 @@ class Problem:
     """A bilevel problem bound to data, a backend and a dtype.
 
     Created by :func:`hypersweep.problems.make`. Everything the estimators need is here:
-    ``fns`` (pure math), ``arrays`` (backend data), ``w_init``, ``inner_lr`` (η), and
-    the float64 numpy oracles.
+    ``fns`` (pure math), ``arrays`` (backend data on ``device``), ``w_init``, ``inner_lr``
+    (η), ``ops`` (the backend bound to ``device``), and the float64 numpy oracles.
+    ``device`` is chosen here, once (``None``: :func:`default_device`, then the backend's
+    default); for JAX float64 this is where ``jax_enable_x64`` turns on, before any array.
     """
 
     def __init__(self, spec: ProblemSpec, module: ModuleType, built: ProblemData, *,
-                 backend: str, dtype: str, seed: int, params: Mapping[str, Any]):
+                 backend: str, dtype: str, seed: int, params: Mapping[str, Any],
+                 device: str | None = None):
         self.spec = spec
         self.name = spec.name
         self.module = module
@@ -127,7 +220,12 @@ class Problem:
         self.seed = seed
         self.params = dict(params)
         self.built = built
-        self.ops = load_ops(backend)
+        self.hooks = declared_hooks(module, spec)
+        ops_module = load_ops(backend)
+        ops_module.require_dtype(dtype)  # before any array or jit of this dtype exists
+        self.device = ops_module.resolve_device(device if device is not None
+                                                else default_device())
+        self.ops = BackendOps(ops_module, self.device)
         self.static = dict(built.static)
         self.arrays_np = built.arrays
         self.lam_shape = tuple(np.shape(built.lam0))
@@ -137,25 +235,13 @@ class Problem:
         self.capabilities = spec.capabilities
         self._lip_cache: dict = {}
         # Built now, not lazily: a first read inside a jax.jit trace would cache tracers.
-        _ = self.arrays, self.w_init
-
-    # -- data on the backend ------------------------------------------------------------
-    @cached_property
-    def arrays(self) -> dict:
-        """The data as backend arrays: floats in ``dtype``, integer labels kept integer."""
-        out = {}
-        for k, v in self.arrays_np.items():
-            v = np.asarray(v)
-            dt = "int64" if np.issubdtype(v.dtype, np.integer) else self.dtype
-            out[k] = self.ops.asarray(v, dt)
-        return out
-
-    @cached_property
-    def w_init(self):
-        w0 = self.built.info.get("w_init")
-        if w0 is None:
-            return self.ops.zeros(self.w_shape, self.dtype)
-        return self.ops.asarray(np.broadcast_to(w0, self.w_shape), self.dtype)
+        #: the data as backend arrays: floats in ``dtype``, integer labels kept integer
+        self.arrays = {k: self.ops.asarray(v, "int64" if np.issubdtype(
+            np.asarray(v).dtype, np.integer) else dtype) for k, v in self.arrays_np.items()}
+        w0 = built.info.get("w_init")
+        #: where the inner iterations start (:meth:`with_w_init` for a warm start)
+        self.w_init = (self.ops.zeros(self.w_shape, dtype) if w0 is None else
+                       self.ops.asarray(np.broadcast_to(w0, self.w_shape), dtype))
 
     def with_inner_lr(self, eta: float) -> "Problem":
         """A shallow copy with inner step η = ``eta`` (data, arrays and ``fns`` shared, so
@@ -171,22 +257,21 @@ class Problem:
         η defaults to 1/L(λ₀); when an outer loop moves λ to larger curvature, a fixed η
         stops Φ from contracting and the inner iterates diverge.
         """
-        bound = getattr(self.module, "lipschitz", None)
-        if bound is None:
+        if "lipschitz" not in self.hooks:
             return self.inner_lr
-        L = float(bound(self.lam_numpy(lam), self.arrays_np, self.static, self._lip_cache))
+        L = float(self.module.lipschitz(self.lam_numpy(lam), self.arrays_np, self.static,
+                                        self._lip_cache))
         return min(self.inner_lr, 1.0 / L) if L > 0 else self.inner_lr
 
     def with_w_init(self, w) -> "Problem":
         """A shallow copy whose inner iterations start at ``w`` (a backend array).
 
         Used for warm starts (HPO pipeline: the next outer step starts from the previous
-        w_t). Data, cached backend ``arrays`` and ``fns`` are shared, so compiled
-        estimators are reused; the oracles do not depend on ``w_init``.
+        w_t). Data, backend ``arrays`` and ``fns`` are shared, so compiled estimators are
+        reused; the oracles do not depend on ``w_init``.
         """
-        self.arrays  # materialize the cache first, so the copy shares it
         clone = copy.copy(self)
-        clone.__dict__["w_init"] = w  # overrides the cached_property on the copy only
+        clone.w_init = w
         return clone
 
     # -- hyperparameters ---------------------------------------------------------------
@@ -270,4 +355,5 @@ class Problem:
 
     def __repr__(self) -> str:
         return (f"Problem({self.name!r}, backend={self.backend!r}, dtype={self.dtype!r}, "
-                f"seed={self.seed}, w_shape={self.w_shape}, lam_shape={self.lam_shape})")
+                f"device={self.ops.device_name()!r}, seed={self.seed}, "
+                f"w_shape={self.w_shape}, lam_shape={self.lam_shape})")

@@ -28,8 +28,12 @@ from __future__ import annotations
 import numpy as np
 
 from hypersweep.problems.base import ProblemData
-from hypersweep.problems.data import load_user_data, rng
-from hypersweep.problems.helpers import check_positive, check_positive_int, rows_to_tasks
+from hypersweep.problems.data import rng
+from hypersweep.problems.helpers import (check_positive, check_positive_int, task_arrays,
+                                         tasks_lipschitz)
+
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad"})
 
 TASK_SPREAD = 0.3
 NOISE = 0.5
@@ -39,26 +43,16 @@ def build(seed: int, *, n_tasks=10, n_features=20, n_train=20, n_val=20, mu=1.0,
           data=None) -> ProblemData:
     n_tasks = check_positive_int("n_tasks", n_tasks)
     mu = check_positive("mu", mu)
-    if data is not None:
-        arrays = rows_to_tasks(load_user_data(data), n_tasks, source=str(data))
-        source = str(data)
-    else:
-        d = check_positive_int("n_features", n_features)
-        n_train = check_positive_int("n_train", n_train)
-        n_val = check_positive_int("n_val", n_val)
+
+    def draw(d):
         g = rng(seed, "biased_reg")
-        mean_weights = g.standard_normal(d)
-        task_weights = mean_weights + TASK_SPREAD * g.standard_normal((n_tasks, d))
-        arrays = {}
-        for split, n in (("train", n_train), ("val", n_val)):
-            X = g.standard_normal((n_tasks, n, d))
-            arrays[f"X_{split}"] = X
-            arrays[f"y_{split}"] = (np.einsum("tnd,td->tn", X, task_weights)
-                                    + NOISE * g.standard_normal((n_tasks, n)))
-        source = "synthetic"
+        task_weights = g.standard_normal(d) + TASK_SPREAD * g.standard_normal((n_tasks, d))
+        return g, lambda X: np.einsum("tnd,td->tn", X, task_weights)
+
+    arrays, source = task_arrays(data, n_tasks=n_tasks, n_features=n_features,
+                                 n_train=n_train, n_val=n_val, draw=draw, noise=NOISE)
     T, n, d = arrays["X_train"].shape
-    blocks = _task_matrices(arrays, mu)
-    lipschitz = max(np.linalg.eigvalsh(A)[-1] for A in blocks) / T
+    lipschitz = tasks_lipschitz(_task_matrices(arrays, mu))
     return ProblemData(arrays=arrays, static={"mu": mu}, lam0=np.zeros(d), w_shape=(T, d),
                        inner_lr=1.0 / lipschitz,
                        info={"source": source, "n_tasks": T, "n_train": n, "n_features": d})

@@ -1,19 +1,22 @@
 """Data for problems: synthetic generators, sklearn's bundled sets, user files. numpy only."""
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
+
+from hypersweep.seeding import seed_from_text
 
 REQUIRED = ("X_train", "y_train", "X_val", "y_val")
 OPTIONAL = ("X_test", "y_test")
 
 
 def rng(seed: int, *salt: str) -> np.random.Generator:
-    """A numpy generator from (seed, salt) via a stable hash (never Python's ``hash``)."""
-    h = hashlib.blake2b(repr((int(seed),) + salt).encode(), digest_size=8)
-    return np.random.default_rng(int.from_bytes(h.digest(), "little"))
+    """A numpy generator from (seed, salt) via a stable hash (never Python's ``hash``).
+
+    The message is ``repr((seed, *salt))``, not canonical JSON: every problem's data, and
+    so ``benchmarks/baseline.parquet``, depends on it (see :mod:`hypersweep.seeding`)."""
+    return np.random.default_rng(seed_from_text(repr((int(seed),) + salt), bits=64))
 
 
 def load_user_data(path: str) -> dict[str, np.ndarray]:

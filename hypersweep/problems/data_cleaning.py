@@ -36,6 +36,9 @@ from hypersweep.problems.helpers import (broadcast_lam0, check_positive,
                                          check_positive_int, newton_minimize)
 from hypersweep.registry import check_choice
 
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch"})
+
 DATASETS = ("digits",)
 
 

@@ -2,14 +2,19 @@
 
 ``newton_minimize``: the float64 inner oracle of the problems without a closed form.
 ``broadcast_lam0``: λ₀ from a scalar or an array, with a shape check.
-``rows_to_tasks``: task-major 2-D user data -> (T, n, d) task arrays.
+``task_arrays``: the (T, n, d) task arrays of the multi-task problems, from a user file
+(task-major rows) or drawn; ``tasks_lipschitz``: L of their block-diagonal Hessian.
 ``check_positive_int`` / ``check_positive``: parameter checks with one-line messages.
 """
 from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 import numpy as np
+
+from hypersweep.problems.data import load_user_data
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,36 @@ def broadcast_lam0(lam0, shape: tuple[int, ...], *, what: str) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise ValueError(f"lam0 must be finite; got {lam0!r}")
     return out
+
+
+def task_arrays(data, *, n_tasks: int, n_features, n_train, n_val,
+                draw: Callable[[int], tuple[np.random.Generator, Callable]],
+                noise: float) -> tuple[dict[str, np.ndarray], str]:
+    """The multi-task problems' arrays ``X_split`` (T, n, d), ``y_split`` (T, n) and their
+    source (the path, or ``"synthetic"``).
+
+    ``data`` given: the file's task-major rows (:func:`rows_to_tasks`). Otherwise, after
+    the size checks, ``draw(d)`` returns ``(g, targets)``: a generator that has drawn the
+    true model, and ``targets(X) -> (T, n)``; then train and val (n_train, n_val rows per
+    task) are drawn from ``g`` in that order, x ~ N(0, I_d), y = targets(X) + noise·ε.
+    """
+    if data is not None:
+        return rows_to_tasks(load_user_data(data), n_tasks, source=str(data)), str(data)
+    d = check_positive_int("n_features", n_features)
+    sizes = {"train": check_positive_int("n_train", n_train),
+             "val": check_positive_int("n_val", n_val)}
+    g, targets = draw(d)
+    arrays = {}
+    for split, n in sizes.items():
+        X = g.standard_normal((n_tasks, n, d))
+        arrays[f"X_{split}"] = X
+        arrays[f"y_{split}"] = targets(X) + noise * g.standard_normal((n_tasks, n))
+    return arrays, "synthetic"
+
+
+def tasks_lipschitz(blocks: np.ndarray) -> float:
+    """L = max_i λ_max(A_i)/T for the block-diagonal Hessian blkdiag(A_i)/T (exact)."""
+    return max(np.linalg.eigvalsh(A)[-1] for A in blocks) / blocks.shape[0]
 
 
 def rows_to_tasks(arrays: dict, n_tasks: int, *, source: str) -> dict[str, np.ndarray]:

@@ -29,8 +29,12 @@ from __future__ import annotations
 import numpy as np
 
 from hypersweep.problems.base import ProblemData
-from hypersweep.problems.data import load_user_data, rng
-from hypersweep.problems.helpers import check_positive, check_positive_int, rows_to_tasks
+from hypersweep.problems.data import rng
+from hypersweep.problems.helpers import (check_positive, check_positive_int, task_arrays,
+                                         tasks_lipschitz)
+
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad", "lipschitz"})
 
 NOISE = 0.1
 
@@ -40,27 +44,18 @@ def build(seed: int, *, n_tasks=10, n_features=20, n_hidden=5, n_train=20, n_val
     n_tasks = check_positive_int("n_tasks", n_tasks)
     p = check_positive_int("n_hidden", n_hidden)
     mu = check_positive("mu", mu)
-    g = rng(seed, "hyper_rep")
-    if data is not None:
-        arrays = rows_to_tasks(load_user_data(data), n_tasks, source=str(data))
-        source = str(data)
-    else:
-        d = check_positive_int("n_features", n_features)
-        n_train = check_positive_int("n_train", n_train)
-        n_val = check_positive_int("n_val", n_val)
+
+    def draw(d):
+        g = rng(seed, "hyper_rep")
         rep_true = g.standard_normal((d, p)) / np.sqrt(d)
         heads = g.standard_normal((n_tasks, p))
-        arrays = {}
-        for split, n in (("train", n_train), ("val", n_val)):
-            X = g.standard_normal((n_tasks, n, d))
-            arrays[f"X_{split}"] = X
-            arrays[f"y_{split}"] = (np.einsum("tnd,dp,tp->tn", X, rep_true, heads)
-                                    + NOISE * g.standard_normal((n_tasks, n)))
-        source = "synthetic"
+        return g, lambda X: np.einsum("tnd,dp,tp->tn", X, rep_true, heads)
+
+    arrays, source = task_arrays(data, n_tasks=n_tasks, n_features=n_features,
+                                 n_train=n_train, n_val=n_val, draw=draw, noise=NOISE)
     T, n, d = arrays["X_train"].shape
     rep0 = rng(seed, "hyper_rep", "lam0").standard_normal((d, p)) / np.sqrt(d)
-    blocks = _task_matrices(rep0, arrays, mu)
-    lipschitz = max(np.linalg.eigvalsh(A)[-1] for A in blocks) / T
+    lipschitz = tasks_lipschitz(_task_matrices(rep0, arrays, mu))
     return ProblemData(arrays=arrays, static={"mu": mu}, lam0=rep0, w_shape=(T, p),
                        inner_lr=1.0 / lipschitz,
                        info={"source": source, "n_tasks": T, "n_train": n, "n_features": d,
@@ -134,5 +129,5 @@ def metrics(w, lam, arrays, static):
 
 def lipschitz(lam, arrays, static, cache):
     """L(P) = max_i λ_max(A_i(P))/T, exact (the heads' Hessian is block diagonal)."""
-    blocks = _task_matrices(np.asarray(lam, dtype=np.float64), arrays, static["mu"])
-    return max(np.linalg.eigvalsh(A)[-1] for A in blocks) / arrays["X_train"].shape[0]
+    return tasks_lipschitz(_task_matrices(np.asarray(lam, dtype=np.float64), arrays,
+                                          static["mu"]))

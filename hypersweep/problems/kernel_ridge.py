@@ -34,6 +34,9 @@ from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, rng
 from hypersweep.problems.helpers import check_positive_int
 
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad", "lipschitz"})
+
 TARGET_NOISE = 0.1
 
 

@@ -38,6 +38,9 @@ from hypersweep.problems.helpers import (broadcast_lam0, check_positive_int,
                                          newton_minimize)
 from hypersweep.registry import check_choice
 
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz"})
+
 DATASETS = ("synthetic", "breast_cancer", "twenty_newsgroups")
 LABEL_NOISE = 0.05  # fraction of flipped synthetic labels
 

@@ -1,7 +1,10 @@
-"""Array operations in numpy, with the same names as the jax and torch ``ops`` modules.
+"""The math vocabulary of the problems in numpy: the names the jax and torch ``ops`` share.
 
 Problem math is written once against an ``ops`` namespace so that numpy (the float64
-oracles), JAX and PyTorch evaluate *identical* formulas.
+oracles), JAX and PyTorch evaluate *identical* formulas. The math builds no arrays of its
+own (it transforms its inputs), so the backends' array constructors, which need a device,
+are not part of this vocabulary: they live on :class:`hypersweep.problems.base.Problem`'s
+``ops``. ``sqdist`` is a numpy-only helper for building data.
 """
 from __future__ import annotations
 
@@ -9,18 +12,6 @@ import numpy as np
 from scipy.special import expit, log_softmax as _log_softmax, logsumexp as _logsumexp
 
 name = "numpy"
-
-
-def asarray(x, dtype="float64"):
-    return np.asarray(x, dtype=dtype)
-
-
-def to_numpy(x):
-    return np.asarray(x, dtype=np.float64)
-
-
-def zeros(shape, dtype="float64"):
-    return np.zeros(shape, dtype=dtype)
 
 
 def softplus(x):
@@ -43,15 +34,16 @@ def take_rows(x, idx):
     return x[idx]
 
 
+def vdot(a, b):
+    """Σ a ⊙ b as a scalar; a method call, so the jax and torch ops share this function."""
+    return (a * b).sum()
+
+
 def sqdist(a, b):
     """Squared Euclidean distances between the rows of a and b."""
     aa = np.sum(a * a, axis=1)[:, None]
     bb = np.sum(b * b, axis=1)[None, :]
     return np.maximum(aa + bb - 2.0 * a @ b.T, 0.0)
-
-
-def vdot(a, b):
-    return np.sum(a * b)
 
 
 exp = np.exp
@@ -63,18 +55,4 @@ square = np.square
 sqrt = np.sqrt
 where = np.where
 einsum = np.einsum
-eye = np.eye
 reshape = np.reshape
-
-
-def device_name() -> str:
-    return "cpu"
-
-
-def block(x):
-    return x
-
-
-def compile_seconds() -> float:
-    """Seconds spent compiling: always 0 (eager execution compiles nothing)."""
-    return 0.0

@@ -23,6 +23,9 @@ from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import rng
 from hypersweep.problems.helpers import check_positive, check_positive_int
 
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad"})
+
 
 def build(seed: int, *, dim_inner=20, dim_outer=5, cond=10.0, mu=1.0, rho=0.01,
           data=None) -> ProblemData:

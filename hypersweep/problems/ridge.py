@@ -19,6 +19,9 @@ import numpy as np
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, rng
 
+#: the optional functions this module defines (see hypersweep.problems.base)
+HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz"})
+
 
 def build(seed: int, *, n_features=25, n_train=100, n_val=50, n_test=0, train_noise=2.0,
           val_noise=0.3, per_feature=False, lam0=0.0, data=None) -> ProblemData:

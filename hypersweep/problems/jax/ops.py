@@ -1,27 +1,68 @@
-"""Array operations in JAX (see ``hypersweep.problems.numpy_ops``)."""
+"""Array operations in JAX (see ``hypersweep.problems.numpy_ops``); mirrors ``torch/ops.py``.
+
+Importing this module changes no JAX setting. float64 needs JAX's ``jax_enable_x64``:
+:func:`require_dtype` turns it on when a float64 problem is built
+(:class:`hypersweep.problems.base.Problem` calls it before it makes any array), and it is
+**process-wide**, by necessity: the estimators run after ``problems.make`` returns, outside
+any scope the problem could open, so the scoped ``jax.enable_x64(True)`` context manager
+(JAX 0.10) cannot cover them. Nothing breaks for float32 when it turns on: every array
+here carries an explicit dtype and x64 is part of JAX's jit cache key, so float32
+functions compiled before are retraced, not reused at the wrong width. A process that
+never builds a float64 JAX problem keeps JAX's default (x64 off).
+
+Array constructors take the device explicitly (a ``jax.Device`` from
+:func:`resolve_device`, chosen once per problem); the math functions follow their inputs.
+"""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-# float64 must be available for the exactness tests; arrays carry explicit dtypes.
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from hypersweep.problems import numpy_ops
 
 name = "jax"
 
 
-def asarray(x, dtype="float64"):
-    return jnp.asarray(x, dtype=dtype)
+def require_dtype(dtype: str) -> None:
+    """Make ``dtype`` available: float64 turns on ``jax_enable_x64`` for the process."""
+    if str(dtype) == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
+
+def resolve_device(device: str | None) -> "jax.Device":
+    """``None`` → JAX's default device; ``"cpu"``, ``"cuda"``/``"gpu"``, ``"cuda:N"``."""
+    if device is None:
+        return jax.devices()[0]
+    platform, _, index = str(device).partition(":")
+    platform = {"cuda": "gpu"}.get(platform, platform)
+    try:
+        return jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ValueError(f"JAX has no device {device!r}: {exc}") from None
+
+
+def _dtype(dtype: str):
+    """The array dtype for ``dtype``: int64 narrows to int32 without x64 (integer labels
+    only); float64 without x64 is an error, never a silent float32."""
+    if str(dtype) == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError("float64 JAX arrays need jax_enable_x64: build the problem with "
+                           "dtype='float64' (it turns x64 on) or call require_dtype first")
+    if str(dtype) == "int64" and not jax.config.jax_enable_x64:
+        return jnp.int32
+    return jnp.dtype(dtype)
+
+
+def asarray(x, dtype="float64", *, device):
+    return jnp.asarray(x, dtype=_dtype(dtype), device=device)
+
+
+def zeros(shape, dtype="float64", *, device):
+    return jnp.zeros(shape, dtype=_dtype(dtype), device=device)
 
 
 def to_numpy(x):
     return np.asarray(jax.device_get(x), dtype=np.float64)
-
-
-def zeros(shape, dtype="float64"):
-    return jnp.zeros(shape, dtype=dtype)
 
 
 def log_softmax(x, axis=-1):
@@ -36,16 +77,6 @@ def take_rows(x, idx):
     return x[idx]
 
 
-def sqdist(a, b):
-    aa = jnp.sum(a * a, axis=1)[:, None]
-    bb = jnp.sum(b * b, axis=1)[None, :]
-    return jnp.maximum(aa + bb - 2.0 * a @ b.T, 0.0)
-
-
-def vdot(a, b):
-    return jnp.sum(a * b)
-
-
 softplus = jax.nn.softplus
 sigmoid = jax.nn.sigmoid
 exp = jnp.exp
@@ -57,19 +88,19 @@ square = jnp.square
 sqrt = jnp.sqrt
 where = jnp.where
 einsum = jnp.einsum
-eye = jnp.eye
+vdot = numpy_ops.vdot  # Σ a ⊙ b by a method call: one function for every backend
 reshape = jnp.reshape
 
 
-def device_name() -> str:
-    """Where JAX computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
+def device_name(device) -> str:
+    """``device`` in words, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
+    if device.platform == "cpu":
         return "cpu"
-    return f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
+    return f"{device.platform}:{device.id} ({getattr(device, 'device_kind', '')})"
 
 
-def block(x):
+def block(x, *, device):
+    """Wait for ``x`` to be computed (JAX dispatches asynchronously)."""
     return jax.block_until_ready(x)
 
 

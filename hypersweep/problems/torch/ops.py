@@ -1,33 +1,54 @@
-"""Array operations in PyTorch (see ``hypersweep.problems.numpy_ops``)."""
+"""Array operations in PyTorch (see ``hypersweep.problems.numpy_ops``); mirrors ``jax/ops.py``.
+
+The device is explicit: :func:`resolve_device` turns a name (or ``None``: the GPU Ray
+assigned through ``CUDA_VISIBLE_DEVICES`` if there is one, else the CPU) into a
+``torch.device`` with its index, once, when a problem is built; the array constructors and
+:func:`block` take it as an argument, and the math follows its inputs.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from hypersweep.problems import numpy_ops
 
 name = "torch"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64,
            "int32": torch.int32}
 
 
-def device() -> "torch.device":
-    """The device cells run on: the GPU Ray assigned (CUDA_VISIBLE_DEVICES) or the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def require_dtype(dtype: str) -> None:
+    """Make ``dtype`` available: every dtype always is in PyTorch."""
 
 
-def asarray(x, dtype="float64"):
+def resolve_device(device: str | None) -> "torch.device":
+    """``None`` → ``cuda:<current>`` when CUDA is available, else ``cpu``; or a name
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``), with the CUDA index filled in."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"torch device {device!r}: CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def asarray(x, dtype="float64", *, device):
     if isinstance(x, torch.Tensor):
-        return x.to(dtype=_DTYPES[str(dtype)], device=device())
-    return torch.as_tensor(np.asarray(x), dtype=_DTYPES[str(dtype)], device=device())
+        return x.to(dtype=_DTYPES[str(dtype)], device=device)
+    return torch.as_tensor(np.asarray(x), dtype=_DTYPES[str(dtype)], device=device)
+
+
+def zeros(shape, dtype="float64", *, device):
+    return torch.zeros(shape, dtype=_DTYPES[str(dtype)], device=device)
 
 
 def to_numpy(x):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def zeros(shape, dtype="float64"):
-    return torch.zeros(shape, dtype=_DTYPES[str(dtype)], device=device())
 
 
 def softplus(x):
@@ -59,20 +80,6 @@ def take_rows(x, idx):
     return x[idx]
 
 
-def sqdist(a, b):
-    aa = torch.sum(a * a, dim=1)[:, None]
-    bb = torch.sum(b * b, dim=1)[None, :]
-    return torch.clamp(aa + bb - 2.0 * a @ b.T, min=0.0)
-
-
-def vdot(a, b):
-    return torch.sum(a * b)
-
-
-def eye(n, dtype="float64"):
-    return torch.eye(n, dtype=_DTYPES[str(dtype)], device=device())
-
-
 sigmoid = torch.sigmoid
 exp = torch.exp
 log = torch.log
@@ -81,20 +88,21 @@ square = torch.square
 sqrt = torch.sqrt
 where = torch.where
 einsum = torch.einsum
+vdot = numpy_ops.vdot  # Σ a ⊙ b by a method call: one function for every backend
 reshape = torch.reshape
 
 
-def device_name() -> str:
-    """Where torch computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
-    dev = device()
-    if dev.type == "cpu":
+def device_name(device) -> str:
+    """``device`` in words, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
+    if device.type == "cpu":
         return "cpu"
-    return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    return f"cuda:{device.index} ({torch.cuda.get_device_name(device)})"
 
 
-def block(x):
-    if device().type == "cuda":
-        torch.cuda.synchronize()
+def block(x, *, device):
+    """Wait for ``device`` to finish the work queued so far (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return x
 
 
