@@ -41,7 +41,6 @@ each), as that many parallel workers would, so its rungs fill the way they do in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import tempfile
@@ -314,9 +313,3 @@ def asha(space: SearchSpace, *, num_samples: int, seed: int, max_t: int,
     search.workers = workers
     search.report_every = int(report_every or grace_period)
     return search
-
-
-def searcher_seed(*fields: Any) -> int:
-    """A stable 31-bit seed from the cell's fields (blake2b; never Python's ``hash``)."""
-    text = "|".join(map(str, fields)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big") >> 1

@@ -66,6 +66,7 @@ from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines.common import problem_for
 from hypersweep.pipelines.params import HpoParams
+from hypersweep.seeding import derive_seed
 from hypersweep.validation import ParamsError
 
 #: the schema of ``pipeline_params``, shared with ``hypersweep plan``
@@ -133,7 +134,7 @@ class _HypergradientLoop:
 
     def _call(self, problem, lam, k, v0=None):
         # A distinct, reproducible seed per outer step (minibatches of stocbio differ).
-        seed = (self.cell.seed * 1_000_003 + k) % 2**31
+        seed = derive_seed("hpo", self.cell.seed, k, bits=31)  # PRNGKey takes 32 bits
         warm = {} if v0 is None else {"v0": v0}
         return self.estimator(problem, lam, t=self.cell.t, K=self.cell.K, seed=seed,
                               **self.algo_kwargs, **warm)
