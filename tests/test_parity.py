@@ -33,16 +33,7 @@ ORACLE_RTOL = 1e-6      # t large enough that q^t ≤ 1e-11 (checked below)
 FULL_BATCH = 10 ** 6
 PARITY_T, PARITY_K = 40, 15
 
-# Small instances (fast on 2 cores; dim w ≤ 200 so aid_exact applies everywhere).
-SMALL = {
-    "ridge": dict(n_features=5, n_train=30, n_val=20, per_feature=True),
-    "logreg": dict(n_train=40, n_val=40, n_test=10, n_features=5),
-    "kernel_ridge": dict(n_train=20, n_val=20, n_test=10, n_features=3),
-    "biased_reg": dict(n_tasks=3, n_features=4, n_train=8, n_val=8),
-    "hyper_rep": dict(n_tasks=3, n_features=4, n_hidden=2, n_train=8, n_val=8),
-    "data_cleaning": dict(n_train=20, n_val=20, n_test=20, reg=0.3),
-    "quadratic": dict(dim_inner=8, dim_outer=3),
-}
+# Every problem is compared on its catalog ``small`` instance (fast on 2 cores).
 # The estimators implemented under hypersweep/algorithms/torch (not the float64 oracle).
 HYPERGRADIENT_ALGOS = [n for n in algorithms.names("estimator")
                        if algorithms.spec(n).impls["torch"].startswith(
@@ -55,7 +46,7 @@ def _make(name: str, backend: str, dtype: str, params: tuple):
 
 
 def get_problem(name: str, backend: str, dtype: str = "float64", **extra):
-    params = {**SMALL.get(name, {}), **extra}
+    params = {**problems.spec(name).small, **extra}
     return _make(name, backend, dtype, tuple(sorted(params.items())))
 
 
@@ -70,6 +61,11 @@ def run(name: str, problem, lam, **kwargs):
     if not algorithms.spec(name).uses_K:
         kwargs.pop("K", None)
     return algorithms.get(name, backend=problem.backend)(problem, lam, **kwargs)
+
+
+def full_batch(algo: str) -> dict:
+    """Minibatch estimators (stocbio) with a batch larger than every split: deterministic."""
+    return {"batch_size": FULL_BATCH} if "batch_size" in algorithms.spec(algo).params else {}
 
 
 def to_np(x) -> np.ndarray:
@@ -98,8 +94,7 @@ def test_torch_matches_jax(problem_name, algo):
     if not algorithms.applicable(algo, p_torch.capabilities):
         pytest.skip(f"{algo} does not apply to {problem_name}")
     lam = perturbed_lam(p_torch)
-    extra = {"batch_size": FULL_BATCH} if algo == "stocbio" else {}
-    kwargs = dict(t=PARITY_T, K=PARITY_K, seed=3, **extra)
+    kwargs = dict(t=PARITY_T, K=PARITY_K, seed=3, **full_batch(algo))
     a = run(algo, p_torch, lam, **kwargs)
     b = run(algo, p_jax, lam, **kwargs)
     assert isinstance(a.hypergrad, torch.Tensor) and not a.hypergrad.requires_grad
@@ -130,10 +125,9 @@ def test_torch_matches_exact_on_ridge(ridge, algo):
     lam = perturbed_lam(ridge)
     exact = ridge.exact_hypergradient(lam)
     t = _t_large(ridge)
-    extra = {"batch_size": FULL_BATCH} if algo == "stocbio" else {}
-    out = run(algo, ridge, lam, t=t, K=1000 if algo == "aid_cg" else t, **extra)
+    out = run(algo, ridge, lam, t=t, K=1000 if algo == "aid_cg" else t, **full_batch(algo))
     err = rel_err(out.hypergrad, exact)
-    if algo in ("first_order", "one_step"):
+    if not algorithms.spec(algo).consistent:  # first_order, one_step
         # Biased by design: the estimate must be finite and *not* the hypergradient (a
         # sanity check that the implicit term is really dropped / truncated).
         assert np.all(np.isfinite(to_np(out.hypergrad))) and err > 1e-3
@@ -213,14 +207,11 @@ def test_autodiff_fallback_matches_analytic_inner_grad(ridge, monkeypatch):
     """Problems without ``inner_grad`` go through torch.func.grad: same numbers."""
     lam = perturbed_lam(ridge)
     kwargs = dict(t=25, K=8)
-    analytic = {a: run(a, ridge, lam, **kwargs, **({"batch_size": FULL_BATCH}
-                                                   if a == "stocbio" else {}))
-                for a in HYPERGRADIENT_ALGOS}
+    analytic = {a: run(a, ridge, lam, **kwargs, **full_batch(a)) for a in HYPERGRADIENT_ALGOS}
     monkeypatch.setattr(base.ProblemFns, "has_inner_grad", property(lambda self: False))
     assert not ridge.fns.has_inner_grad
     for algo, ref in analytic.items():
-        extra = {"batch_size": FULL_BATCH} if algo == "stocbio" else {}
-        out = run(algo, ridge, lam, **kwargs, **extra)
+        out = run(algo, ridge, lam, **kwargs, **full_batch(algo))
         assert rel_diff(out.hypergrad, ref.hypergrad) <= IDENTITY_RTOL, algo
 
 
@@ -308,10 +299,9 @@ def test_float32_close_to_float64(algo):
     p32 = get_problem("ridge", "torch", dtype="float32")
     lam = perturbed_lam(p64)
     t = _t_large(p64)
-    extra = {"batch_size": FULL_BATCH} if algo == "stocbio" else {}
     K = 1000 if algo == "aid_cg" else 50
-    h64 = run(algo, p64, lam, t=t, K=K, **extra).hypergrad
-    h32 = run(algo, p32, lam, t=t, K=K, **extra).hypergrad
+    h64 = run(algo, p64, lam, t=t, K=K, **full_batch(algo)).hypergrad
+    h32 = run(algo, p32, lam, t=t, K=K, **full_batch(algo)).hypergrad
     assert h32.dtype == torch.float32
     # float32 data and steps (rounding 6e-8) amplified by κ(H) = 1/(1 − q) ≈ 2.2 on this
     # instance (q = 0.55) and by CG's float32 stop at residual 1e-6: observed ≤ 5e-7;
