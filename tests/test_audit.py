@@ -27,7 +27,8 @@ import pytest
 from hypersweep import cli, problems
 from hypersweep.io import parquet
 from hypersweep.orchestrator.cell import Cell, canonical_json, run_cell
-from hypersweep.pipelines import audit
+from hypersweep.tools.audit import main as audit
+from hypersweep.tools.audit import worker
 from hypersweep.problems.catalog import PROBLEMS
 
 STUDY = """\
@@ -239,11 +240,11 @@ def test_finite_difference_tolerance_holds_with_margin_on_every_problem(name):
                             **SMALL.get(name, {}))
     lam = problem.initial_hyperparams()
     g_star = problem.exact_hypergradient(lam)
-    check = audit.finite_difference(problem, lam, g_star, seed=7)
+    check = worker.finite_difference(problem, lam, g_star, seed=7)
     gap = abs(check["finite_difference"] - check["directional"])
     assert gap <= check["fd_tolerance"] / 100, (gap, check)  # measured ≥ 1000× margin
     # The oracle of another instance (the id() bug's symptom) is far outside it.
     other = problems.make(name, backend="torch", seed=1, dtype="float64",
                           **SMALL.get(name, {}))
-    wrong = float(np.sum(other.exact_hypergradient(lam) * audit.direction(lam.shape, 7)))
+    wrong = float(np.sum(other.exact_hypergradient(lam) * worker.direction(lam.shape, 7)))
     assert abs(check["finite_difference"] - wrong) > check["fd_tolerance"]

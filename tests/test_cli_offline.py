@@ -3,7 +3,8 @@
 Bad input runs the real CLI in its own process (all processes started at once, so the
 table costs about one interpreter start per core): exit status 2, exactly one stderr line
 naming the key path, nothing created on disk, and neither Ray nor torch nor jax imported.
-``run`` itself is checked against a stand-in driver; the real driver has its own tests.
+``run`` itself is checked against a stand-in ``run_study``; the real driver has its own
+tests.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import pytest
 import yaml
 
 from hypersweep import cli
+from hypersweep.io import tracking_sync
+from hypersweep.orchestrator import driver
+from hypersweep.orchestrator.summary import print_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "example_small.yaml"
@@ -76,7 +80,7 @@ BAD_INPUT = [
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="", HYPERSWEEP_PLUGINS="")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -117,9 +121,8 @@ def test_library_imports_no_backend():
                "hypersweep.io.schema", "hypersweep.cli",
                "hypersweep.problems.catalog", "hypersweep.algorithms.catalog",
                "hypersweep.problems", "hypersweep.algorithms"]
-    for name in ("driver", "sinks", "actors"):  # being written in parallel
-        if (ROOT / "hypersweep" / "orchestrator" / f"{name}.py").exists():
-            modules.append(f"hypersweep.orchestrator.{name}")
+    modules += [f"hypersweep.orchestrator.{path.stem}"
+                for path in sorted((ROOT / "hypersweep" / "orchestrator").glob("[!_]*.py"))]
     code = ("import importlib, sys\n"
             f"for name in {modules!r}: importlib.import_module(name)\n"
             "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))")
@@ -197,11 +200,12 @@ def test_run_validates_then_calls_the_driver(tmp_path, monkeypatch, capsys):
 
     def run_study(study, *, address, quiet, retry_failed):
         calls.append((study.study, address, quiet, retry_failed))
-        return {"counts": {"ok": 7, "error": 1}, "output": study.output}
+        return {"study": study.study, "cells_done": 8, "cells_skipped": 0,
+                "wall_time_s": 1.0, "results_dir": f"{study.output}/results",
+                "study_counts": {"ok": 7, "error": 1, "diverged": 0, "timeout": 0,
+                                 "crashed": 0}, "per_pair": []}
 
-    fake = types.ModuleType("hypersweep.orchestrator.driver")
-    fake.run_study = run_study
-    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.driver", fake)
+    monkeypatch.setattr(driver, "run_study", run_study)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     path = tmp_path / "study.yaml"
     path.write_text(_yaml())
@@ -216,15 +220,15 @@ def test_run_validates_then_calls_the_driver(tmp_path, monkeypatch, capsys):
 
 def test_forwarded_subcommands(monkeypatch, capsys):
     got = []
-    fake = types.ModuleType("hypersweep.pipelines.report")
+    fake = types.ModuleType("hypersweep.tools.report.main")
     fake.main = lambda argv: got.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "hypersweep.pipelines.report", fake)
+    monkeypatch.setitem(sys.modules, "hypersweep.tools.report.main", fake)
     assert cli.main(["report", "a.parquet", "b", "--out", "figs"]) == 0
     assert got == [["a.parquet", "b", "--out", "figs"]]
-    monkeypatch.setitem(sys.modules, "hypersweep.pipelines.regression", None)  # absent
+    monkeypatch.setitem(sys.modules, "hypersweep.tools.regression.main", None)  # absent
     assert cli.main(["regress", "--suite", "x"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "hypersweep.pipelines.regression" in err[0]
+    assert len(err) == 1 and "hypersweep.tools.regression.main" in err[0]
     assert cli.main(["--help"]) == 0
     helptext = capsys.readouterr().out
     assert "report" in helptext and "regress" in helptext and "sync-mlflow" in helptext
@@ -275,10 +279,8 @@ def test_status_of_empty_output(tmp_path, capsys):
 
 def test_sync_mlflow_prints_what_it_backfilled(tmp_path, monkeypatch, capsys):
     got = []
-    fake = types.ModuleType("hypersweep.io.tracking")
-    fake.sync_mlflow = lambda output_dir, tracking_uri=None: (
-        got.append((output_dir, tracking_uri)) or {"cells": 4, "logged": 3})
-    monkeypatch.setitem(sys.modules, "hypersweep.io.tracking", fake)
+    monkeypatch.setattr(tracking_sync, "sync_mlflow", lambda output_dir, tracking_uri=None: (
+        got.append((output_dir, tracking_uri)) or {"cells": 4, "logged": 3}))
     assert cli.main(["sync-mlflow", str(tmp_path), "--tracking-uri", "sqlite:///x.db"]) == 0
     assert got == [(str(tmp_path), "sqlite:///x.db")]
     out = capsys.readouterr().out
@@ -287,28 +289,28 @@ def test_sync_mlflow_prints_what_it_backfilled(tmp_path, monkeypatch, capsys):
     def not_an_output(output_dir, tracking_uri=None):
         raise ValueError(f"{output_dir!r} is not a study output:\nstudy.yaml is missing")
 
-    fake.sync_mlflow = not_an_output
+    monkeypatch.setattr(tracking_sync, "sync_mlflow", not_an_output)
     assert cli.main(["sync-mlflow", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "is not a study output" in err[0]
 
 
 def test_summary_json_roundtrip_is_printable(capsys):
-    # the driver's summary may hold any JSON-able values; printing must not choke on them
-    cli._print_summary({"counts": {"ok": 2}, "extra": json.loads('{"a": [1, "[b]"]}')})
+    # the driver's summary holds paths and JSON values; printing must not read "[b]" as
+    # rich markup
+    extra = json.loads('{"a": [1, "[b]"]}')
+    print_summary({"study": "s", "cells_done": 2, "cells_skipped": 0, "wall_time_s": 1.0,
+                   "results_dir": f"/out/{extra['a'][1]}/results", "per_pair": [],
+                   "study_counts": {"ok": 2, "error": 0, "diverged": 0, "timeout": 0,
+                                    "crashed": 0}})
     assert "[b]" in capsys.readouterr().out
 
 
 def test_run_interrupted_exits_128_plus_signal(tmp_path, monkeypatch, capsys):
-    class SweepInterrupted(RuntimeError):
-        exit_code = 143
-
     def run_study(study, **kwargs):
-        raise SweepInterrupted("sweep interrupted by signal 15; 3 cells finished and saved")
+        raise driver.SweepInterrupted(15, {"cells_done": 3, "results_dir": "out/results"})
 
-    fake = types.ModuleType("hypersweep.orchestrator.driver")
-    fake.run_study, fake.SweepInterrupted = run_study, SweepInterrupted
-    monkeypatch.setitem(sys.modules, "hypersweep.orchestrator.driver", fake)
+    monkeypatch.setattr(driver, "run_study", run_study)
     path = tmp_path / "study.yaml"
     path.write_text(_yaml())
     assert cli.main(["run", str(path)]) == 143

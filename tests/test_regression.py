@@ -5,8 +5,9 @@
   twice (suite → baseline → suite again), and an ``aid_cg`` whose CG steps along the
   residual instead of the search direction — swapped into the registry under the *same*
   name — fails with exactly its cells named in the markdown;
-* the shipped suite covers every registered hypergradient algorithm and problem, and the
-  committed baseline matches it cell for cell (fast); the whole suite against the committed
+* the shipped suite, completed from the catalogs, covers every registered estimator and
+  problem (a newly registered one joins as new cells), and the committed baseline matches
+  the suite file cell for cell (fast); the whole suite against the committed
   baseline (``slow``: about a minute of CPU on an idle 2-core box).
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from hypersweep.pipelines import regression
-from hypersweep.pipelines.regression import Tolerances, compare, render_markdown
+from hypersweep.tools.regression import main as regression
+from hypersweep.tools.regression import suite
+from hypersweep.tools.regression.markdown import render_markdown
+from hypersweep.tools.regression.rules import Tolerances, compare
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE = REPO_ROOT / "configs" / "regression.yaml"
@@ -235,7 +238,7 @@ def degraded_aid_cg(monkeypatch):
 def _gate(suite: Path, baseline: Path, tmp_path: Path, *extra: str) -> tuple[int, str]:
     report = tmp_path / "report.md"
     code = regression.main(["--suite", str(suite), "--baseline", str(baseline),
-                            "--report", str(report), *extra])
+                            "--report", str(report), "--listed-only", *extra])
     return code, report.read_text()
 
 
@@ -245,7 +248,7 @@ def test_gate_passes_on_unchanged_code_and_fails_on_a_degraded_algorithm(
     code, text = _gate(small_suite, baseline, tmp_path, "--update-baseline")
     assert code == 0 and baseline.is_file()
     assert "Baseline written" in text
-    base_table, info = regression.read_baseline(baseline)
+    base_table, info = suite.read_baseline(baseline)
     assert base_table.num_rows == 12 and info["cells"] == 12
     assert set(base_table.column("status").to_pylist()) == {"ok"}
 
@@ -293,19 +296,40 @@ def test_regress_is_reachable_from_the_cli(tmp_path):
 
 def test_suite_covers_every_hypergradient_algorithm_and_problem():
     from hypersweep import algorithms, problems
-    from hypersweep.orchestrator.spec import load_study
 
-    study = load_study(SUITE)
+    study = suite.load_suite(SUITE)
     assert {a.name for a in study.algorithms} == set(algorithms.names("estimator"))
     assert {p.name for p in study.problems} == set(problems.names())
     assert set(study.backend) == {"jax", "torch"}
     assert study.dtype == "float64" and study.pipeline == "hypergradient_error"
 
 
-def test_committed_baseline_matches_the_suite_cell_for_cell():
-    from hypersweep.orchestrator.spec import expand, load_study
+def test_a_newly_registered_problem_joins_the_suite_as_new_cells(monkeypatch, tmp_path):
+    """No edit of the suite file: a problem registered in the catalog runs on its small
+    instance, and its cells are new to the committed baseline, none of which goes missing."""
+    from hypersweep.orchestrator.expand import expand
+    from hypersweep.problems.catalog import PROBLEMS
 
-    table, info = regression.read_baseline(BASELINE)
+    small = {"dim_inner": 4, "dim_outer": 2}
+    copy = dataclasses.replace(PROBLEMS.spec("quadratic"), name="quadratic_copy", small=small)
+    monkeypatch.setitem(PROBLEMS._specs, "quadratic_copy", copy)
+    study = suite.load_suite(SUITE, output=tmp_path)
+    (entry,) = [p for p in study.problems if p.name == "quadratic_copy"]
+    assert dict(entry.params) == small
+    cells = {cell.cell_id: cell for cell in expand(study)}
+    baseline_ids = set(suite.read_baseline(BASELINE)[0].column("cell_id").to_pylist())
+    assert baseline_ids <= set(cells)
+    new = set(cells) - baseline_ids
+    assert new and {cells[c].problem for c in new} == {"quadratic_copy"}
+    listed = suite.load_suite(SUITE, output=tmp_path, complete=False)
+    assert "quadratic_copy" not in {p.name for p in listed.problems}
+
+
+def test_committed_baseline_matches_the_suite_cell_for_cell():
+    from hypersweep.orchestrator.expand import expand
+    from hypersweep.orchestrator.spec import load_study
+
+    table, info = suite.read_baseline(BASELINE)
     expected = sorted(cell.cell_id for cell in expand(load_study(SUITE)))
     assert sorted(table.column("cell_id").to_pylist()) == expected, (
         "configs/regression.yaml changed without a new baseline: run "
