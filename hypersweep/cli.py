@@ -7,7 +7,7 @@ Subcommands::
     hypersweep status OUTPUT_DIR
     hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
     hypersweep problems | algorithms
-    hypersweep report ... | regress ... | audit ...  (forwarded to hypersweep.pipelines.*)
+    hypersweep report ... | regress ... | audit ...  (forwarded to hypersweep.tools.*)
 
 Exit codes: 0 success (a sweep whose cells failed still succeeded: failures are rows),
 1 an internal failure, 2 bad input (command line or study file), with a one-line message
@@ -17,13 +17,12 @@ on stderr. ``run``, ``plan`` and validation never import Ray before the study is
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 from hypersweep import __version__
 
@@ -32,12 +31,12 @@ PROG = "hypersweep"
 #: Subcommands owned by other modules: name -> ("module:function", help). The function is
 #: called as ``main(argv) -> int | None`` with the arguments after the subcommand name.
 FORWARDED = {
-    "report": ("hypersweep.pipelines.report:main",
+    "report": ("hypersweep.tools.report.main:main",
                "figures and tables from results: report RESULTS... --out DIR"),
-    "regress": ("hypersweep.pipelines.regression:main",
+    "regress": ("hypersweep.tools.regression.main:main",
                 "regression suite against a baseline: regress --suite ... --baseline ... "
                 "[--update-baseline]"),
-    "audit": ("hypersweep.pipelines.audit:main",
+    "audit": ("hypersweep.tools.audit.main:main",
               ("re-run a sample of stored cells and check them: audit OUTPUT "
                "[--sample N] [--seed S] [--fd-sample M]")),
 }
@@ -45,10 +44,6 @@ FORWARDED = {
 
 class UsageError(Exception):
     """Bad input on the command line or in a file it names: one line, exit 2."""
-
-
-class NotAvailable(Exception):
-    """A subcommand whose module is not part of this installation yet: one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,25 +79,16 @@ def _table(title: str | None, columns: Sequence[str], rows, **kwargs):
 
 
 def _load_study(path: str):
+    """The validated study at ``path``, after importing the plugins (``$HYPERSWEEP_PLUGINS``)
+    whose problems, algorithms and pipelines it may name."""
     from hypersweep.orchestrator.spec import StudyError, load_study
+    from hypersweep.registry import load_plugins
 
+    load_plugins()
     try:
         return load_study(path)
     except StudyError as exc:
         raise UsageError(str(exc)) from None
-
-
-def _import_optional(module: str, attribute: str, *, what: str) -> Callable:
-    """Import ``module.attribute``; a missing module (not one of its imports) is one line."""
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (exc.name == module or module.startswith(exc.name + ".")):
-            raise NotAvailable(f"{what} is not available: module {module} does not exist in "
-                               "this version of hypersweep") from None
-        raise  # the module exists but one of its own imports failed: show the traceback
-    except AttributeError:
-        raise NotAvailable(f"{what} is not available: {module} has no {attribute}()") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +96,7 @@ def _import_optional(module: str, attribute: str, *, what: str) -> Callable:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hypersweep.orchestrator.spec import plan
+    from hypersweep.orchestrator.expand import plan
 
     study = _load_study(args.study)
     start = time.perf_counter()
@@ -145,73 +131,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     study = _load_study(args.study)  # validated before Ray is ever imported
     quiet = args.quiet or not sys.stdout.isatty()
-    run_study = _import_optional("hypersweep.orchestrator.driver", "run_study",
-                                 what="the driver")
-    driver = sys.modules["hypersweep.orchestrator.driver"]
-    interrupted = getattr(driver, "SweepInterrupted", None)
     from hypersweep.io.lock import OutputError
-    aborted = getattr(driver, "SweepAborted", None)
-    previous_term = None
-    if aborted is not None:
-        # A SIGTERM that lands while run_study is not listening (before it installs its
-        # handlers, or during Ray's shutdown after it restored them) still ends as 143
-        # "terminated" rather than as a bare kill or a traceback.
-        def _terminated(signum, frame):  # noqa: ARG001
-            raise aborted(signum)
+    from hypersweep.orchestrator import driver
+    from hypersweep.orchestrator.summary import print_summary
 
-        previous_term = signal.signal(signal.SIGTERM, _terminated)
-        # Ray's native failure-signal handler, when uninstalled by ray.shutdown(), resets
-        # SIGTERM to the default action under Python's handler: a second SIGTERM during
-        # the shutdown would kill the process (-15, no message). Python's faulthandler
-        # still reports crashes; only native stack traces of Ray's processes are lost.
-        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # A SIGTERM that lands while run_study is not listening (before it installs its
+    # handlers, or during Ray's shutdown after it restored them) still ends as 143
+    # "terminated" rather than as a bare kill or a traceback.
+    def _terminated(signum, frame):  # noqa: ARG001
+        raise driver.SweepAborted(signum)
+
+    previous_term = signal.signal(signal.SIGTERM, _terminated)
+    # Ray's native failure-signal handler, when uninstalled by ray.shutdown(), resets
+    # SIGTERM to the default action under Python's handler: a second SIGTERM during
+    # the shutdown would kill the process (-15, no message). Python's faulthandler
+    # still reports crashes; only native stack traces of Ray's processes are lost.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
-        summary = run_study(study, address=args.address or os.environ.get("RAY_ADDRESS"),
-                            quiet=quiet, retry_failed=args.retry_failed,
-                            **({"force": True} if args.force else {}))
+        summary = driver.run_study(
+            study, address=args.address or os.environ.get("RAY_ADDRESS"), quiet=quiet,
+            retry_failed=args.retry_failed, **({"force": True} if args.force else {}))
     except OutputError as exc:  # output held by another driver, or Parquet unwritable
         _error(exc)
         return exc.exit_code
-    except Exception as exc:
-        if interrupted is None or not isinstance(exc, interrupted):
-            raise
+    except driver.SweepInterrupted as exc:
         # SIGTERM (ray job stop) or Ctrl-C: finished rows are saved; exit 128 + signal
         _error(exc)
-        return int(getattr(exc, "exit_code", 130))
-    except KeyboardInterrupt as exc:
-        if aborted is None or not isinstance(exc, aborted):
-            raise  # a plain Ctrl-C: main() says "interrupted", 130
-        # a second signal: 128 + signal, "terminated" for SIGTERM
+        return exc.exit_code
+    except driver.SweepAborted as exc:  # a second signal: 128 + signal
         _error(exc)
         return exc.exit_code
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
-    print_summary = getattr(driver, "print_summary", None)
-    if callable(print_summary) and summary:
-        print_summary(summary, _console())
-    else:
-        _print_summary(summary or {})
+        signal.signal(signal.SIGTERM, previous_term)
+    print_summary(summary, _console())
     _say(_console(), f"verify a sample of the stored results: {PROG} audit {study.output}")
     return 0
-
-
-def _print_summary(summary: dict) -> None:
-    console = _console()
-    counts = summary.get("counts") or {}
-    if counts:
-        console.print(_table("cells by status", ["status", "cells"],
-                             sorted(counts.items(), key=lambda item: -item[1])))
-    for key, value in summary.items():
-        if key != "counts":
-            _say(console, f"{key}: {value}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
-    read_results = _import_optional("hypersweep.io.parquet", "read_results",
-                                    what="reading results")
+    from hypersweep.io.parquet import read_results
+
     try:
         table = read_results(args.output_dir)
     except ValueError as exc:  # not a study output, unreadable schema
@@ -258,20 +219,15 @@ def _group_counts(table, keys: list[str]) -> dict[tuple, int]:
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
-    sync_mlflow = _import_optional("hypersweep.io.tracking", "sync_mlflow",
-                                   what="MLflow sync")
+    from hypersweep.io.tracking_sync import sync_mlflow
+
     try:
         result = sync_mlflow(args.output_dir, tracking_uri=args.tracking_uri)
     except ValueError as exc:  # not a study output
         raise UsageError(str(exc)) from None
     console = _console()
-    if isinstance(result, dict):
-        for key, value in result.items():
-            _say(console, f"{key}: {value}")
-    elif isinstance(result, int):
-        _say(console, f"backfilled {result} cell(s) into MLflow")
-    else:
-        _say(console, f"backfilled: {result}")
+    for key, value in result.items():
+        _say(console, f"{key}: {value}")
     return 0
 
 
@@ -298,11 +254,9 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 def run_forwarded(name: str, argv: list[str]) -> int:
     """Call another module's ``main(argv)`` for subcommand ``name``."""
-    path, _ = FORWARDED[name]
-    module, _, attribute = path.partition(":")
-    main_fn = _import_optional(module, attribute, what=f"'{PROG} {name}'")
-    result = main_fn(argv)
-    return int(result or 0)
+    from hypersweep.registry import load_object
+
+    return int(load_object(FORWARDED[name][0])(argv) or 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         _error(exc)
         return 2
-    except NotAvailable as exc:
+    except ModuleNotFoundError as exc:  # a module or an optional dependency not installed
         _error(exc)
         return 1
     except KeyboardInterrupt:
@@ -396,4 +350,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
 
 
-__all__ = ["main", "build_parser", "FORWARDED", "UsageError", "NotAvailable"]
+__all__ = ["main", "build_parser", "FORWARDED", "UsageError"]

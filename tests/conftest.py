@@ -1,14 +1,13 @@
 """Shared fixtures: one real local Ray for the session, MLflow stores, a real MLflow server.
 
 Environment (set before anything imports Ray or MLflow): Ray binds loopback only, no auth
-token, no usage stats; MLflow without telemetry or URL printing. The test-only pipeline
-``sweep_test`` (tests/sweep_test_pipeline.py) is made importable in Ray workers through
-PYTHONPATH and ``$HYPERSWEEP_EXTRA_PIPELINES``; the driver side registers it only inside
-the ``sweep_pipeline`` fixture so other tests see the production pipeline list.
+token, no usage stats; MLflow without telemetry or URL printing. The test-only pipelines
+(tests/sweep_test_pipeline.py, a plugin) are registered here and in every Ray worker:
+``$HYPERSWEEP_PLUGINS`` names the module, PYTHONPATH makes it importable, and
+:func:`hypersweep.registry.load_plugins` imports it.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -33,10 +32,14 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 _paths = [str(TESTS_DIR), str(REPO_ROOT)] + [p for p in os.environ.get(
     "PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(_paths))
-os.environ["HYPERSWEEP_EXTRA_PIPELINES"] = json.dumps(
-    {"sweep_test": "sweep_test_pipeline:run"})
+_plugins = [p for p in os.environ.get("HYPERSWEEP_PLUGINS", "").split(",") if p]
+os.environ["HYPERSWEEP_PLUGINS"] = ",".join(dict.fromkeys(["sweep_test_pipeline", *_plugins]))
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+
+from hypersweep.registry import load_plugins  # noqa: E402 - after the environment above
+
+load_plugins()
 
 
 def free_port() -> int:
@@ -61,16 +64,6 @@ def ray_session():
              **local_kwargs)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture
-def sweep_pipeline():
-    """Register the test-only ``sweep_test`` pipeline in this process for one test."""
-    from hypersweep.orchestrator import cell
-
-    cell.PIPELINES["sweep_test"] = "sweep_test_pipeline:run"
-    yield "sweep_test"
-    cell.PIPELINES.pop("sweep_test", None)
 
 
 @pytest.fixture

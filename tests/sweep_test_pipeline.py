@@ -1,7 +1,12 @@
-"""A test-only pipeline for the driver's tests: behaviour chosen per seed by pipeline_params.
+"""A plugin of test-only pipelines: ``sweep_test``, the driver's tests' pipeline, whose
+behaviour is chosen per seed by pipeline_params, and ``env_probe``, a hypergradient_error
+cell that also reports what its actor saw (tests/test_gpu_placement.py).
 
-Loaded in the actors through ``$HYPERSWEEP_EXTRA_PIPELINES`` (tests/conftest.py), never in
-production. Keys of ``pipeline_params`` (all optional):
+Registered at import: tests/conftest.py names this module in ``$HYPERSWEEP_PLUGINS``, so
+the test process and every actor (whose runtime_env carries the variable) import it
+through :func:`hypersweep.registry.load_plugins`; never in production. :func:`study` is
+the :class:`~hypersweep.orchestrator.spec.StudySpec` the driver tests run these cells
+under. Keys of ``sweep_test``'s ``pipeline_params`` (all optional):
 
 ``sleep_s``            seconds every cell sleeps (default 0)
 ``raise_seeds``        seeds whose cell raises RuntimeError          -> "error"
@@ -23,9 +28,37 @@ import time
 from pathlib import Path
 
 from hypersweep.orchestrator.cell import PipelineResult
+from hypersweep.orchestrator.fields import MlflowConfig, Resources
+from hypersweep.orchestrator.spec import StudySpec
+from hypersweep.pipelines.catalog import PIPELINES
+from hypersweep.registry import ALGORITHM_KINDS, PipelineSpec
 
-NAME = "sweep_test"
-SPEC = "sweep_test_pipeline:run"
+PIPELINES.register(PipelineSpec(
+    name="sweep_test",
+    summary="Test-only: sleeps, raises, diverges, crashes, hangs or hogs memory per seed.",
+    run="sweep_test_pipeline:run",
+    algorithm_kinds=ALGORITHM_KINDS,
+))
+PIPELINES.register(PipelineSpec(
+    name="env_probe",
+    summary="Test-only: a hypergradient_error cell plus the actor's GPU environment.",
+    run="sweep_test_pipeline:env_probe",
+    algorithm_kinds=("estimator",),
+))
+
+
+def study(output, *, name: str = "sweep", backend: tuple = (), resources: dict | None = None,
+          mlflow: dict | None = None, **fields) -> StudySpec:
+    """A StudySpec for hand-built cells, unvalidated (``backend=()`` preloads no backend
+    in the runners, which a validated study cannot say). Defaults: one CPU per actor,
+    ``max_retries`` 1, no cell timeout, MLflow off."""
+    values = dict(study=name, pipeline="sweep_test", output=str(output), backend=backend,
+                  max_retries=1, cell_timeout_s=None,
+                  resources=Resources.model_construct(**{"num_cpus": 1.0, "num_gpus": 0.0,
+                                                         **(resources or {})}),
+                  mlflow=MlflowConfig.model_construct(**{"enabled": False, **(mlflow or {})}))
+    values.update(fields)
+    return StudySpec.model_construct(**values)
 
 
 def expected_rel_error(t: int, K, seed: int) -> float:
@@ -74,3 +107,17 @@ def run(cell) -> PipelineResult:
     if params.get("done_dir"):
         Path(params["done_dir"], cell.cell_id).touch()
     return PipelineResult(metrics=metrics, device="cpu")
+
+
+def env_probe(cell) -> PipelineResult:
+    """The real hypergradient_error cell plus what the actor saw (GPU ids, env vars)."""
+    import ray
+
+    from hypersweep.pipelines import hypergradient_error
+
+    result = hypergradient_error.run(cell)
+    result.metrics.update(
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        xla_preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        gpu_ids=[str(i) for i in ray.get_gpu_ids()], pid=os.getpid())
+    return result

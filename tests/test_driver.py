@@ -1,7 +1,8 @@
 """The sweep driver end to end on a real local Ray and a real (sqlite) MLflow store.
 
-Plus the pieces that need no Ray: pool sizing, the affinity feed, the atomic Parquet
-writer and dedupe-on-read, the no-torch/jax import rule.
+Plus the pieces that need no Ray: pool sizing, the atomic Parquet writer and
+dedupe-on-read, the MLflow grouping, the summary table, the no-torch/jax import rule (the
+feed and the pool's bookkeeping are in tests/test_pool.py).
 """
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import math
 import subprocess
 import sys
 import textwrap
-import types
 
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver
-from hypersweep.io import parquet, tracking
-from hypersweep.orchestrator.cell import Cell
+import sweep_test_pipeline
+from hypersweep.io import parquet, tracking, tracking_sync
 from hypersweep.io.schema import RESULT_SCHEMA, empty_row
+from hypersweep.orchestrator import driver
+from hypersweep.orchestrator.summary import format_summary
 
 STUDY_YAML = """\
 study: e2e_ridge
@@ -43,7 +44,8 @@ mlflow: {{tracking_uri: "{uri}"}}
 def test_small_ridge_study_end_to_end(ray_session, tmp_path, mlflow_sqlite):
     from mlflow import MlflowClient
 
-    from hypersweep.orchestrator.spec import count_cells, expand, parse_study
+    from hypersweep.orchestrator.expand import count_cells, expand
+    from hypersweep.orchestrator.spec import parse_study
 
     study = parse_study(STUDY_YAML.format(output=tmp_path / "out", uri=mlflow_sqlite))
     expected_ids = {cell.cell_id for cell in expand(study)}
@@ -56,7 +58,7 @@ def test_small_ridge_study_end_to_end(ray_session, tmp_path, mlflow_sqlite):
                                        "crashed": 0}
     assert (tmp_path / "out" / "study.yaml").read_text() == study.source_text
 
-    table = driver.read_results(tmp_path / "out")
+    table = parquet.read_results(tmp_path / "out")
     assert table.schema == RESULT_SCHEMA
     assert set(table.column("cell_id").to_pylist()) == expected_ids
     rows = {(r["algorithm"], r["t"], r["seed"]): r for r in table.to_pylist()}
@@ -115,40 +117,19 @@ def test_small_ridge_study_end_to_end(ray_session, tmp_path, mlflow_sqlite):
     again = driver.run_study(study, quiet=True)
     assert again["cells_done"] == 0 and again["cells_skipped"] == 8
     assert sorted((tmp_path / "out" / "results").glob("*.parquet")) == parts
-    assert driver.sync_mlflow(tmp_path / "out")["logged"] == 0
-    assert "e2e_ridge" in driver.format_summary(again)
+    assert tracking_sync.sync_mlflow(tmp_path / "out")["logged"] == 0
+    assert "e2e_ridge" in format_summary(again)
 
 
-def _cell(seed: int, t: int = 1, problem_params: str = "{}") -> Cell:
-    return Cell(study="s", pipeline="sweep_test", problem="toy", algorithm="a",
-                backend="jax", t=t, K=None, seed=seed, problem_params=problem_params)
-
-
-def test_pool_size_from_resources():
-    study = types.SimpleNamespace(num_actors=None, resources={"num_cpus": 0.5, "num_gpus": 0})
+def test_pool_size_from_resources(tmp_path):
+    study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 0.5})
     assert driver.pool_size(study, {"CPU": 2.0}) == 4
-    study.resources = {"num_cpus": 1, "num_gpus": 0.25}
+    study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 1, "num_gpus": 0.25})
     assert driver.pool_size(study, {"CPU": 16.0, "GPU": 1.0}) == 4  # GPU-bound
-    study.resources = {"num_cpus": 4, "num_gpus": 0}
+    study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 4})
     assert driver.pool_size(study, {"CPU": 2.0}) == 1  # at least one
-    study.num_actors = 3
+    study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 4}, num_actors=3)
     assert driver.pool_size(study, {"CPU": 2.0}) == 3
-
-
-def test_feed_prefers_the_shape_key_an_actor_ran_last():
-    a = [_cell(s, problem_params='{"n":1}') for s in range(3)]
-    b = [_cell(s, problem_params='{"n":2}') for s in range(3)]
-    feed = driver._Feed(iter(a + b), should_run=lambda c: c.seed != 2)
-    first, attempt, isolate = feed.take(None)
-    assert first == a[0] and attempt == 1 and not isolate
-    assert feed.take(b[0].shape_key())[0] == b[0]  # skips a[1] for the affinity
-    assert feed.take(a[0].shape_key())[0] == a[1]
-    feed.retry.append((a[0], 2, True))
-    assert feed.take(b[0].shape_key(), idle=False) is None  # isolated: idle actors only
-    assert feed.take(b[0].shape_key()) == (a[0], 2, True)  # retries first
-    assert feed.take(None)[0] == b[1]
-    assert feed.take(None) is None and feed.empty()
-    assert feed.seen == 6 and feed.skipped == 2
 
 
 def _row(cell_id: str, status: str, minute: int) -> dict:
@@ -170,16 +151,16 @@ def test_parquet_parts_are_atomic_and_deduped_on_read(tmp_path):
     results = tmp_path / "results"
     # A writer killed mid-write leaves only a dot-prefixed temporary file: invisible.
     (results / ".part-123-deadbeef.parquet.tmp").write_bytes(b"PAR1 truncated")
-    raw = driver.read_results(tmp_path, latest=False)
+    raw = parquet.read_results(tmp_path, latest=False)
     assert raw.num_rows == 3
-    latest = driver.read_results(tmp_path)
+    latest = parquet.read_results(tmp_path)
     assert dict(zip(latest.column("cell_id").to_pylist(),
                     latest.column("status").to_pylist())) == {"c1": "ok", "c2": "ok"}
     for part in results.glob("part-*.parquet"):
         assert pq.read_schema(part) == RESULT_SCHEMA
     parquet.ParquetSink(tmp_path)  # startup sweeps stale temporaries
     assert not list(results.glob(".*.tmp"))
-    assert driver.read_results(tmp_path / "missing").num_rows == 0
+    assert parquet.read_results(tmp_path / "missing").num_rows == 0
 
 
 def test_mlflow_group_and_fingerprint_are_stable():
@@ -199,7 +180,10 @@ def test_orchestrator_never_imports_torch_or_jax():
     code = textwrap.dedent("""
         import sys
         import hypersweep.orchestrator.driver, hypersweep.orchestrator.actors
-        import hypersweep.io.parquet, hypersweep.io.tracking, hypersweep.orchestrator.progress
+        import hypersweep.io.parquet, hypersweep.io.tracking, hypersweep.io.tracking_sync
+        import hypersweep.orchestrator.pool, hypersweep.orchestrator.feed
+        import hypersweep.orchestrator.sinks, hypersweep.orchestrator.summary
+        import hypersweep.orchestrator.progress
         bad = [m for m in ("torch", "jax") if m in sys.modules]
         assert not bad, bad
     """)
@@ -213,6 +197,6 @@ def test_format_summary_lists_statuses_and_medians():
                                 "crashed": 0},
                "per_pair": [{"problem": "ridge", "algorithm": "itd", "cells": 3, "ok": 2,
                              "median_rel_error": 0.125, "median_wall_time_s": 0.01}]}
-    text = driver.format_summary(summary)
+    text = format_summary(summary)
     assert "ok 2  error 1" in text and "1.250e-01" in text and "ridge × itd" in text
     assert math.isclose(float(text.split()[-2]), 0.125)

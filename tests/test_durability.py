@@ -9,25 +9,22 @@ import logging
 import os
 import subprocess
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver
+import sweep_test_pipeline
 from hypersweep.io import lock, parquet
+from hypersweep.orchestrator import driver
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
 
 
-def _study(output: Path, name: str = "durable") -> types.SimpleNamespace:
-    return types.SimpleNamespace(study=name, output=str(output), backend=(),
-                                 resources={"num_cpus": 1, "num_gpus": 0}, num_actors=2,
-                                 max_retries=1, cell_timeout_s=None,
-                                 mlflow=types.SimpleNamespace(enabled=False))
+def _study(output: Path, name: str = "durable"):
+    return sweep_test_pipeline.study(output, name=name, num_actors=2)
 
 
 def _cells(n: int, name: str = "durable") -> list[Cell]:
@@ -43,7 +40,7 @@ def _tmp_files(output: Path) -> list[Path]:
 
 def _once_each(output: Path, cells: list[Cell]) -> None:
     """Every cell exactly once on disk (all rows, not only the latest), every one ok."""
-    rows = driver.read_results(output, latest=False)
+    rows = parquet.read_results(output, latest=False)
     counts = Counter(rows.column("cell_id").to_pylist())
     assert set(counts) == {c.cell_id for c in cells}
     assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1]
@@ -69,7 +66,7 @@ def _fail_after(monkeypatch, parts: int, code: int = errno.ENOSPC) -> dict:
 
 
 def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
-        ray_session, sweep_pipeline, tmp_path, monkeypatch):
+        ray_session, tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
     cells, output = _cells(40), tmp_path / "out"
     state = _fail_after(monkeypatch, parts=3)
@@ -77,7 +74,7 @@ def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
     with pytest.raises(parquet.SinkWriteError) as caught:
         driver.run_cells(_study(output), cells, quiet=True)
     message = str(caught.value)
-    saved = driver.read_results(output).num_rows
+    saved = parquet.read_results(output).num_rows
     assert "\n" not in message
     assert message.startswith(f"cannot write to {output / parquet.RESULTS_DIR} "
                               "(ENOSPC: No space left on device) after 4 attempt(s)"), message
@@ -96,8 +93,8 @@ def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
     _once_each(output, cells)
 
 
-def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, sweep_pipeline,
-                                                          tmp_path, monkeypatch):
+def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, tmp_path,
+                                                          monkeypatch):
     monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
     cells, output = _cells(20), tmp_path / "out"
     real = parquet.pq.write_table
@@ -126,7 +123,7 @@ def _mount_tmpfs(where: Path, size: str) -> None:
         pytest.skip(f"mount -t tmpfs is not permitted here: {result.stderr.strip()}")
 
 
-def test_a_real_full_tmpfs(ray_session, sweep_pipeline, tmp_path, monkeypatch):
+def test_a_real_full_tmpfs(ray_session, tmp_path, monkeypatch):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "2m")
     try:
@@ -139,7 +136,7 @@ def test_a_real_full_tmpfs(ray_session, sweep_pipeline, tmp_path, monkeypatch):
         cells = _cells(80)
         with pytest.raises(parquet.SinkWriteError, match="ENOSPC") as caught:
             driver.run_cells(_study(output), cells, quiet=True)
-        saved = driver.read_results(output).num_rows
+        saved = parquet.read_results(output).num_rows
         assert 0 < saved < len(cells), saved
         assert f"{saved} finished cell(s) of this run are saved" in str(caught.value)
         assert not _tmp_files(output), _tmp_files(output)
@@ -209,13 +206,13 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
     assert report.returncode == 0, report.stderr[-3000:]
 
     caplog.set_level(logging.INFO, logger="hypersweep")
-    before = driver.read_results(output).num_rows
+    before = parquet.read_results(output).num_rows
     printed = io.StringIO()
     monkeypatch.setattr(sys, "stdout", printed)
     assert cli.main(["run", str(study), "--quiet"]) == 0
     monkeypatch.undo()
     assert f"{len(lost)} cells run, {before} skipped" in printed.getvalue(), printed.getvalue()
-    rows = driver.read_results(output, latest=False)
+    rows = parquet.read_results(output, latest=False)
     counts = Counter(rows.column("cell_id").to_pylist())
     assert len(counts) == N_Q and set(counts.values()) == {1}
     assert set(rows.column("status").to_pylist()) == {"ok"}

@@ -10,16 +10,15 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from hypersweep.orchestrator import driver
 from hypersweep.io import parquet
-from hypersweep.orchestrator.cell import Cell, canonical_json
 from hypersweep.io.schema import FAILED_STATUSES
+from hypersweep.orchestrator import driver
+from hypersweep.orchestrator.cell import Cell, canonical_json, failure_row
 
 import sweep_test_pipeline  # noqa: E402 - on sys.path via conftest
 
@@ -30,12 +29,8 @@ pytestmark = pytest.mark.ray
 TIMEOUT_SLACK_S = 1.0
 
 
-def _study(output: Path, **overrides) -> types.SimpleNamespace:
-    values = dict(study="faults", output=str(output), backend=("jax",),
-                  resources={"num_cpus": 1, "num_gpus": 0}, num_actors=None, max_retries=1,
-                  cell_timeout_s=None, mlflow=types.SimpleNamespace(enabled=False))
-    values.update(overrides)
-    return types.SimpleNamespace(**values)
+def _study(output: Path, **overrides):
+    return sweep_test_pipeline.study(output, name="faults", backend=("jax",), **overrides)
 
 
 def _cells(seeds, params: dict, *, t=(1,), study="faults") -> list[Cell]:
@@ -44,8 +39,7 @@ def _cells(seeds, params: dict, *, t=(1,), study="faults") -> list[Cell]:
             for t_ in t for seed in seeds]
 
 
-def test_every_failure_kind_is_recorded_and_the_sweep_goes_on(ray_session, sweep_pipeline,
-                                                              tmp_path):
+def test_every_failure_kind_is_recorded_and_the_sweep_goes_on(ray_session, tmp_path):
     params = dict(raise_seeds=[1], nan_seeds=[2], crash_seeds=[3], crash_once_seeds=[4],
                   marker_dir=str(tmp_path), hang_seeds=[5], hang_s=120)
     cells = _cells(range(8), params)
@@ -59,7 +53,7 @@ def test_every_failure_kind_is_recorded_and_the_sweep_goes_on(ray_session, sweep
 
     summary = driver.run_cells(study, cells, quiet=True)
 
-    table = driver.read_results(tmp_path / "out")
+    table = parquet.read_results(tmp_path / "out")
     rows = {r["cell_id"]: r for r in table.to_pylist()}
     assert set(rows) == {c.cell_id for c in cells}
     by_seed = {c.seed: rows[c.cell_id] for c in cells if c.pipeline == "sweep_test"}
@@ -97,11 +91,10 @@ def test_every_failure_kind_is_recorded_and_the_sweep_goes_on(ray_session, sweep
     rerun = driver.run_cells(study, subset, quiet=True, retry_failed=True)
     assert rerun["cells_skipped"] == 1 and rerun["cells_done"] == 2
     assert rerun["counts"]["error"] == 1 and rerun["counts"]["diverged"] == 1
-    assert driver.read_results(tmp_path / "out").num_rows == len(cells)
+    assert parquet.read_results(tmp_path / "out").num_rows == len(cells)
 
 
-def test_retry_failed_reruns_every_failed_status_and_no_ok_cell(ray_session, sweep_pipeline,
-                                                                  tmp_path):
+def test_retry_failed_reruns_every_failed_status_and_no_ok_cell(ray_session, tmp_path):
     """One earlier row per status: a resume skips them all; ``retry_failed`` re-runs exactly
     the cells whose latest row has a status in ``FAILED_STATUSES`` (whatever that tuple
     holds), and they now succeed."""
@@ -110,7 +103,7 @@ def test_retry_failed_reruns_every_failed_status_and_no_ok_cell(ray_session, swe
     output = tmp_path / "out"
     earlier = parquet.ParquetSink(output)
     for cell, status in zip(cells, statuses):
-        earlier.add(driver.failure_row(cell, 1, status, f"earlier {status}"))
+        earlier.add(failure_row(cell, 1, status, f"earlier {status}"))
     earlier.flush()
     study = _study(output)
 
@@ -119,30 +112,28 @@ def test_retry_failed_reruns_every_failed_status_and_no_ok_cell(ray_session, swe
 
     rerun = driver.run_cells(study, cells, quiet=True, retry_failed=True)
     assert rerun["cells_skipped"] == 1 and rerun["cells_done"] == len(FAILED_STATUSES)
-    latest = {r["cell_id"]: r for r in driver.read_results(output).to_pylist()}
+    latest = {r["cell_id"]: r for r in parquet.read_results(output).to_pylist()}
     by_status = {status: latest[cell.cell_id] for cell, status in zip(cells, statuses)}
     for status, row in by_status.items():
         assert row["status"] == "ok", (status, row["error_message"])
         # re-run, not the earlier row: a real result (the ok one was left alone)
         assert (row["error_message"] == "earlier ok") == (status == "ok"), status
-    assert driver.read_results(output, latest=False).num_rows == \
+    assert parquet.read_results(output, latest=False).num_rows == \
         len(cells) + len(FAILED_STATUSES)
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, types, logging
+    import json, sys, logging
     sys.path.insert(0, {tests!r})
+    import sweep_test_pipeline
     from hypersweep.orchestrator import cell as C, driver
-    C.PIPELINES["sweep_test"] = "sweep_test_pipeline:run"
     driver.FLUSH_ROWS, driver.FLUSH_SECONDS = {flush_rows}, {flush_seconds}
     cells = [C.Cell(study="kill", pipeline="sweep_test", problem="toy", algorithm="probe",
                     backend="none", t=1, K=None, seed=s,
                     pipeline_params=C.canonical_json({params}))
              for s in range({n})]
-    study = types.SimpleNamespace(study="kill", output={output!r}, backend=(),
-        resources={{"num_cpus": 1, "num_gpus": 0}}, num_actors=2, max_retries=1,
-        cell_timeout_s=None, mlflow=types.SimpleNamespace(enabled={mlflow_on},
-        tracking_uri={uri!r}, experiment=None))
+    study = sweep_test_pipeline.study({output!r}, name="kill", num_actors=2,
+        mlflow={{"enabled": {mlflow_on}, "tracking_uri": {uri!r}, "experiment": None}})
     try:
         summary = driver.run_study(study, quiet=True, cells=cells)
     except driver.SweepInterrupted as exc:
@@ -196,7 +187,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_each_cell_once(tmp_path):
         proc.wait(10)
     finally:
         _reap(proc)
-    before = driver.read_results(tmp_path / "out")
+    before = parquet.read_results(tmp_path / "out")
     assert 0 < before.num_rows < n, "the kill should land mid-sweep"
 
     proc = _driver_process(tmp_path, n=n, params=params)
@@ -209,7 +200,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_each_cell_once(tmp_path):
     assert json.loads(out)["ok"] == n - before.num_rows
     for part in results.glob("*.parquet"):
         pq.read_table(part)  # no corrupt visible file
-    table = driver.read_results(tmp_path / "out")
+    table = parquet.read_results(tmp_path / "out")
     ids = table.column("cell_id").to_pylist()
     assert len(ids) == len(set(ids)) == n
     assert set(table.column("status").to_pylist()) == {"ok"}
@@ -252,7 +243,7 @@ def test_sigterm_flushes_finished_rows_and_exits_promptly(tmp_path, mlflow_sqlit
     assert proc.returncode == 128 + signal.SIGTERM
     # `ray job stop` waits 3 s before SIGKILL; allow slack for this loaded 2-core box.
     assert exit_s < 6.0, exit_s
-    table = driver.read_results(tmp_path / "out")
+    table = parquet.read_results(tmp_path / "out")
     # Every cell finished before the signal is saved (a cell may finish in its actor
     # while the signal is handled, hence <= for the upper bound).
     assert finished_before <= table.num_rows <= len(list(done_dir.iterdir()))

@@ -152,20 +152,6 @@ def test_sizing_module_imports_no_backend_and_no_ray():
 # -- real Ray, declared (fake) GPU ------------------------------------------------------
 
 
-def env_probe(cell):
-    """A test pipeline: the real hypergradient_error cell plus what the actor saw."""
-    import ray
-
-    from hypersweep.pipelines import hypergradient_error
-
-    result = hypergradient_error.run(cell)
-    result.metrics.update(
-        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        xla_preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
-        gpu_ids=[str(i) for i in ray.get_gpu_ids()], pid=os.getpid())
-    return result
-
-
 PROBE_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
@@ -178,8 +164,7 @@ PROBE_SCRIPT = textwrap.dedent("""
              logging_level="ERROR", _temp_dir=temp_dir)
     try:
         request = ActorRequest(num_cpus=0, num_gpus=0.25)
-        extra = {"HYPERSWEEP_EXTRA_PIPELINES":
-                 json.dumps({"env_probe": "test_gpu_placement:env_probe"})}
+        extra = {"HYPERSWEEP_PLUGINS": "sweep_test_pipeline"}  # registers env_probe
         options = actor_options(request, max_restarts=0, extra_env=extra)
         actors = [CellRunner.options(**options).remote(()) for _ in range(5)]
         pings = {a.ping.remote(): i for i, a in enumerate(actors)}

@@ -91,7 +91,7 @@ class Head:
         self.env["PATH"] = f"{VENV_BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                         RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
-        for key in ("RAY_ADDRESS", "HYPERSWEEP_EXTRA_PIPELINES", "MLFLOW_TRACKING_URI"):
+        for key in ("RAY_ADDRESS", "HYPERSWEEP_PLUGINS", "MLFLOW_TRACKING_URI"):
             self.env.pop(key, None)
 
     def start(self, timeout: float = 180.0) -> None:

@@ -7,7 +7,8 @@ import pytest
 
 from hypersweep.io import tracking
 from hypersweep.orchestrator.cell import Cell
-from hypersweep.orchestrator.spec import count_cells, expand, parse_study
+from hypersweep.orchestrator.expand import count_cells, expand
+from hypersweep.orchestrator.spec import parse_study
 
 STUDY = """\
 study: k-setting
@@ -83,7 +84,8 @@ def test_parquet_and_mlflow_hold_both_lines(ray_session, tmp_path, mlflow_sqlite
 
 
 def test_summary_totals_and_the_zero_hypergradient_warning():
-    from hypersweep.orchestrator.driver import _compute_totals, zero_hypergradient_warning
+    from hypersweep.orchestrator.summary import compute_totals as _compute_totals
+    from hypersweep.orchestrator.summary import zero_hypergradient_warning
     from hypersweep.io.schema import RESULT_SCHEMA, empty_row
 
     rows = []

@@ -12,12 +12,13 @@ import sys
 import textwrap
 import threading
 import time
-import types
 from pathlib import Path
 
 import psutil
 import pytest
 
+import sweep_test_pipeline
+from hypersweep.io.parquet import read_results
 from hypersweep.orchestrator import driver
 from hypersweep.orchestrator.cell import Cell, canonical_json
 from hypersweep.io.schema import FAILED_STATUSES
@@ -177,7 +178,7 @@ def test_an_unwritable_output_is_one_line_exit_2(tmp_path, command):
 
 
 def test_a_cell_past_memory_mb_is_stopped_recorded_and_the_sweep_goes_on(
-        ray_session, sweep_pipeline, tmp_path):
+        ray_session, tmp_path):
     assert "crashed" in FAILED_STATUSES  # --retry-failed re-runs it
     log = tmp_path / "hog.rss"
     params = dict(hog_seeds=[1], hog_step_mb=50, hog_every_s=0.01, hog_max_mb=2000,
@@ -186,11 +187,8 @@ def test_a_cell_past_memory_mb_is_stopped_recorded_and_the_sweep_goes_on(
                   backend="none", t=1, K=None, seed=seed,
                   pipeline_params=canonical_json(params)) for seed in range(4)]
     # backend () preloads nothing: a runner's idle RSS (~100 MB) stays well below 300 MB
-    study = types.SimpleNamespace(study="limits", output=str(tmp_path / "out"), backend=(),
-                                  resources={"num_cpus": 1, "num_gpus": 0,
-                                             "memory_mb": 300},
-                                  num_actors=2, max_retries=1, cell_timeout_s=60,
-                                  mlflow=types.SimpleNamespace(enabled=False))
+    study = sweep_test_pipeline.study(tmp_path / "out", name="limits", num_actors=2,
+                                      resources={"memory_mb": 300}, cell_timeout_s=60)
     total = psutil.virtual_memory().total
     lowest = [psutil.virtual_memory().available]
     stop = threading.Event()
@@ -209,7 +207,7 @@ def test_a_cell_past_memory_mb_is_stopped_recorded_and_the_sweep_goes_on(
         stop.set()
         sampler.join()
     elapsed = time.monotonic() - start
-    rows = {row["seed"]: row for row in driver.read_results(tmp_path / "out").to_pylist()}
+    rows = {row["seed"]: row for row in read_results(tmp_path / "out").to_pylist()}
     assert summary["cells_done"] == 4 and sorted(rows) == [0, 1, 2, 3]
     hog = rows[1]
     assert hog["status"] == "crashed", hog
@@ -231,8 +229,6 @@ def test_a_cell_past_memory_mb_is_stopped_recorded_and_the_sweep_goes_on(
 CLI = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from hypersweep.orchestrator import cell
-    cell.PIPELINES["sweep_test"] = "sweep_test_pipeline:run"
     from hypersweep.cli import main
     sys.exit(main(["run", {study!r}, "--quiet"]))
 """)
@@ -273,7 +269,7 @@ def test_sigterm_twice_exits_143_terminated_with_finished_rows_saved(tmp_path, g
             assert proc.poll() is None, (tmp_path / "cli.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "no Parquet part in 120 s"
             time.sleep(0.05)
-        saved_before = driver.read_results(output).num_rows
+        saved_before = read_results(output).num_rows
         finished_before = len(list(done.iterdir()))
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(gap_s)
@@ -291,7 +287,7 @@ def test_sigterm_twice_exits_143_terminated_with_finished_rows_saved(tmp_path, g
     assert "hypersweep: error: terminated" in err, err[-3000:]
     assert "interrupted" not in err and "Traceback" not in err, err[-3000:]
     print(f"exit {proc.returncode} after {exit_s:.1f} s: {err.strip().splitlines()[-1]}")
-    table = driver.read_results(output)
+    table = read_results(output)
     ids = table.column("cell_id").to_pylist()
     # every cell finished before the signals is saved (one may finish while they are
     # handled, hence <= for the upper bound)

@@ -148,17 +148,15 @@ def test_cli_run_on_a_held_output_exits_2_in_5s_with_one_line(holder_process, tm
 
 
 SIGTERM_SCRIPT = textwrap.dedent("""
-    import sys, types
+    import sys
     sys.path.insert(0, {tests!r})
+    import sweep_test_pipeline
     from hypersweep.orchestrator import cell as C, driver
-    C.PIPELINES["sweep_test"] = "sweep_test_pipeline:run"
     cells = [C.Cell(study="term", pipeline="sweep_test", problem="toy", algorithm="probe",
                     backend="none", t=1, K=None, seed=s,
                     pipeline_params=C.canonical_json({{"sleep_s": 0.3, "done_dir": {done!r}}}))
              for s in range(100)]
-    study = types.SimpleNamespace(study="term", output={output!r}, backend=(),
-        resources={{"num_cpus": 1, "num_gpus": 0}}, num_actors=1, max_retries=1,
-        cell_timeout_s=None, mlflow=types.SimpleNamespace(enabled=False))
+    study = sweep_test_pipeline.study({output!r}, name="term", num_actors=1)
     try:
         driver.run_study(study, quiet=True, cells=cells)
     except driver.SweepInterrupted as exc:

@@ -11,12 +11,13 @@ import os
 import signal
 import threading
 import time
-import types
 
 import pytest
 
+import sweep_test_pipeline
+from hypersweep.io import tracking, tracking_sync
+from hypersweep.io.parquet import read_results
 from hypersweep.orchestrator import driver
-from hypersweep.io import tracking
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
@@ -33,7 +34,7 @@ def _logged_cells(client, experiment_id: str) -> dict[str, dict]:
 
 
 def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
-        ray_session, sweep_pipeline, mlflow_server, tmp_path, monkeypatch, caplog):
+        ray_session, mlflow_server, tmp_path, monkeypatch, caplog):
     from mlflow import MlflowClient
 
     monkeypatch.setattr(driver, "FLUSH_SECONDS", 0.5)
@@ -41,11 +42,9 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
     cells = [Cell(study="srv", pipeline="sweep_test", problem="toy", algorithm="probe",
                   backend="jax", t=t, K=None, seed=seed, pipeline_params=params)
              for seed in SEEDS for t in T_VALUES]
-    study = types.SimpleNamespace(
-        study="srv", output=str(tmp_path / "out"), backend=(), num_actors=2,
-        resources={"num_cpus": 1, "num_gpus": 0}, max_retries=1, cell_timeout_s=None,
-        mlflow=types.SimpleNamespace(enabled=True, tracking_uri=mlflow_server.uri,
-                                     experiment="srv-exp"))
+    study = sweep_test_pipeline.study(
+        tmp_path / "out", name="srv", num_actors=2,
+        mlflow={"enabled": True, "tracking_uri": mlflow_server.uri, "experiment": "srv-exp"})
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     stopped = threading.Event()
 
@@ -75,7 +74,7 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
     assert stopped.is_set(), "the server was never stopped: no cell reached MLflow"
 
     assert summary["counts"]["ok"] == len(cells)
-    assert driver.read_results(tmp_path / "out").num_rows == len(cells)
+    assert read_results(tmp_path / "out").num_rows == len(cells)
     assert summary["mlflow"]["error"] is not None
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "MLflow" in warnings[0].getMessage(), warnings
@@ -88,7 +87,7 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
                         _logged_cells(client, experiment.experiment_id).values())
     assert 0 < logged_before < len(cells), "the outage should land mid-sweep"
 
-    first = tracking.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
+    first = tracking_sync.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
     assert first["logged"] == len(cells) - logged_before
     assert first["already_logged"] == logged_before
     children = client.search_runs([experiment.experiment_id],
@@ -102,6 +101,6 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
     assert len(parents) == 1
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
-    second = tracking.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
+    second = tracking_sync.sync_mlflow(tmp_path / "out", tracking_uri=mlflow_server.uri)
     assert second["logged"] == 0 and second["already_logged"] == len(cells)
     assert second["runs_created"] == 0

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hypersweep import problems
-from hypersweep.orchestrator import driver, spec
+from hypersweep.orchestrator import driver, expand, spec
 from hypersweep.io.schema import RESULT_SCHEMA, TRACE_SCHEMA
-from hypersweep.pipelines import report
+from hypersweep.tools.report import main as report
 
 pytestmark = pytest.mark.ray
 
@@ -136,13 +136,13 @@ def test_every_planned_cell_is_one_ok_row_read_back_by_pyarrow_and_pandas(e2e):
     for key, study in e2e.studies.items():
         summary = e2e.summaries[key]
         n = expected_counts[key]
-        assert spec.count_cells(study) == n
+        assert expand.count_cells(study) == n
         assert summary["study_counts"]["ok"] == n and summary["cells_done"] == n, summary
         table = pq.read_table(e2e.outputs[key] / "results")
         assert table.schema.equals(RESULT_SCHEMA, check_metadata=False)
         assert table.num_rows == n  # no retries: one row per cell
         assert set(table.column("cell_id").to_pylist()) == {
-            c.cell_id for c in spec.expand(study)}
+            c.cell_id for c in expand.expand(study)}
         frame = _results(e2e, key)
         assert (frame["status"] == "ok").all(), frame[["cell_id", "error_message"]]
         assert (frame["attempt"] == 1).all() and (frame["backend"] == "jax").all()

@@ -136,7 +136,7 @@ def _npz(kind: str) -> bytes:
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="", HYPERSWEEP_PLUGINS="")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

@@ -124,7 +124,7 @@ def _kill_all(procs) -> None:
 
 
 def _rows(output: Path) -> int:
-    from hypersweep.io.tracking import read_results
+    from hypersweep.io.parquet import read_results
 
     try:
         return read_results(output).num_rows
@@ -144,12 +144,12 @@ def _runner_on(raylet_pid: int) -> bool:
 
 
 def test_sweep_survives_losing_the_worker_node(tmp_path):
-    from hypersweep.io.tracking import read_results
+    from hypersweep.io.parquet import read_results
     import pyarrow.dataset as ds
 
     temp_dir = tempfile.mkdtemp(prefix="hs-2n-")  # short: socket paths are capped
     env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "HYPERSWEEP_EXTRA_PIPELINES"):
+    for key in ("RAY_ADDRESS", "HYPERSWEEP_PLUGINS"):
         env.pop(key, None)
     prepare_local_ray(env)  # the cluster, and the driver that joins it, on loopback
     helper = subprocess.Popen([sys.executable, "-c", CLUSTER_HELPER, temp_dir,

@@ -293,7 +293,8 @@ class ParquetSink:
 
     A write that raises OSError keeps every buffered row and is tried ``write_attempts``
     times in all (backoff ``write_backoff_s`` × 2^i); then :class:`SinkWriteError`, with
-    the rows still buffered (``pending``), so nothing half-written is counted as saved.
+    the rows still buffered, so nothing half-written is counted as saved (:meth:`stopped`
+    says how many).
     """
 
     def __init__(self, output_dir: str | Path, *, flush_rows: int = 50,
@@ -326,10 +327,6 @@ class ParquetSink:
             self._oldest = time.monotonic()
         self._rows.append(row)
         self._traces.extend(traces)
-
-    @property
-    def pending(self) -> int:
-        return len(self._rows)
 
     def due(self) -> bool:
         if not self._rows:
@@ -371,6 +368,11 @@ class ParquetSink:
             self.seconds += time.perf_counter() - start
         self.rows_written += len(rows)
         return rows
+
+    def stopped(self, error: SinkWriteError, summary: dict | None = None) -> SinkWriteError:
+        """``error`` completed with how many rows this sink saved and how many it holds."""
+        return error.stopped(saved=self.rows_written, unsaved=len(self._rows),
+                             summary=summary)
 
 
 # ---------------------------------------------------------------------------------------

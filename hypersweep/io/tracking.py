@@ -1,5 +1,6 @@
-"""MLflow, a view of the Parquet results: the logger, its writer thread, the sync tool and
-the one default tracking URI.
+"""MLflow, a view of the Parquet results: the one tracking-URI rule, how rows group into
+runs, and the synchronous logger (its writer thread and the sync tool are in
+:mod:`hypersweep.io.tracking_sync`).
 
 MLflow granularity (why not one run per cell): the MLflow UI compares *runs* and draws a
 *metric against its step*. The question this project asks is "how does the hypergradient
@@ -16,18 +17,16 @@ holds the study's params, ``study.yaml`` and ``summary.json``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
 import os
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from hypersweep.io.parquet import STUDY_FILE, read_results
+from hypersweep.io.parquet import STUDY_FILE
+from hypersweep.orchestrator.cell import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +111,9 @@ def k_setting(row: dict, uses_t: bool = False) -> Any:
 
 
 def group_id(row: dict, uses_t: bool = False) -> str:
-    fields = [k_setting(row, uses_t) if name == "K" else row.get(name)
-              for name in GROUP_FIELDS]
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+    """The id of the child run a row belongs to: a stable hash of its GROUP_FIELDS."""
+    return stable_hash([k_setting(row, uses_t) if name == "K" else row.get(name)
+                        for name in GROUP_FIELDS], digest_size=8)
 
 
 def _iso(value: Any) -> str:
@@ -137,10 +135,11 @@ def _millis(value: Any) -> int:
     return int(time.time() * 1000)
 
 
-def _flatten(prefix: str, value: Any, out: dict) -> None:
+def flatten_params(prefix: str, value: Any, out: dict) -> None:
+    """Nested mappings as ``prefix.key.subkey`` entries of ``out``."""
     if isinstance(value, dict):
         for key, item in value.items():
-            _flatten(f"{prefix}.{key}", item, out)
+            flatten_params(f"{prefix}.{key}", item, out)
     else:
         out[prefix] = value
 
@@ -157,21 +156,10 @@ def group_params(row: dict, uses_t: bool = False) -> dict[str, str]:
         except (TypeError, ValueError):
             loaded = {}
         flat: dict = {}
-        _flatten(prefix, loaded, flat)
+        flatten_params(prefix, loaded, flat)
         params.update(flat)
     return {key: ("None" if value is None else str(value))[:_MAX_PARAM_CHARS]
             for key, value in params.items()}
-
-
-def _connection_error(exc: BaseException) -> bool:
-    """Whether ``exc`` means "the tracking store cannot be reached" (vs a bad request)."""
-    text = f"{type(exc).__name__}: {exc}"
-    markers = ("Max retries exceeded", "Connection refused", "ConnectionError",
-               "ConnectTimeout", "ReadTimeout", "timed out", "Failed to establish",
-               "RemoteDisconnected", "Connection aborted", "database is locked",
-               "unable to open database", "OperationalError", "API request to")
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
-        marker in text for marker in markers)
 
 
 class MlflowLogger:
@@ -354,223 +342,3 @@ class MlflowLogger:
             self.client.log_text(self.parent_run_id,
                                  json.dumps(summary, indent=2, default=str), "summary.json")
         self.client.set_terminated(self.parent_run_id, status)
-
-
-class _QuietRetries(logging.Filter):
-    """Drop urllib3's per-retry warnings raised from the MLflow writer thread: an outage
-    is reported once, by the writer."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != WRITER_THREAD
-
-
-WRITER_THREAD = "hypersweep-mlflow"
-_QUIET_RETRIES = _QuietRetries()
-
-
-class MlflowWriter:
-    """One background thread that feeds :class:`MlflowLogger` from a bounded queue.
-
-    The driver calls ``submit(rows)`` only after those rows are in Parquet. The first
-    failure that looks like "store unreachable" logs ONE warning and turns the writer off
-    for the rest of the run (rows are then dropped, they are safe in Parquet and
-    ``sync_mlflow`` backfills them); a full queue drops rows the same way instead of
-    blocking the sweep.
-    """
-
-    _STOP = object()
-
-    def __init__(self, logger: MlflowLogger, *, max_backlog: int = 20000,
-                 coalesce_s: float = 3.0):
-        self.coalesce_s = coalesce_s
-        self.logger = logger
-        self.queue: queue.Queue = queue.Queue(maxsize=max_backlog)
-        self.dead = False
-        self.error: str | None = None
-        self.dropped = 0
-        self._abort = threading.Event()
-        self._final_status = "FINISHED"
-        self._summary: dict | None = None
-        self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
-        self.drain_wait_s = 0.0
-
-    def start(self) -> "MlflowWriter":
-        urllib3_log = logging.getLogger("urllib3.connectionpool")
-        if _QUIET_RETRIES not in urllib3_log.filters:
-            urllib3_log.addFilter(_QUIET_RETRIES)
-        self._thread.start()
-        return self
-
-    def submit(self, rows: list[dict]) -> None:
-        if self.dead or not rows:
-            if rows:
-                self.dropped += len(rows)
-            return
-        try:
-            self.queue.put_nowait(rows)
-        except queue.Full:
-            self.dropped += len(rows)
-            self._warn_once(RuntimeError(f"backlog above {self.queue.maxsize} batches"),
-                            what="is too slow")
-
-    def _warn_once(self, exc: BaseException, what: str = "is unreachable") -> None:
-        if self.error is None:
-            self.error = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("MLflow at %s %s (%s); the sweep goes on and Parquet keeps every "
-                        "row; run `hypersweep sync-mlflow <output>` later to backfill.",
-                        self.logger.tracking_uri, what, self.error.splitlines()[0][:300])
-
-    def _fail(self, exc: BaseException) -> None:
-        self.dead = True
-        self._warn_once(exc)
-
-    def _collect(self, batch: list, deadline: float | None) -> None:
-        """Extend ``batch`` from the queue (up to 5000 rows) until ``deadline`` (None: only
-        what is queued now) or the stop marker, which is put back for the main loop."""
-        while len(batch) < 5000 and not self._abort.is_set():
-            try:
-                if deadline is None:
-                    more = self.queue.get_nowait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return
-                    more = self.queue.get(timeout=remaining)
-            except queue.Empty:
-                return
-            if more is self._STOP:
-                self.queue.put(self._STOP)
-                return
-            batch.extend(more)
-
-    def _run(self) -> None:
-        try:
-            # Linux schedules threads individually: let the cell runners (same box on a
-            # laptop) win the CPU over this background bookkeeping.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
-        try:
-            self.logger.connect()
-        except Exception as exc:  # noqa: BLE001 - any failure disables MLflow, never the sweep
-            self._fail(exc)
-        while True:
-            item = self.queue.get()
-            if item is self._STOP:
-                break
-            batch = list(item)
-            # Coalesce what arrives within ``coalesce_s``: a group's cells (one per t) then
-            # tend to go out in one log_batch instead of one per Parquet flush.
-            self._collect(batch, time.monotonic() + self.coalesce_s)  # wait for more
-            self._collect(batch, None)  # then take what is already queued
-            if self.dead or self._abort.is_set():
-                self.dropped += len(batch)
-                continue
-            try:
-                self.logger.log_rows(batch)
-            except Exception as exc:  # noqa: BLE001
-                if _connection_error(exc):
-                    self._fail(exc)
-                    self.dropped += len(batch)
-                else:  # a bad value in one batch: skip it, keep logging the rest
-                    self.dropped += len(batch)
-                    log.warning("MLflow rejected a batch of %d rows: %s", len(batch), exc)
-        if not self.dead:
-            try:
-                self.logger.finish(self._final_status, self._summary)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(exc)
-
-    def close(self, *, status: str = "FINISHED", summary: dict | None = None,
-              timeout: float | None = None) -> None:
-        """Stop after the backlog is logged (``timeout``: give up waiting, drop the rest)."""
-        self._final_status, self._summary = status, summary
-        start = time.perf_counter()
-        if status != "FINISHED":
-            self._abort.set()  # interrupted: end the runs now, skip the backlog
-        self.queue.put(self._STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abort.set()
-            log.warning("MLflow writer still busy after %.1f s; leaving it (rows are in "
-                        "Parquet; `hypersweep sync-mlflow` backfills)", timeout or 0.0)
-        self.drain_wait_s = time.perf_counter() - start
-
-
-def study_params(study: Any) -> dict:
-    """The parent run's params: the study's keys, compactly."""
-    out = {}
-    for key in ("study", "pipeline", "backend", "dtype", "t", "K", "seeds", "num_actors",
-                "max_retries", "cell_timeout_s", "output"):
-        if hasattr(study, key):
-            value = getattr(study, key)
-            out[key] = list(value) if isinstance(value, tuple) else value
-    for key in ("problems", "algorithms"):
-        entries = getattr(study, key, None) or ()
-        out[key] = [getattr(entry, "label", getattr(entry, "name", entry)) for entry in entries]
-    resources = getattr(study, "resources", None)
-    if resources is not None:
-        for name in ("num_cpus", "num_gpus", "memory_mb"):
-            value = resources.get(name) if isinstance(resources, dict) else getattr(
-                resources, name, None)
-            out[f"resources.{name}"] = value
-    pipeline_params = getattr(study, "pipeline_params", None) or {}
-    flat: dict = {}
-    _flatten("pipeline_params", dict(pipeline_params), flat)
-    out.update(flat)
-    return {key: json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
-            for key, value in out.items()}
-
-
-def default_artifact_root(tracking_uri: str) -> str | None:
-    """For a sqlite store, artifacts next to the database (not in the cwd's ./mlruns)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
-    return None
-
-
-def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
-                experiment: str | None = None) -> dict:
-    """Log to MLflow exactly the cells of ``output_dir`` that it lacks (idempotent).
-
-    Reads ``output_dir/study.yaml`` for the study name, experiment and tracking URI
-    (``tracking_uri`` / ``experiment`` override them) and the latest Parquet row per cell;
-    a cell is logged when its group's run lacks the tag recording that very row. Running it
-    twice logs nothing the second time. Returns counts.
-    """
-    import yaml
-
-    output_dir = Path(output_dir)
-    study_file = output_dir / STUDY_FILE
-    if not study_file.is_file():
-        raise ValueError(f"{str(output_dir)!r} is not a study output: {STUDY_FILE} is "
-                         f"missing (run `hypersweep run` first)")
-    text = study_file.read_text(encoding="utf-8")
-    raw = yaml.safe_load(text) or {}
-    mlflow_cfg = raw.get("mlflow") or {}
-    name = raw.get("study")
-    if tracking_uri:
-        uri = tracking_uri
-    elif mlflow_cfg.get("tracking_uri"):
-        uri = mlflow_cfg["tracking_uri"]
-    else:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
-    uri = resolve_tracking_uri(uri)
-    set_mlflow_env_defaults()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    experiment = experiment or mlflow_cfg.get("experiment") or name
-    table = read_results(output_dir)
-    params = {key: json.dumps(value, default=str) if isinstance(value, (list, dict))
-              else value for key, value in raw.items() if key != "mlflow"}
-    logger = MlflowLogger(uri, experiment, name, study_yaml=text, study_params=params,
-                          artifact_root=default_artifact_root(uri), resume_parent=False,
-                          k_uses_t=k_uses_t(raw.get("K", [])))
-    logger.connect()
-    rows = table.to_pylist()
-    logged = logger.log_rows(rows)
-    if logger.parent_created:
-        logger.finish("FINISHED")
-    return {"cells": len(rows), "logged": logged,
-            "already_logged": logger.cells_already_logged,
-            "runs_created": logger.runs_created, "tracking_uri": uri,
-            "experiment": experiment, "parent_run_id": logger.parent_run_id}

@@ -9,7 +9,6 @@ and the driver re-sends what was lost.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import tempfile
@@ -19,12 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hypersweep.orchestrator import cell as cell_module
+from hypersweep.registry import PLUGINS_ENV, load_plugins
 
 log = logging.getLogger(__name__)
 
-#: JSON ``{"pipeline name": "module:function"}`` merged into ``cell.PIPELINES`` in every
-#: runner (plugins and tests; the driver forwards it to the actors' runtime_env).
-EXTRA_PIPELINES_ENV = "HYPERSWEEP_EXTRA_PIPELINES"
 #: ``resources.memory_mb`` of the study, for the runner's memory watchdog (actor_options).
 MEMORY_LIMIT_ENV = "HYPERSWEEP_MEMORY_LIMIT_MB"
 #: Where a runner stopped by its watchdog leaves the reason for the driver (one small
@@ -104,29 +101,18 @@ class _MemoryWatchdog(threading.Thread):
             os._exit(MEMORY_EXIT_CODE)
 
 
-def register_extra_pipelines() -> dict[str, str]:
-    """Merge the pipelines named in ``$HYPERSWEEP_EXTRA_PIPELINES`` into ``cell.PIPELINES``."""
-    text = os.environ.get(EXTRA_PIPELINES_ENV)
-    if not text:
-        return {}
-    extra = json.loads(text)
-    if not isinstance(extra, dict):
-        raise ValueError(f"{EXTRA_PIPELINES_ENV} must be a JSON object "
-                         f'{{"name": "module:function"}}; got {text!r}')
-    cell_module.PIPELINES.update(extra)
-    return extra
-
-
 class _CellRunner:
-    """Runs one cell per call; ``preload`` imports the backends' ops up front so the first
-    cell's clock (and its ``cell_timeout_s``) does not include a 1–2 s torch/jax import."""
+    """Runs one cell per call. At start it imports the plugins named in
+    ``$HYPERSWEEP_PLUGINS`` (their pipelines, problems and algorithms then exist here as in
+    the driver) and, for ``preload``, the backends' ops, so the first cell's clock (and its
+    ``cell_timeout_s``) does not include a 1–2 s torch/jax import."""
 
     def __init__(self, preload: tuple[str, ...] = ()):
         self._running: tuple[str, int] | None = None
         limit = os.environ.get(MEMORY_LIMIT_ENV)
         if limit:
             _MemoryWatchdog(float(limit), lambda: self._running).start()
-        register_extra_pipelines()
+        load_plugins()
         for backend in preload:
             try:
                 importlib.import_module(f"hypersweep.problems.{backend}.ops")
@@ -154,8 +140,8 @@ def actor_options(*, num_cpus: float, num_gpus: float = 0.0, memory_mb: float | 
         # Fractional GPUs are bookkeeping only; JAX would grab 75 % of the device per
         # process otherwise.
         env_vars["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    if os.environ.get(EXTRA_PIPELINES_ENV):
-        env_vars[EXTRA_PIPELINES_ENV] = os.environ[EXTRA_PIPELINES_ENV]
+    if os.environ.get(PLUGINS_ENV):
+        env_vars[PLUGINS_ENV] = os.environ[PLUGINS_ENV]
     if memory_mb:
         env_vars[MEMORY_LIMIT_ENV] = f"{float(memory_mb):g}"
         env_vars[MEMORY_REPORT_DIR_ENV] = str(memory_report_dir())

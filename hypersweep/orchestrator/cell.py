@@ -1,8 +1,11 @@
-"""A cell — (problem, algorithm, backend, K, t, seed) of a study — and ``run_cell``.
+"""A cell — (problem, algorithm, backend, K, t, seed) of a study — its result row, and
+``run_cell``.
 
 ``run_cell`` is a plain function, runnable without Ray: it dispatches to the cell's
-pipeline, times it, and turns exceptions and non-finite numbers into statuses. The Ray
-actor (``actors.py``) is a thin shell around it.
+pipeline (looked up in :data:`hypersweep.pipelines.catalog.PIPELINES`), times it, and turns
+exceptions and non-finite numbers into statuses. The Ray actor (``actors.py``) is a thin
+shell around it. :func:`cell_row` is the one place a result row is built, for the rows
+``run_cell`` returns and for those the driver writes for a cell that returned none.
 """
 from __future__ import annotations
 
@@ -19,17 +22,19 @@ from typing import Any
 
 from hypersweep import __version__
 from hypersweep.io.schema import empty_row, empty_trace
+from hypersweep.pipelines.catalog import PIPELINES
 from hypersweep.registry import load_object
-
-PIPELINES = {
-    "hypergradient_error": "hypersweep.pipelines.hypergradient_error:run",
-    "hpo": "hypersweep.pipelines.hpo:run",
-    "blackbox": "hypersweep.pipelines.blackbox:run",
-}
 
 
 def canonical_json(value: Any) -> str:
+    """``value`` as compact JSON with sorted keys: equal values give equal text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(value: Any, digest_size: int) -> str:
+    """Hex blake2b of :func:`canonical_json` of ``value``: the same in every process and
+    run (never Python's salted ``hash``). Cell ids and MLflow group ids are made of it."""
+    return hashlib.blake2b(canonical_json(value).encode(), digest_size=digest_size).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ def make_cell_id(cell: "Cell") -> str:
               cell.pipeline_params)
     if cell.K_setting == "t":
         fields = fields + ("K=t",)
-    digest = hashlib.blake2b(canonical_json(fields).encode(), digest_size=4).hexdigest()
+    digest = stable_hash(fields, digest_size=4)
     k = "-" if cell.K is None else ("t" if cell.K_setting == "t" else str(cell.K))
     return (f"{cell.problem}.{cell.algorithm}.{cell.backend}.t{cell.t}.K{k}.s{cell.seed}"
             f".{digest}")
@@ -127,21 +132,36 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
-    """Run one cell; return (result row, trace rows). Never raises for cell failures."""
+def cell_row(cell: Cell, attempt: int, **columns: Any) -> dict:
+    """A result row of ``cell``'s ``attempt``: the schema's columns, the cell's identity,
+    the package version, then ``columns``."""
     row = empty_row()
     row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
                problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
                dtype=cell.dtype, K=cell.K, K_setting=cell.K_setting, t=cell.t,
-               seed=cell.seed, attempt=attempt, hostname=socket.gethostname(),
-               hypersweep_version=__version__,
+               seed=cell.seed, attempt=attempt, hypersweep_version=__version__,
                problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
                pipeline_params=cell.pipeline_params)
-    row["started_at"] = _now()
+    row.update(columns)
+    return row
+
+
+def failure_row(cell: Cell, attempt: int, status: str, message: str,
+                started_at: _dt.datetime | None = None, wall_time_s: float | None = None
+                ) -> dict:
+    """The row the driver writes for a cell attempt that returned none (timeout, crash)."""
+    return cell_row(cell, attempt, status=status, error_message=message[:2000],
+                    started_at=started_at or _now(), finished_at=_now(),
+                    wall_time_s=wall_time_s)
+
+
+def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
+    """Run one cell; return (result row, trace rows). Never raises for cell failures."""
+    row = cell_row(cell, attempt, hostname=socket.gethostname(), started_at=_now())
     t0 = time.perf_counter()
     traces: list[dict] = []
     try:
-        run = load_object(PIPELINES[cell.pipeline])
+        run = load_object(PIPELINES.spec(cell.pipeline).run)
         result: PipelineResult = run(cell)
         extra = {}
         for key, value in result.metrics.items():

@@ -1,0 +1,176 @@
+"""The pool of cell runners: one :class:`Slot` per actor, the cells queued on it, its
+pings and its restarts.
+
+Bookkeeping only: the actors come from ``new_actor`` (the driver's factory of
+:class:`~.actors.CellRunner` handles) and are used through ``actor.run.remote`` and
+``actor.ping.remote``, so everything but :meth:`Pool.on_ping` and killing runs (and is
+unit-tested) with fake actors and no Ray. What a dead actor or a timeout *means* for the
+cells (blame, retries, rows) is the driver's.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+from hypersweep.orchestrator.cell import Cell
+
+log = logging.getLogger(__name__)
+
+#: cells queued per actor (the head runs, the next waits in the actor's mailbox)
+IN_FLIGHT_PER_ACTOR = 2
+PING_FAILURES_BEFORE_REPLACE = 3
+PING_RETRY_S = 0.25
+
+
+class Task:
+    """One cell attempt sent to an actor; ``ref`` is the ObjectRef of its result."""
+
+    __slots__ = ("cell", "attempt", "ref", "started_at", "submitted")
+
+    def __init__(self, cell: Cell, attempt: int, ref: Any):
+        self.cell, self.attempt, self.ref = cell, attempt, ref
+        self.started_at = _dt.datetime.now(_dt.timezone.utc)
+        self.submitted = time.monotonic()
+
+
+class Slot:
+    """One actor and the cells queued on it (the head is the one running)."""
+
+    def __init__(self, index: int, actor: Any):
+        self.index = index
+        self.actor = actor
+        self.queue: deque[Task] = deque()
+        self.ready = False
+        self.ping: Any = None
+        self.ping_failures = 0
+        self.last_key: tuple | None = None
+        self.head_since = 0.0
+        self.ping_at: float | None = None  # when to re-ping a restarting actor
+        self.isolated = False  # running a cell alone (a retry after a crash)
+
+    def wants_more(self) -> bool:
+        """Ready, not running a cell alone, and fewer than IN_FLIGHT_PER_ACTOR queued."""
+        return self.ready and not self.isolated and len(self.queue) < IN_FLIGHT_PER_ACTOR
+
+
+class Pool:
+    """The slots, the refs in flight (``by_ref``: cell results, ``pings``) and restarts."""
+
+    def __init__(self, new_actor: Callable[[], Any]):
+        self.new_actor = new_actor
+        self.slots: list[Slot] = []
+        self.by_ref: dict[Any, Task] = {}
+        self.pings: dict[Any, Slot] = {}
+        self.replacements = 0
+
+    def start(self, size: int) -> None:
+        """Create ``size`` actors and ping each (a slot is ready once its ping returns)."""
+        self.slots = [Slot(i, self.new_actor()) for i in range(size)]
+        for slot in self.slots:
+            self.ping(slot)
+
+    def ping(self, slot: Slot) -> None:
+        slot.ready = False
+        slot.ping_at = None
+        slot.ping = slot.actor.ping.remote()
+        self.pings[slot.ping] = slot
+
+    def ping_due(self, now: float) -> None:
+        """Ping again the restarting actors whose retry time has come."""
+        for slot in self.slots:
+            if slot.ping_at is not None and now >= slot.ping_at:
+                self.ping(slot)
+
+    def submit(self, slot: Slot, cell: Cell, attempt: int, *, isolate: bool) -> Task:
+        """Send ``cell`` to ``slot``'s actor (``isolate``: nothing else until it is done)."""
+        slot.isolated = isolate
+        task = Task(cell, attempt, slot.actor.run.remote(cell, attempt))
+        if not slot.queue:
+            slot.head_since = time.monotonic()
+        slot.queue.append(task)
+        slot.last_key = cell.shape_key()
+        self.by_ref[task.ref] = task
+        return task
+
+    def pop(self, slot: Slot, task: Task) -> None:
+        """``task`` is done: the next queued cell (if any) starts its clock now."""
+        slot.queue.remove(task)
+        self.by_ref.pop(task.ref, None)
+        slot.head_since = time.monotonic()
+        if not slot.queue:
+            slot.isolated = False
+
+    def restart(self, slot: Slot, *, kill: bool) -> None:
+        """Forget ``slot``'s queue and wait for its actor again (``kill``: make Ray restart
+        it first, for a cell that overran its timeout)."""
+        if kill:
+            import ray
+
+            ray.kill(slot.actor, no_restart=False)
+        for task in slot.queue:
+            self.by_ref.pop(task.ref, None)
+        slot.queue.clear()
+        slot.isolated = False
+        self.ping(slot)
+
+    def on_ping(self, ref: Any) -> None:
+        """A ping returned: the slot is ready, or its actor is restarting (ask again soon),
+        or it failed (after PING_FAILURES_BEFORE_REPLACE failures, a new actor)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayError
+
+        slot = self.pings.pop(ref)
+        if slot.ping is not ref:
+            return
+        slot.ping = None
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            # Restarting (after a crash or our kill): ask again shortly; a restart that
+            # never completes ends as ActorDiedError below.
+            slot.ping_at = time.monotonic() + PING_RETRY_S
+            return
+        except RayError as exc:
+            slot.ping_failures += 1
+            if slot.ping_failures >= PING_FAILURES_BEFORE_REPLACE:
+                self.replacements += 1
+                if self.replacements > 3 * len(self.slots) + 10:
+                    raise RuntimeError(f"cell runners keep dying before they can run a cell; "
+                                       f"last error: {exc}") from exc
+                log.warning("replacing cell runner %d after %d failed restarts: %s",
+                            slot.index, slot.ping_failures, str(exc).splitlines()[0][:200])
+                ray.kill(slot.actor, no_restart=True)
+                slot.actor = self.new_actor()
+                slot.ping_failures = 0
+            self.ping(slot)
+            return
+        slot.ready = True
+        slot.ping_failures = 0
+
+    def refs(self) -> list:
+        """Every ref the driver waits on: cell results, then pings."""
+        return list(self.by_ref) + list(self.pings)
+
+    def running(self) -> list[Slot]:
+        """Slots whose actor is ready and has a cell running (the queue's head)."""
+        return [slot for slot in self.slots if slot.ready and slot.queue]
+
+    def finished(self, ready: set) -> list[tuple[Slot, Task]]:
+        """(slot, task) of the tasks whose ref is in ``ready``, in queue order."""
+        return [(slot, task) for slot in self.slots for task in list(slot.queue)
+                if task.ref in ready]
+
+    def stop(self) -> None:
+        """Kill every actor for good (the end of the sweep)."""
+        if not self.slots:
+            return
+        import ray
+
+        for slot in self.slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass

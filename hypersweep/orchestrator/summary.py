@@ -1,0 +1,150 @@
+"""The end-of-run summary: statistics over a study's results and its two renderings
+(:func:`format_summary`, plain text; :func:`print_summary`, rich tables for the CLI)."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+from hypersweep.io.schema import STATUSES
+
+
+def per_pair(table) -> list[dict]:
+    """Cells, ok cells and medians of the ok cells per (problem, algorithm)."""
+    pairs: dict[tuple, dict[str, list]] = {}
+    for row in table.select(["problem", "algorithm", "status", "hypergrad_rel_error",
+                             "wall_time_s", "val_loss"]).to_pylist():
+        entry = pairs.setdefault((row["problem"], row["algorithm"]),
+                                 {"rel": [], "wall": [], "val": [], "n": 0, "ok": 0})
+        entry["n"] += 1
+        if row["status"] == "ok":
+            entry["ok"] += 1
+            if row["hypergrad_rel_error"] is not None:
+                entry["rel"].append(row["hypergrad_rel_error"])
+            if row["wall_time_s"] is not None:
+                entry["wall"].append(row["wall_time_s"])
+            if row["val_loss"] is not None:
+                entry["val"].append(row["val_loss"])
+    return [{"problem": p, "algorithm": a, "cells": e["n"], "ok": e["ok"],
+             "median_rel_error": statistics.median(e["rel"]) if e["rel"] else None,
+             "median_val_loss": statistics.median(e["val"]) if e["val"] else None,
+             "median_wall_time_s": statistics.median(e["wall"]) if e["wall"] else None}
+            for (p, a), e in sorted(pairs.items())]
+
+
+def study_counts(table) -> dict[str, int]:
+    """Cells per status over the whole study's latest rows."""
+    counts = Counter(table.column("status").to_pylist())
+    return {s: counts.get(s, 0) for s in STATUSES}
+
+
+def compute_totals(table) -> dict:
+    """Study-wide totals from the results: compute and compile seconds (so a reader sees
+    what compilation cost beside the measured work), and the cells whose estimate was an
+    exact zero where ∇F ≠ 0 (``extra.zero_hypergradient``), by (problem, algorithm)."""
+    compute = compile_s = 0.0
+    compiled = 0
+    zero: Counter = Counter()
+    for row in table.select(["problem", "algorithm", "status", "wall_time_s",
+                             "compile_time_s", "extra"]).to_pylist():
+        if row["status"] != "ok":
+            continue
+        compute += row["wall_time_s"] or 0.0
+        compile_s += row["compile_time_s"] or 0.0
+        compiled += bool(row["compile_time_s"])
+        if row["extra"] and '"zero_hypergradient":true' in row["extra"]:
+            zero[(row["problem"], row["algorithm"])] += 1
+    return {"compute_time_s": compute, "compile_time_s": compile_s, "cells_compiled": compiled,
+            "zero_hypergradient": [{"problem": p, "algorithm": a, "cells": n}
+                                   for (p, a), n in sorted(zero.items())]}
+
+
+def zero_hypergradient_warning(summary: dict) -> str | None:
+    """One line about exact-zero estimates (e.g. first_order where L_out has no direct λ
+    term), or None."""
+    zero = summary.get("zero_hypergradient") or []
+    if not zero:
+        return None
+    where = ", ".join(f"{z['algorithm']} on {z['problem']} ({z['cells']} cells)" for z in zero)
+    return (f"warning: exact zero hypergradient where ∇F ≠ 0: {where}; the estimate has no "
+            "term for this problem (e.g. first_order when L_out has no direct λ term)")
+
+
+def _compile_line(summary: dict) -> str:
+    return (f"compute {summary['compute_time_s']:.1f} s, compile "
+            f"{summary['compile_time_s']:.1f} s ({summary['cells_compiled']} cells paid a "
+            "compile")
+
+
+def _mlflow_line(mlflow: dict) -> str:
+    state = f"unavailable ({mlflow['error']})" if mlflow["error"] else "ok"
+    return (f"mlflow {state}: {mlflow['cells_logged']} cells logged to "
+            f"{mlflow['tracking_uri']} (experiment {mlflow['experiment']})")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text table: counts by status, then per (problem, algorithm) medians."""
+    lines = [f"study {summary['study']}: {summary['cells_done']} cells run, "
+             f"{summary['cells_skipped']} skipped (done before), "
+             f"{summary['wall_time_s']:.1f} s; results in {summary['results_dir']}"]
+    counts = summary["study_counts"]
+    lines.append("status   " + "  ".join(f"{s} {counts[s]}" for s in STATUSES))
+    if "compute_time_s" in summary:
+        lines.append(f"time     {_compile_line(summary)}; the others reused compiled "
+                     "functions)")
+    if summary["per_pair"]:
+        width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
+        lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
+                     f"median wall s")
+        for pair in summary["per_pair"]:
+            lines.append(f"{pair['problem'] + ' × ' + pair['algorithm']:<{width}}  "
+                         f"{pair['cells']:5d} {pair['ok']:5d}  "
+                         f"{_fmt(pair['median_rel_error'], '.3e'):>14}  "
+                         f"{_fmt(pair['median_wall_time_s'], '.4f'):>13}")
+    warning = zero_hypergradient_warning(summary)
+    if warning:
+        lines.append(warning)
+    if summary.get("mlflow"):
+        lines.append(_mlflow_line(summary["mlflow"]))
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict, console: Any = None) -> None:
+    """The summary as rich tables (the CLI's end-of-run display)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+
+    def say(text: str) -> None:  # as written: a path's "[b]" is not rich markup
+        console.print(text, markup=False, highlight=False)
+
+    say(format_summary(summary).splitlines()[0])
+    table = Table(title="status")
+    for status in STATUSES:
+        table.add_column(status, justify="right")
+    table.add_row(*(str(summary["study_counts"][s]) for s in STATUSES))
+    console.print(table)
+    if summary["per_pair"]:
+        pairs = Table(title="per (problem, algorithm), ok cells")
+        for column in ("problem", "algorithm", "cells", "ok", "median rel error",
+                       "median val loss", "median wall s"):
+            pairs.add_column(column, justify="left" if column in ("problem", "algorithm")
+                             else "right")
+        for pair in summary["per_pair"]:
+            pairs.add_row(pair["problem"], pair["algorithm"], str(pair["cells"]),
+                          str(pair["ok"]), _fmt(pair["median_rel_error"], ".3e"),
+                          _fmt(pair.get("median_val_loss"), ".5g"),
+                          _fmt(pair["median_wall_time_s"], ".4f"))
+        console.print(pairs)
+    if "compute_time_s" in summary:
+        say(_compile_line(summary) + ")")
+    warning = zero_hypergradient_warning(summary)
+    if warning:
+        say(warning)
+    if summary.get("mlflow"):
+        say(_mlflow_line(summary["mlflow"]))
