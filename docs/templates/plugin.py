@@ -1,0 +1,30 @@
+"""Template plugin: registers the template problem and pipeline at import.
+
+An entry inside the package goes in ``hypersweep/problems/catalog.py`` or
+``hypersweep/pipelines/catalog.py`` instead, written the same way. Outside the package,
+name this module in ``$HYPERSWEEP_PLUGINS`` (comma-separated module names): the CLI, the
+driver, every actor and the test suite import it through
+:func:`hypersweep.registry.load_plugins`. The module paths below assume the two template
+files were copied next to this one as ``template_problem.py`` and ``template_pipeline.py``.
+"""
+from hypersweep.pipelines.catalog import PIPELINES
+from hypersweep.problems.catalog import PROBLEMS
+from hypersweep.registry import PipelineSpec, ProblemSpec
+
+PROBLEMS.register(ProblemSpec(
+    name="template_problem",
+    summary="Tikhonov denoising: one smoothing weight exp(h_j) per neighbour pair.",
+    reference="docs/templates/problem.py (a template)",
+    impl="template_problem",
+    lam_parametrization="h = log smoothing weight, one per neighbour pair (d − 1,)",
+    capabilities=frozenset({"closed_form"}),
+    params=dict(dim=6, noise=0.5, lam0=0.0),
+    small=dict(dim=5),  # the instance the generic tests build
+))
+PIPELINES.register(PipelineSpec(
+    name="template_pipeline",
+    summary="One hypergradient estimate at λ₀ + shift, scored against the oracle.",
+    run="template_pipeline:run",
+    algorithm_kinds=("estimator",),
+    params_model="template_pipeline:TemplateParams",
+))
