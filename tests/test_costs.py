@@ -83,7 +83,8 @@ def test_counts_follow_the_definition_and_backends_agree(name):
             assert res.n_samples_touched == T * b + K * b + b + b
         else:
             assert res.n_samples_touched is None
-        counts[backend] = (got, res.solver_iters, res.n_samples_touched)
+        counts[backend] = (got, res.solver_iters, res.n_samples_touched, sorted(res.extras))
+    # the same counts and the same extras keys in both backends
     assert counts["jax"] == counts["torch"], f"{name}: {counts}"
 
 
@@ -160,8 +161,8 @@ def test_online_step_counts_by_definition_and_backends_agree(method):
         n_drmad = [min(4, 2), 0, 0] if method == "hyperdistill" else [0, 0, 0]
         assert got == [definition(4, n) for n in n_drmad], (method, backend, got)
         assert all(i.costs()["n_oracle_calls"] == sum(g) for i, g in zip(infos, got))
-        seen[backend] = got
-    assert seen["jax"] == seen["torch"]
+        seen[backend] = (got, [sorted(i.extras) for i in infos])
+    assert seen["jax"] == seen["torch"]  # counts and extras keys
     assert step_counts(method, t=4, n_drmad=2)["n_inner_grad_evals"] == 4
 
 

@@ -14,6 +14,7 @@ method converges to is the root of a linear equation, solved here with numpy.
 """
 from __future__ import annotations
 
+import jax_traces
 import numpy as np
 import pytest
 
@@ -241,13 +242,13 @@ def test_bad_parameters_raise():
 
 
 def test_jax_steps_do_not_recompile_when_t_or_K_change():
-    from hypersweep.algorithms.jax import _core
     p = _quadratic("jax", dim_inner=7)  # a shape no other test uses: a fresh compilation
+    traces = jax_traces.counts()
     for name in ONLINE:
         method = algorithms.get(name, "jax")
         state = method.init(p, p.initial_hyperparams(), theta_every=1) \
             if name == "hyperdistill" else method.init(p, p.initial_hyperparams())
-        before = _core.trace_counts[f"online_{name}"]
+        before = traces[f"_{name}_step"]  # the jitted step of each method
         for t, K in ((1, 2), (4, 3), (9, 0)):
             state, _ = method.step(p, state, t=t, K=K)
-        assert _core.trace_counts[f"online_{name}"] - before == 1, name
+        assert traces[f"_{name}_step"] - before == 1, name

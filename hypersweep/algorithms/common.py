@@ -1,8 +1,10 @@
-"""Backend-free pieces shared by every estimator: the result type and argument checks."""
+"""Backend-free pieces shared by every estimator: the result types, the counting
+conventions and the argument checks (both backends import them; this module imports
+neither torch nor jax)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,42 @@ def add_costs(total: dict, step: dict) -> dict:
     return cost_columns(*(total[k] + step[k] for k in (
         "n_inner_grad_evals", "n_hvp_evals", "n_cross_evals", "n_outer_grad_evals")),
         sum(samples) if samples else None)
+
+
+class SolveResult(NamedTuple):
+    """What the linear solvers of both backends' ``_core`` (``cg``, ``fixed_point``,
+    ``neumann``) return.
+
+    ``x``: the solution estimate (b's shape). ``iters``: iterations that changed the
+    iterate (the algorithmic count, ≤ the budget). ``rel_residual``: the solver's own
+    stopping quantity relative to ‖b‖ at the returned x (CG: recursive residual; fixed
+    point: last step ‖v_k − v_{k−1}‖; Neumann: last term; 0 when b = 0). ``matvecs``:
+    products computed, including ones a GPU run discards after convergence (torch reads
+    its stop flag every few iterations there). In JAX the fields are traced arrays inside
+    the jitted estimators; in torch Python numbers.
+    """
+
+    x: Any
+    iters: Any
+    rel_residual: Any
+    matvecs: Any
+
+
+def adjoint_hvps(solver: str, iters: int, warm: bool) -> int:
+    """The ``n_hvp_evals`` of an AID adjoint solve, the same rule for both backends.
+
+    ``cg``: one product per iteration, + 1 for r₀ = rhs − ηH v₀ from a warm start.
+    ``fp``: from v₀ = 0 the first step v₁ = rhs needs no product (iters − 1); from a warm
+    v₀ every step costs one (iters). ``neumann``: one product per added term (iters).
+    """
+    iters = int(iters)
+    if solver == "cg":
+        return iters + int(warm)
+    if solver == "fp":
+        return iters if warm else max(iters - 1, 0)
+    if solver == "neumann":
+        return iters
+    raise ValueError(f"Unknown adjoint solver {solver!r}. Valid choices: cg, fp, neumann")
 
 
 def check_budget(t: Any, K: Any, *, uses_K: bool) -> tuple[int, int]:

@@ -19,20 +19,29 @@ t1t2           inner steps per λ update (1 = Luketina's T1-T2)   unused
 greedy         window T: inner steps summed into one λ update     unused
 =============  ================================================  =========================
 
-This module imports neither torch nor jax.
+The backend-free parts live here once: the state layout (:class:`OnlineState`), the
+settings (:func:`make_config`, parameters read from the catalog), ``init``
+(:func:`online_method`), the outer optimizers' names and constants, and the counting
+convention (:func:`step_counts`); the backends hold only the math of ``step`` and their
+``outer_optimizer``. This module imports neither torch nor jax.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, NamedTuple
 
+from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.registry import check_choice
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
 #: Adam's constants, identical in optax.adam and torch.optim.Adam defaults.
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
-METHODS = ("hyperdistill", "t1t2", "greedy")
+
+
+def online_methods() -> tuple[str, ...]:
+    """The online methods of the catalog (``kind="online"``), in registration order."""
+    return tuple(spec.name for spec in ALGORITHMS if spec.kind == "online")
 
 
 class OnlineMethod(NamedTuple):
@@ -42,16 +51,51 @@ class OnlineMethod(NamedTuple):
     step: Callable[..., Any]
 
 
+class OuterOptimizer(NamedTuple):
+    """The outer optimizer on λ as a pure pair (each backend builds one by name with
+    ``outer_optimizer(name, lr)``): ``init(lam) -> state``;
+    ``apply(lam, grad, state) -> (lam, state)``, which never changes its ``state`` in place.
+    """
+
+    init: Any
+    apply: Any
+
+
 class OnlineConfig(NamedTuple):
-    """Static (hashable) settings of an online run; part of the state, never traced."""
+    """Static (hashable) settings of an online run; part of the state, never traced.
+
+    The method's ``params`` (names and defaults: its catalog entry's ``params``) are the
+    last fields; a parameter the method does not take is None.
+    """
 
     method: str
     optimizer: str
     outer_lr: float
-    gamma: float = 0.0        # hyperdistill / greedy decay γ
-    theta0: float = 1.0       # hyperdistill: θ before the first fit
-    theta_every: int = 10     # hyperdistill: refit θ every this many λ updates
-    fd_eps: float = 0.01      # t1t2: ε = fd_eps / ‖∇_w L_out‖ (DARTS)
+    gamma: float | None = None       # hyperdistill / greedy decay γ
+    theta0: float | None = None      # hyperdistill: θ before the first fit
+    theta_every: int | None = None   # hyperdistill: refit θ every this many λ updates
+    fd_eps: float | None = None      # t1t2: ε = fd_eps / ‖∇_w L_out‖ (DARTS)
+
+
+class OnlineState(NamedTuple):
+    """The carried state of an online run, the same fields in both backends.
+
+    ``w``: current inner iterate; ``lam``: current λ (backend arrays); ``opt_state``: the
+    outer optimizer's state; ``n_updates`` / ``n_inner``: λ updates and inner steps so
+    far (host ints: HyperDistill's τ and its refit schedule read them); ``w_ema`` (w*_τ),
+    ``w_start`` (w_0, start of the DrMAD path) and ``theta`` (a host float): used by
+    hyperdistill only (else None); ``config``: static settings.
+    """
+
+    w: Any
+    lam: Any
+    opt_state: Any
+    n_updates: int
+    n_inner: int
+    w_ema: Any
+    w_start: Any
+    theta: float | None
+    config: OnlineConfig
 
 
 class OnlineInfo(NamedTuple):
@@ -93,41 +137,73 @@ def step_counts(method: str, *, t: int, n_drmad: int = 0) -> dict:
     if method == "greedy":
         return dict(n_inner_grad_evals=t, n_hvp_evals=0, n_cross_evals=t,
                     n_outer_grad_evals=t + 1)
-    raise ValueError(f"Unknown online method {method!r}. Valid choices: greedy, "
-                     "hyperdistill, t1t2")
+    raise ValueError(f"Unknown online method {method!r}. Valid choices: "
+                     f"{', '.join(online_methods())}")
 
 
 def make_config(method: str, *, optimizer: str = "adam", outer_lr: float = 0.1,
                 **params: Any) -> OnlineConfig:
-    """Validate the settings of ``method``; bad values raise ``ValueError`` naming the key."""
-    check_choice("online method", method, METHODS)
+    """Validate the settings of ``method``; bad values raise ``ValueError`` naming the key.
+
+    ``params`` are merged over the method's catalog defaults
+    (``ALGORITHMS.spec(method).params``), whose keys are the only ones accepted.
+    """
+    check_choice("online method", method, online_methods())
     check_choice("optimizer", optimizer, OUTER_OPTIMIZERS)
-    allowed = {"hyperdistill": ("gamma", "theta0", "theta_every"),
-               "t1t2": ("fd_eps",), "greedy": ("gamma",)}[method]
+    defaults = dict(ALGORITHMS.spec(method).params)
     for key in params:
-        if key not in allowed:
+        if key not in defaults:
             raise ValueError(f"Unknown parameter {key!r} for online method {method!r}. "
-                             f"Valid choices: {', '.join(allowed)}")
-    lr = _positive("outer_lr", outer_lr)
-    config = OnlineConfig(method=method, optimizer=optimizer, outer_lr=lr)
-    if "gamma" in params:
-        gamma = float(params["gamma"])
+                             f"Valid choices: {', '.join(defaults)}")
+    merged = {**defaults, **params}
+    config = OnlineConfig(method=method, optimizer=optimizer,
+                          outer_lr=_positive("outer_lr", outer_lr))
+    if "gamma" in merged:
+        gamma = float(merged["gamma"])
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1]; got {params['gamma']!r}")
+            raise ValueError(f"gamma must be in [0, 1]; got {merged['gamma']!r}")
         config = config._replace(gamma=gamma)
-    if "theta0" in params:
-        theta0 = float(params["theta0"])
+    if "theta0" in merged:
+        theta0 = float(merged["theta0"])
         if not math.isfinite(theta0):
-            raise ValueError(f"theta0 must be finite; got {params['theta0']!r}")
+            raise ValueError(f"theta0 must be finite; got {merged['theta0']!r}")
         config = config._replace(theta0=theta0)
-    if "theta_every" in params:
-        every = params["theta_every"]
+    if "theta_every" in merged:
+        every = merged["theta_every"]
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"theta_every must be an integer >= 1; got {every!r}")
         config = config._replace(theta_every=every)
-    if "fd_eps" in params:
-        config = config._replace(fd_eps=_positive("fd_eps", params["fd_eps"]))
+    if "fd_eps" in merged:
+        config = config._replace(fd_eps=_positive("fd_eps", merged["fd_eps"]))
     return config
+
+
+def online_method(method: str, step: Callable[..., Any],
+                  outer_optimizer: Callable[[str, float], OuterOptimizer], *,
+                  fresh: Callable[[Any], Any] = lambda x: x) -> OnlineMethod:
+    """``OnlineMethod(init, step)`` for ``method``, with the one ``init`` of both backends.
+
+    ``init(problem, lam0, *, seed=0, optimizer="adam", outer_lr=0.1, **params)`` checks
+    the settings (:func:`make_config`), starts w at ``problem.w_init`` and the outer
+    optimizer (the backend's ``outer_optimizer``) at λ₀; hyperdistill also starts its EMA
+    point and DrMAD path at w_init and θ at ``theta0``. ``fresh`` copies a backend array
+    into the state (torch: a detached clone, so no caller's tensor is aliased; JAX arrays
+    are immutable). ``seed`` is unused (every online method is deterministic).
+    """
+    def init(problem, lam0, *, seed: int = 0, optimizer: str = "adam",
+             outer_lr: float = 0.1, **params) -> OnlineState:
+        config = make_config(method, optimizer=optimizer, outer_lr=outer_lr, **params)
+        lam = fresh(problem.as_lam(lam0))
+        w0 = fresh(problem.w_init)
+        hd = method == "hyperdistill"
+        return OnlineState(
+            w=w0, lam=lam,
+            opt_state=outer_optimizer(config.optimizer, config.outer_lr).init(lam),
+            n_updates=0, n_inner=0,
+            w_ema=fresh(w0) if hd else None, w_start=fresh(w0) if hd else None,
+            theta=config.theta0 if hd else None, config=config)
+    init.__name__ = f"{method}_init"
+    return OnlineMethod(init=init, step=step)
 
 
 def _positive(key: str, value: Any) -> float:
@@ -138,16 +214,6 @@ def _positive(key: str, value: Any) -> float:
     if not (math.isfinite(out) and out > 0):
         raise ValueError(f"{key} must be a finite number > 0; got {value!r}")
     return out
-
-
-def check_t_K(t: Any, K: Any) -> tuple[int, int]:
-    """t ≥ 1 and K ≥ 0 (None → 0) as integers."""
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ValueError(f"t must be an integer >= 1; got {t!r}")
-    K = 0 if K is None else K
-    if isinstance(K, bool) or not isinstance(K, int) or K < 0:
-        raise ValueError(f"K must be an integer >= 0; got {K!r}")
-    return t, K
 
 
 def decay_sum(gamma: float, n: int) -> float:

@@ -8,44 +8,30 @@ Conventions (shared with the PyTorch implementation; see ``hypersweep.notation``
     ∂_wΦ      = I − η H,   H = ∇²_w L_in   (symmetric)
     ∂_λΦ      = −η ∂_λ g
 
+Every public function and class here has the same name and signature as in
+:mod:`hypersweep.algorithms.torch._core` (checked by ``tests/test_mirror.py``).
+
 Everything here is a small pure function meant to be called *inside* a ``jax.jit``-ed
 estimator: ``fns`` (the problem's hashable :class:`~hypersweep.problems.base.ProblemFns`)
 is a static argument there, ``arrays``, ``lam``, η, t and K are traced. The solvers take a
-``matvec`` / ``apply_J`` closure, so CG, fixed point and Neumann share one adjoint set-up.
+``matvec`` closure, so CG, fixed point and Neumann share one adjoint set-up.
 
 Loop bounds (t, K) are traced integers handed to ``lax.fori_loop`` / ``lax.while_loop``,
 so changing t or K never triggers a recompilation.
 """
 from __future__ import annotations
 
-import collections
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 import hypersweep.problems.jax.ops  # noqa: F401  (enables float64 before any array exists)
-from hypersweep.algorithms.common import DEFAULT_TOL
-
-# Python-side count of how often each jitted estimator body was *traced* (== compiled for
-# a new cache key). Tests read it to check that changing t or K does not recompile.
-trace_counts: collections.Counter = collections.Counter()
-
-
-def note_trace(name: str) -> None:
-    """Call at the top of a jitted body: runs once per trace, never at run time."""
-    trace_counts[name] += 1
+from hypersweep.algorithms.common import DEFAULT_TOL, SolveResult
 
 
 def tolerance(dtype) -> float:
     """The relative residual at which the iterative adjoint solvers stop early."""
     return DEFAULT_TOL[jnp.dtype(dtype).name]
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two ≥ max(n, 1): the static trajectory-buffer length for n steps."""
-    n = max(int(n), 1)
-    return 1 << (n - 1).bit_length()
 
 
 def vdot(a, b):
@@ -54,48 +40,82 @@ def vdot(a, b):
 
 
 def norm(a):
+    """‖a‖₂ over all entries."""
     return jnp.sqrt(vdot(a, a))
 
 
+def problem_inputs(problem):
+    """(fns, w_init, arrays, η) with η a 0-d array in the problem's dtype (traced)."""
+    return problem.fns, problem.w_init, problem.arrays, jnp.asarray(problem.inner_lr,
+                                                                    problem.dtype)
+
+
 # -- the inner map ----------------------------------------------------------------------
-def inner_grad(fns, w, lam, arrays):
-    """g(w, λ) = ∇_w L_in(w, λ): analytic when the problem has it, else autodiff."""
+def inner_grad_fn(fns, arrays):
+    """g(w, λ) = ∇_w L_in(w, λ) with the data bound: analytic when the problem has it,
+    else ``jax.grad`` of ``inner_loss``."""
     if fns.has_inner_grad:
-        return fns.inner_grad(w, lam, arrays)
-    return jax.grad(fns.inner_loss)(w, lam, arrays)
+        return lambda w, lam: fns.inner_grad(w, lam, arrays)
+    return lambda w, lam: jax.grad(fns.inner_loss)(w, lam, arrays)
 
 
-def phi(fns, w, lam, arrays, eta):
-    """Φ(w, λ) = w − η g(w, λ)."""
-    return w - eta * inner_grad(fns, w, lam, arrays)
+def batch_inner_grad_fn(fns, arrays):
+    """g^B(w, λ, idx) = ∇_w L_in^B(w, λ) over the training rows ``idx``."""
+    return lambda w, lam, idx: jax.grad(fns.inner_loss_batch)(w, lam, arrays, idx)
 
 
-def run_inner(fns, w0, lam, arrays, eta, t):
+def phi(grad_fn, w, lam, eta):
+    """Φ(w, λ) = w − η g(w, λ) for ``grad_fn`` = g."""
+    return w - eta * grad_fn(w, lam)
+
+
+def run_inner(grad_fn, w0, lam, eta, t):
     """w_t = Φ^t(w0) with a traced t (t evaluations of g).
 
     The loop body takes two steps (plus one remainder step): with a traced trip count XLA
     cannot unroll the while loop itself, and on CPU its per-iteration overhead doubled
     the time of t = 1000 logreg steps (measured 25 ms → 11 ms; benchmarks/hypergradient.py).
     """
-    step = lambda w: phi(fns, w, lam, arrays, eta)  # noqa: E731
+    step = lambda w: phi(grad_fn, w, lam, eta)  # noqa: E731
     w = lax.fori_loop(0, t // 2, lambda s, w: step(step(w)), w0)
     return lax.fori_loop(0, t % 2, lambda s, w: step(w), w)
 
 
+# -- derivatives at a point --------------------------------------------------------------
 def outer_grads(fns, w, lam, arrays):
-    """(∇_w L_out(w, λ), ∇_λ L_out(w, λ))."""
+    """(∇_w L_out(w, λ), ∇_λ L_out(w, λ)); zeros where L_out ignores λ."""
     return jax.grad(fns.outer_loss, argnums=(0, 1))(w, lam, arrays)
 
 
-def adjoint_products(fns, w, lam, arrays):
-    """Closures at (w, λ): ``hvp(v) = H v`` and ``cross(v) = (∂_λ g)ᵀ v``.
+def outer_grads_batch(fns, w, lam, arrays, idx):
+    """(∇_w L_out^B, ∇_λ L_out^B): the minibatch loss over the validation rows ``idx``."""
+    return jax.grad(fns.outer_loss_batch, argnums=(0, 1))(w, lam, arrays, idx)
 
-    Both are vjps of g (``hvp`` is Hᵀv, equal to Hv since H is a Hessian), linearized
-    once here and applied many times inside the solver loops.
+
+class Linearization:
+    """g = ``grad_fn`` linearized once at (w, λ); every product reuses the linearization.
+
+    ``hvp(v) = H v = (∂_w g)ᵀ v`` (H is symmetric) and ``cross(v) = (∂_λ g)ᵀ v``, each one
+    vjp of g (one Hessian-vector resp. cross product in the counts). ``g`` is g(w, λ).
     """
-    _, vjp_w = jax.vjp(lambda w_: inner_grad(fns, w_, lam, arrays), w)
-    _, vjp_lam = jax.vjp(lambda lam_: inner_grad(fns, w, lam_, arrays), lam)
-    return (lambda v: vjp_w(v)[0]), (lambda v: vjp_lam(v)[0])
+
+    def __init__(self, grad_fn, w, lam):
+        self.w, self.lam = w, lam
+        self._grad_w = lambda w_: grad_fn(w_, lam)
+        self.g, self._vjp_w = jax.vjp(self._grad_w, w)
+        _, self._vjp_lam = jax.vjp(lambda lam_: grad_fn(w, lam_), lam)
+
+    def hvp(self, v):
+        return self._vjp_w(v)[0]
+
+    def cross(self, v):
+        return self._vjp_lam(v)[0]
+
+    def dense_hessian(self):
+        """∂_w g as a (dim w, dim w) matrix, by forward mode (dim w Jacobian-vector
+        products)."""
+        n = self.w.size
+        return jax.jacfwd(self._grad_w)(self.w).reshape(n, n)
 
 
 # -- linear solvers (pure; take a matvec) ------------------------------------------------
@@ -104,10 +124,10 @@ def is_nonzero(x):
     return jnp.any(x != 0)
 
 
-def cg(matvec, b, max_iters, tol, x0=None):
+def cg(matvec, b, *, max_iter, tol, x0=None) -> SolveResult:
     """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ (default 0).
 
-    Runs at most ``max_iters`` (traced) iterations; stops when the recursively updated
+    Runs at most ``max_iter`` (traced) iterations; stops when the recursively updated
     residual satisfies ‖r‖ ≤ tol·‖b‖ (relative to b, not to r₀, so a warm start that is
     already accurate stops after 0 iterations). Guards for finite precision: it also
     stops, without applying the step, when pᵀAp is non-positive, subnormal or non-finite
@@ -120,24 +140,25 @@ def cg(matvec, b, max_iters, tol, x0=None):
     by ``lax.cond``, so warm and cold calls share one compilation and x₀ = 0 gives
     exactly the cold result).
 
-    Returns ``(x, iters, rel_residual)``: ``iters`` = CG iterations (≤ max_iters; the
-    r₀ matvec is not included), ``rel_residual`` = ‖r‖/‖b‖ of the returned x (recursive
-    residual; 0 if b = 0).
+    Returns a :class:`~hypersweep.algorithms.common.SolveResult`: ``iters`` = CG
+    iterations (≤ max_iter; the r₀ matvec is not included, ``matvecs`` includes it),
+    ``rel_residual`` = ‖r‖/‖b‖ of the returned x (recursive residual; 0 if b = 0).
     """
     dtype = b.dtype
     tiny = jnp.finfo(dtype).tiny
     b_norm = norm(b)
     stop_at = tol * b_norm
     if x0 is None:
-        x0, r0 = jnp.zeros_like(b), b
+        x0, r0, warm = jnp.zeros_like(b), b, jnp.asarray(False)
     else:
         x0 = x0.astype(dtype)
-        r0 = lax.cond(is_nonzero(x0), lambda: b - matvec(x0), lambda: b)
+        warm = is_nonzero(x0)
+        r0 = lax.cond(warm, lambda: b - matvec(x0), lambda: b)
     rr0 = vdot(r0, r0)
 
     def cond(state):
         k, _, _, _, rr, healthy = state
-        return (k < max_iters) & healthy & (jnp.sqrt(rr) > stop_at)
+        return (k < max_iter) & healthy & (jnp.sqrt(rr) > stop_at)
 
     def body(state):
         k, x, r, p, rr, _ = state
@@ -158,60 +179,66 @@ def cg(matvec, b, max_iters, tol, x0=None):
 
     init = (jnp.asarray(0, jnp.int32), x0, r0, r0, rr0, jnp.asarray(True))
     k, x, _, _, rr, _ = lax.while_loop(cond, body, init)
-    rel = jnp.where(b_norm > 0, jnp.sqrt(rr) / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
-    return x, k, rel
+    # the loop applies A once per iteration, the warm start once more
+    return SolveResult(x, k, _relative(jnp.sqrt(rr), b), k + warm.astype(k.dtype))
 
 
-def fixed_point(apply_J, rhs, max_steps, tol, v0=None):
-    """Fixed-point (Richardson) iteration v_{k+1} = J v_k + rhs from v₀ (default 0).
+def fixed_point(matvec, b, *, max_iter, tol, v0=None) -> SolveResult:
+    """Fixed-point (Richardson) iteration v_{k+1} = M v_k + b from v₀ (default 0),
+    ``matvec(v) = M v`` (for AID, M = ∂_wΦᵀ = I − ηH).
 
-    At most ``max_steps`` (traced) steps; stops after the first step with
-    ‖v_{k+1} − v_k‖ ≤ tol·‖rhs‖ (that difference is the residual rhs − (I − J) v_k).
-    From v₀ = 0 the first step is free (v₁ = rhs), so the cost is max(steps − 1, 0)
-    applications of J; from a ``v0`` (traced) with a non-zero entry every step costs one
+    At most ``max_iter`` (traced) steps; stops after the first step with
+    ‖v_{k+1} − v_k‖ ≤ tol·‖b‖ (that difference is the residual b − (I − M) v_k).
+    From v₀ = 0 the first step is free (v₁ = b), so the cost is max(steps − 1, 0)
+    matvecs; from a ``v0`` (traced) with a non-zero entry every step costs one
     (decided at run time by ``lax.cond``: one compilation, and v₀ = 0 is the cold run).
-    max_steps = 0 returns v₀.
+    max_iter = 0 returns v₀.
 
-    Returns ``(v, steps, rel_residual)`` with rel_residual = ‖v_steps − v_{steps−1}‖/‖rhs‖.
+    Returns a :class:`~hypersweep.algorithms.common.SolveResult` with ``rel_residual`` =
+    ‖v_steps − v_{steps−1}‖/‖b‖.
     """
-    stop_at = tol * norm(rhs)
-    started = max_steps >= 1
+    stop_at = tol * norm(b)
+    started = max_iter >= 1
     if v0 is None:
-        v0 = jnp.zeros_like(rhs)
-        first = rhs
+        v0, first, warm = jnp.zeros_like(b), b, jnp.asarray(False)
     else:
-        v0 = v0.astype(rhs.dtype)
-        # J is applied only if the step is taken at all and v₀ ≠ 0 (else J v₀ = 0).
-        first = lax.cond(started & is_nonzero(v0), lambda: apply_J(v0) + rhs, lambda: rhs)
+        v0 = v0.astype(b.dtype)
+        # M is applied only if the step is taken at all and v₀ ≠ 0 (else M v₀ = 0).
+        warm = started & is_nonzero(v0)
+        first = lax.cond(warm, lambda: matvec(v0) + b, lambda: b)
     v1 = jnp.where(started, first, v0)
     k1 = jnp.where(started, 1, 0).astype(jnp.int32)
-    delta1 = jnp.where(started, norm(first - v0), jnp.inf).astype(rhs.dtype)
+    delta1 = jnp.where(started, norm(first - v0), jnp.inf).astype(b.dtype)
 
     def cond(state):
         k, _, delta = state
-        return (k < max_steps) & (delta > stop_at) & jnp.isfinite(delta)
+        return (k < max_iter) & (delta > stop_at) & jnp.isfinite(delta)
 
     def body(state):
         k, v, _ = state
-        v_new = apply_J(v) + rhs
+        v_new = matvec(v) + b
         return k + 1, v_new, norm(v_new - v)
 
     k, v, delta = lax.while_loop(cond, body, (k1, v1, delta1))
-    return v, k, _relative(delta, rhs)
+    # one matvec per loop step after the first, and the first one only from a warm v₀
+    return SolveResult(v, k, _relative(delta, b), k - k1 + warm.astype(k.dtype))
 
 
-def neumann(apply_J, rhs, n_terms, tol):
-    """Truncated Neumann series v = Σ_{j=0}^{K} J^j rhs, K = ``n_terms`` (traced).
+def neumann(matvec, b, *, n_terms, tol) -> SolveResult:
+    """Truncated Neumann series v = Σ_{j=0}^{K} M^j b, K = ``n_terms`` (traced),
+    ``matvec(v) = M v``.
 
-    Computed as a power series (term_{j+1} = J term_j, v += term), i.e. not by the
+    Computed as a power series (term_{j+1} = M term_j, v += term), i.e. not by the
     fixed-point recursion, although in exact arithmetic it equals ``fixed_point`` with
-    K + 1 steps: v_{K+1} = J v_K + rhs = Σ_{j=0}^{K} J^j rhs. Stops early after adding a
-    term with ‖term‖ ≤ tol·‖rhs‖ (the same rule and index as ``fixed_point``).
-    Cost: K applications of J (fewer on an early stop).
+    K + 1 steps: v_{K+1} = M v_K + b = Σ_{j=0}^{K} M^j b. Stops early after adding a
+    term with ‖term‖ ≤ tol·‖b‖ (the same rule and index as ``fixed_point``).
+    No warm start: the series has no initial point (warm-start ``fixed_point``).
+    Cost: K matvecs (fewer on an early stop).
 
-    Returns ``(v, j, rel_term)``: j = applications of J, rel_term = ‖last term‖/‖rhs‖.
+    Returns a :class:`~hypersweep.algorithms.common.SolveResult`: ``iters`` = terms
+    added beyond b (= matvecs), ``rel_residual`` = ‖last term‖/‖b‖.
     """
-    stop_at = tol * norm(rhs)
+    stop_at = tol * norm(b)
 
     def cond(state):
         j, _, term, term_norm = state
@@ -219,29 +246,14 @@ def neumann(apply_J, rhs, n_terms, tol):
 
     def body(state):
         j, v, term, _ = state
-        term = apply_J(term)
+        term = matvec(term)
         return j + 1, v + term, term, norm(term)
 
-    init = (jnp.asarray(0, jnp.int32), rhs, rhs, norm(rhs))
+    init = (jnp.asarray(0, jnp.int32), b, b, norm(b))
     j, v, _, term_norm = lax.while_loop(cond, body, init)
-    return v, j, _relative(term_norm, rhs)
+    return SolveResult(v, j, _relative(term_norm, b), j)
 
 
-def _relative(x, rhs):
-    r = norm(rhs)
+def _relative(x, b):
+    r = norm(b)
     return jnp.where(r > 0, x / jnp.where(r > 0, r, 1.0), 0.0)
-
-
-# -- host-side helpers ------------------------------------------------------------------
-def problem_inputs(problem):
-    """(fns, w_init, arrays, η) with η a 0-d array in the problem's dtype (traced)."""
-    return problem.fns, problem.w_init, problem.arrays, jnp.asarray(problem.inner_lr,
-                                                                    problem.dtype)
-
-
-def as_int(x) -> int:
-    return int(jax.device_get(x))
-
-
-def as_float(x) -> float:
-    return float(jax.device_get(x))

@@ -15,8 +15,11 @@ Counting convention (``Hypergrad``, table in ``docs/costs.md``): ``n_inner_grad_
 = t (the forward steps); ``n_hvp_evals`` = Hessian-vector products the solver actually
 used (a warm start's extra product included); ``n_cross_evals`` = 1 (the final cross term
 (∂_λ g)ᵀ v); ``n_outer_grad_evals`` = 1; ``solver_iters`` = solver iterations actually
-used (≤ K). ``extras["v"]`` is the adjoint v (a JAX array, w's shape)
-of the iterative methods, to be passed back as ``v0`` at the next outer step.
+used (≤ K). The iterative methods' ``extras`` (the same keys in both backends):
+``"v"``, the adjoint v (a JAX array, w's shape) to be passed back as ``v0`` at the next
+outer step; ``"solver_rel_residual"``, the solver's stopping quantity relative to ‖rhs‖;
+``"matvecs_computed"``, the products the solver ran (= ``n_hvp_evals`` in JAX, whose
+loops stop exactly; torch on a GPU may run a few more it discards).
 
 Adjoint warm start (``aid_cg`` and ``aid_fp``): ``v0`` starts the solver at v₀ instead of
 0. A Neumann series has no initial point (it sums J^j rhs from j = 0), so ``aid_neumann``
@@ -33,32 +36,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.common import Hypergrad, adjoint_hvps
 from hypersweep.algorithms.jax import _core
 
 
 @functools.partial(jax.jit, static_argnames=("fns", "method"))
 def _aid(fns, method, w0, lam, arrays, eta, t, K, v0):
-    _core.note_trace(f"aid_{method}")
+    grad_fn = _core.inner_grad_fn(fns, arrays)
     tol = _core.tolerance(w0.dtype)
-    w_t = _core.run_inner(fns, w0, lam, arrays, eta, t)
+    w_t = _core.run_inner(grad_fn, w0, lam, eta, t)
     rhs, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
-    hvp, cross = _core.adjoint_products(fns, w_t, lam, arrays)
+    lin = _core.Linearization(grad_fn, w_t, lam)
     warm = _core.is_nonzero(v0)  # the solvers skip the warm-start product when v0 = 0
     if method == "cg":
-        v, iters, rel = _core.cg(lambda p: eta * hvp(p), rhs, K, tol, x0=v0)
-        n_hvp = iters + warm.astype(iters.dtype)  # + the r₀ = rhs − ηH v₀ product
+        res = _core.cg(lambda p: eta * lin.hvp(p), rhs, max_iter=K, tol=tol, x0=v0)
     elif method == "fp":
-        v, iters, rel = _core.fixed_point(lambda p: p - eta * hvp(p), rhs, K, tol, v0=v0)
-        # from v₀ = 0 the first step v₁ = rhs needs no product; from a warm v₀ it does
-        n_hvp = jnp.where(warm, iters, jnp.maximum(iters - 1, 0))
+        res = _core.fixed_point(lambda p: p - eta * lin.hvp(p), rhs, max_iter=K, tol=tol,
+                                v0=v0)
     elif method == "neumann":
-        v, iters, rel = _core.neumann(lambda p: p - eta * hvp(p), rhs, K, tol)
-        n_hvp = iters
+        res = _core.neumann(lambda p: p - eta * lin.hvp(p), rhs, n_terms=K, tol=tol)
     else:  # pragma: no cover - internal
         raise ValueError(f"Unknown AID method {method!r}. Valid choices: cg, fp, neumann")
-    hypergrad = grad_lam - eta * cross(v)
-    return hypergrad, w_t, iters, n_hvp, rel, v
+    return grad_lam - eta * lin.cross(res.x), w_t, res, warm
 
 
 def _run(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
@@ -67,11 +66,13 @@ def _run(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
     v0 = jnp.zeros(w0.shape, w0.dtype) if v0 is None else jnp.asarray(v0, w0.dtype)
     out = _aid(fns, method, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
                jnp.asarray(K, jnp.int32), v0)
-    hypergrad, w_t, iters, n_hvp, rel, v = jax.block_until_ready(out)
+    hypergrad, w_t, res, warm = jax.block_until_ready(out)
+    iters = int(res.iters)
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=_core.as_int(n_hvp), n_cross_evals=1,
-                     solver_iters=_core.as_int(iters),
-                     extras={"solver_rel_residual": _core.as_float(rel), "v": v})
+                     n_hvp_evals=adjoint_hvps(method, iters, bool(warm)), n_cross_evals=1,
+                     solver_iters=iters,
+                     extras={"solver_rel_residual": float(res.rel_residual),
+                             "matvecs_computed": int(res.matvecs), "v": res.x})
 
 
 def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:
@@ -124,15 +125,15 @@ def aid_neumann(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
 
 @functools.partial(jax.jit, static_argnames=("fns",))
 def _aid_exact(fns, w0, lam, arrays, eta, t):
-    _core.note_trace("aid_exact")
-    w_t = _core.run_inner(fns, w0, lam, arrays, eta, t)
+    grad_fn = _core.inner_grad_fn(fns, arrays)
+    w_t = _core.run_inner(grad_fn, w0, lam, eta, t)
     rhs, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
-    _, cross = _core.adjoint_products(fns, w_t, lam, arrays)
-    n = w_t.size
-    H = jax.jacfwd(lambda w: _core.inner_grad(fns, w, lam, arrays))(w_t).reshape(n, n)
-    # (I − ∂_wΦ)ᵀ = η Hᵀ; H is symmetric up to rounding, Hᵀ is the exact transpose.
-    v = jnp.linalg.solve(eta * H.T, rhs.reshape(n)).reshape(w_t.shape)
-    return grad_lam - eta * cross(v), w_t
+    lin = _core.Linearization(grad_fn, w_t, lam)
+    H = lin.dense_hessian()
+    # H is a Hessian: its asymmetric part is rounding only (both backends symmetrize).
+    H = 0.5 * (H + H.T)
+    v = jnp.linalg.solve(eta * H, rhs.reshape(-1)).reshape(w_t.shape)
+    return grad_lam - eta * lin.cross(v), w_t
 
 
 def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -142,7 +143,11 @@ def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     this is the exact hypergradient up to rounding. For small dim w only: builds the
     (dim w)² Hessian by forward mode (``jax.jacfwd``, dim w Jacobian-vector products,
     counted in ``n_hvp_evals``; the cross term is one ``n_cross_evals``) and an
-    O((dim w)³) solve.
+    O((dim w)³) solve of η ½(H + Hᵀ) v = rhs. Both backends symmetrize H: it is a
+    Hessian, so its asymmetric part is rounding of the autodiff route (forward-mode
+    columns here, reverse-mode rows in torch); dropping it makes both solve the same
+    symmetric system whichever transpose their autodiff yields, the one the iterative
+    solvers (CG) assume.
     ``seed`` is unused. References: Bengio 2000; Pedregosa 2016.
     """
     fns, w0, arrays, eta = _core.problem_inputs(problem)

@@ -40,14 +40,20 @@ from hypersweep.algorithms.common import Hypergrad
 from hypersweep.algorithms.jax import _core
 
 
+def _next_pow2(n: int) -> int:
+    """Smallest power of two ≥ max(n, 1): the static trajectory-buffer length for n steps."""
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
+
+
 @functools.partial(jax.jit, static_argnames=("fns", "bucket"))
 def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
-    _core.note_trace(f"itd_reverse[bucket={bucket}]")
+    grad_fn = _core.inner_grad_fn(fns, arrays)
 
     def forward_step(s, carry):
         w, trajectory = carry
         trajectory = lax.dynamic_update_index_in_dim(trajectory, w, s % bucket, 0)
-        return _core.phi(fns, w, lam, arrays, eta), trajectory
+        return _core.phi(grad_fn, w, lam, eta), trajectory
 
     trajectory = jnp.zeros((bucket,) + w0.shape, w0.dtype)
     w_t, trajectory = lax.fori_loop(0, t, forward_step, (w0, trajectory))
@@ -56,7 +62,7 @@ def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
     def reverse_step(j, carry):
         p, h = carry
         w_s = lax.dynamic_index_in_dim(trajectory, (t - 1 - j) % bucket, 0, keepdims=False)
-        _, vjp_phi = jax.vjp(lambda w, lam_: _core.phi(fns, w, lam_, arrays, eta), w_s, lam)
+        _, vjp_phi = jax.vjp(lambda w, lam_: _core.phi(grad_fn, w, lam_, eta), w_s, lam)
         p, d_lam = vjp_phi(p)
         return p, h + d_lam
 
@@ -64,15 +70,14 @@ def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
     return h, w_t
 
 
-def _run_reverse(problem, lam, t: int, n_rev: int, extras: dict | None = None) -> Hypergrad:
+def _run_reverse(problem, lam, t: int, n_rev: int) -> Hypergrad:
     fns, w0, arrays, eta = _core.problem_inputs(problem)
-    bucket = _core.next_pow2(n_rev)
+    bucket = _next_pow2(n_rev)
     hypergrad, w_t = jax.block_until_ready(_reverse(
         fns, bucket, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
         jnp.asarray(n_rev, jnp.int32)))
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=n_rev, n_cross_evals=n_rev, solver_iters=None,
-                     extras={"bucket": bucket, **(extras or {})})
+                     n_hvp_evals=n_rev, n_cross_evals=n_rev, solver_iters=None)
 
 
 def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -109,8 +114,7 @@ def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
 
 @functools.partial(jax.jit, static_argnames=("fns",))
 def _first_order(fns, w0, lam, arrays, eta, t):
-    _core.note_trace("first_order")
-    w_t = _core.run_inner(fns, w0, lam, arrays, eta, t)
+    w_t = _core.run_inner(_core.inner_grad_fn(fns, arrays), w0, lam, eta, t)
     return _core.outer_grads(fns, w_t, lam, arrays)[1], w_t
 
 
@@ -128,7 +132,7 @@ def first_order(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
 
 @functools.partial(jax.jit, static_argnames=("fns",))
 def _forward(fns, w0, lam, arrays, eta, t):
-    _core.note_trace("itd_forward")
+    grad_fn = _core.inner_grad_fn(fns, arrays)
     n_lam = lam.size
     # Basis directions e_i of λ-space, one per vmapped tangent.
     directions = jnp.eye(n_lam, dtype=lam.dtype).reshape((n_lam,) + lam.shape)
@@ -138,7 +142,7 @@ def _forward(fns, w0, lam, arrays, eta, t):
         w, Z = carry
         # Z_{s+1} e = ∂_wΦ(w_s) Z_s e + ∂_λΦ(w_s) e, one linearization for all directions.
         w_next, phi_jvp = jax.linearize(
-            lambda w_, lam_: _core.phi(fns, w_, lam_, arrays, eta), w, lam)
+            lambda w_, lam_: _core.phi(grad_fn, w_, lam_, eta), w, lam)
         return w_next, jax.vmap(phi_jvp)(Z, directions)
 
     w_t, Z = lax.fori_loop(0, t, step, (w0, Z0))

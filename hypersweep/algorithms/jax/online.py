@@ -1,8 +1,9 @@
 """Online hypergradient methods in JAX: HyperDistill, T1-T2 (DARTS), Greedy.
 
 Each is an optax-style pair ``OnlineMethod(init, step)`` with an explicit NamedTuple
-state (:class:`OnlineState`); see :mod:`hypersweep.algorithms.online_common` for what t
-and K mean per method. Notation (``hypersweep.notation``): Φ(w, λ) = w − η ∇_w L_in(w, λ),
+state (:class:`~hypersweep.algorithms.online_common.OnlineState`); see
+:mod:`hypersweep.algorithms.online_common` for what t and K mean per method and for the
+backend-free parts (state, settings, ``init``, counts); this module holds the JAX math. Notation (``hypersweep.notation``): Φ(w, λ) = w − η ∇_w L_in(w, λ),
 α_s = ∇_w L_out(w_s, λ), B_s = ∂_λΦ(w_{s−1}, λ) (step s maps w_{s−1} to w_s),
 A_s = ∂_wΦ(w_{s−1}, λ), g_FO = ∇_λ L_out(w, λ).
 
@@ -27,33 +28,26 @@ traced, so changing them never recompiles.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
+from hypersweep.algorithms.common import check_budget
 from hypersweep.algorithms.jax import _core
 from hypersweep.algorithms.online_common import (
-    ADAM_B1, ADAM_B2, ADAM_EPS, OnlineConfig, OnlineInfo, OnlineMethod, check_t_K,
-    make_config, step_counts)
+    ADAM_B1, ADAM_B2, ADAM_EPS, OUTER_OPTIMIZERS, OnlineInfo, OnlineState, OuterOptimizer,
+    online_method, step_counts)
 from hypersweep.registry import check_choice
 
 
 # -- the outer optimizer ------------------------------------------------------------------
 def _transform(name: str, lr: float) -> optax.GradientTransformation:
-    check_choice("optimizer", name, ("adam", "sgd"))
+    check_choice("optimizer", name, OUTER_OPTIMIZERS)
     if name == "adam":
         return optax.adam(lr, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
     return optax.sgd(lr)
-
-
-class OuterOptimizer(NamedTuple):
-    """``init(lam) -> state``; ``apply(lam, grad, state) -> (lam, state)`` (jitted)."""
-
-    init: Any
-    apply: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,45 +61,6 @@ def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
         return optax.apply_updates(lam, updates), state
 
     return OuterOptimizer(init=tx.init, apply=apply)
-
-
-# -- state -------------------------------------------------------------------------------
-class OnlineState(NamedTuple):
-    """The carried state of an online run.
-
-    ``w``: current inner iterate; ``lam``: current λ; ``opt_state``: the outer optimizer's
-    state; ``n_updates`` / ``n_inner``: λ updates and inner steps so far (host ints);
-    ``w_ema`` (w*_τ), ``w_start`` (w_0, start of the DrMAD path) and ``theta``: used by
-    hyperdistill only (else None); ``config``: static settings.
-    """
-
-    w: Any
-    lam: Any
-    opt_state: Any
-    n_updates: int
-    n_inner: int
-    w_ema: Any
-    w_start: Any
-    theta: Any
-    config: OnlineConfig
-
-
-def _init(method: str):
-    def init(problem, lam0, *, seed: int = 0, optimizer: str = "adam",
-             outer_lr: float = 0.1, **params) -> OnlineState:
-        config = make_config(method, optimizer=optimizer, outer_lr=outer_lr, **params)
-        lam = problem.as_lam(lam0)
-        w0 = problem.w_init
-        hd = method == "hyperdistill"
-        return OnlineState(
-            w=w0, lam=lam,
-            opt_state=_transform(config.optimizer, config.outer_lr).init(lam),
-            n_updates=0, n_inner=0,
-            w_ema=w0 if hd else None, w_start=w0 if hd else None,
-            theta=jnp.asarray(config.theta0, problem.dtype) if hd else None,
-            config=config)
-    init.__name__ = f"{method}_init"
-    return init
 
 
 def _decay_sum(gamma: float, n, dtype):
@@ -123,7 +78,7 @@ def _outer_update(config, lam, grad, opt_state):
 
 
 # -- HyperDistill ------------------------------------------------------------------------
-def _drmad_second_order(fns, w_start, w_end, lam, alpha, arrays, eta, tau, n):
+def _drmad_second_order(grad_fn, w_start, w_end, lam, alpha, eta, tau, n):
     """Σ_{s=τ−n+1}^{τ} α_τ (Π_{i>s} A_i) B_s along the DrMAD path ŵ_s = w_0 + (s/τ)(w_τ − w_0).
 
     DrMAD (Fu et al. 2016) replaces the stored trajectory by this straight line; the
@@ -135,7 +90,7 @@ def _drmad_second_order(fns, w_start, w_end, lam, alpha, arrays, eta, tau, n):
         p, acc = carry
         frac = (jnp.asarray(tau - j, dtype) - 1.0) / jnp.asarray(tau, dtype)
         w_prev = w_start + frac * (w_end - w_start)
-        _, vjp = jax.vjp(lambda w_, l_: _core.phi(fns, w_, l_, arrays, eta), w_prev, lam)
+        _, vjp = jax.vjp(lambda w_, l_: _core.phi(grad_fn, w_, l_, eta), w_prev, lam)
         p_w, p_lam = vjp(p)
         return p_w, acc + p_lam
 
@@ -146,7 +101,7 @@ def _drmad_second_order(fns, w_start, w_end, lam, alpha, arrays, eta, tau, n):
 @functools.partial(jax.jit, static_argnames=("fns", "config"))
 def _hyperdistill_step(fns, config, w, lam, opt_state, w_ema, w_start, theta, arrays, eta,
                        t, tau0, n_drmad, refit):
-    _core.note_trace("online_hyperdistill")
+    grad_fn = _core.inner_grad_fn(fns, arrays)
     gamma, dtype = config.gamma, w.dtype
 
     def inner(i, carry):
@@ -155,17 +110,16 @@ def _hyperdistill_step(fns, config, w, lam, opt_state, w_ema, w_start, theta, ar
         # w*_τ = p_τ w*_{τ−1} + (1 − p_τ) w_{τ−1}, p_τ = γ Z_{τ−1}/Z_τ = (γ − γ^τ)/(1 − γ^τ)
         p = gamma * _decay_sum(gamma, tau - 1, dtype) / _decay_sum(gamma, tau, dtype)
         w_ema = p * w_ema + (1.0 - p) * w
-        return _core.phi(fns, w, lam, arrays, eta), w_ema
+        return _core.phi(grad_fn, w, lam, eta), w_ema
 
     w_new, w_ema = lax.fori_loop(0, t, inner, (w, w_ema))
     tau = tau0 + t
     alpha, g_fo = _core.outer_grads(fns, w_new, lam, arrays)
-    _, vjp_lam = jax.vjp(lambda l_: _core.phi(fns, w_ema, l_, arrays, eta), lam)
+    _, vjp_lam = jax.vjp(lambda l_: _core.phi(grad_fn, w_ema, l_, eta), lam)
     distilled = _decay_sum(gamma, tau, dtype) * vjp_lam(alpha)[0]  # Z_τ α_τ ∂_λΦ(w*_τ)
 
     def fit_theta(_):
-        target = _drmad_second_order(fns, w_start, w_new, lam, alpha, arrays, eta, tau,
-                                     n_drmad)
+        target = _drmad_second_order(grad_fn, w_start, w_new, lam, alpha, eta, tau, n_drmad)
         xx = _core.vdot(distilled, distilled)
         ok = xx > jnp.finfo(dtype).tiny
         return jnp.where(ok, _core.vdot(distilled, target) / jnp.where(ok, xx, 1.0), theta)
@@ -184,7 +138,7 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     straight path from w_0 to w_τ; θ = ⟨x, y⟩/⟨x, x⟩ with x = Z_τ α_τ ∂_λΦ(w*_τ).
     Cost: t gradient steps + 1 λ-vjp of Φ; + n vjps of Φ on a refit (``step_counts``).
     """
-    t, K = check_t_K(t, K)
+    t, K = check_budget(t, K, uses_K=False)
     c = state.config
     fns, _, arrays, eta = _core.problem_inputs(problem)
     tau = state.n_inner + t
@@ -192,13 +146,13 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     n_drmad = min(tau, K) if refit else 0
     w, w_ema, lam, opt_state, theta, g = _hyperdistill_step(
         fns, c, state.w, state.lam, state.opt_state, state.w_ema, state.w_start,
-        state.theta, arrays, eta, jnp.asarray(t, jnp.int32),
+        jnp.asarray(state.theta, problem.dtype), arrays, eta, jnp.asarray(t, jnp.int32),
         jnp.asarray(state.n_inner, jnp.int32), jnp.asarray(n_drmad, jnp.int32),
         jnp.asarray(refit))
     new = state._replace(w=w, lam=lam, opt_state=opt_state, n_updates=state.n_updates + 1,
-                         n_inner=tau, w_ema=w_ema, theta=theta)
+                         n_inner=tau, w_ema=w_ema, theta=float(theta))
     info = OnlineInfo(lam=state.lam, w=w, hypergrad=g,
-                      extras={"theta": float(theta), "theta_refit": bool(refit)},
+                      extras={"theta": new.theta, "theta_refit": bool(refit)},
                       **step_counts("hyperdistill", t=t, n_drmad=n_drmad))
     return new, info
 
@@ -206,9 +160,9 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
 # -- T1-T2 with DARTS finite differences ---------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("fns", "config"))
 def _t1t2_step(fns, config, w, lam, opt_state, arrays, eta, t):
-    _core.note_trace("online_t1t2")
-    w_prev = _core.run_inner(fns, w, lam, arrays, eta, t - 1)
-    w_new = _core.phi(fns, w_prev, lam, arrays, eta)
+    grad_fn = _core.inner_grad_fn(fns, arrays)
+    w_prev = _core.run_inner(grad_fn, w, lam, eta, t - 1)
+    w_new = _core.phi(grad_fn, w_prev, lam, eta)
     alpha, g_fo = _core.outer_grads(fns, w_new, lam, arrays)
     alpha_norm = _core.norm(alpha)
     nonzero = alpha_norm > 0
@@ -237,7 +191,7 @@ def _windowed_step(jitted, method: str, problem, state: OnlineState, t: int, K: 
                    extras):
     """Run a jitted ``(fns, config, w, lam, opt_state, arrays, η, t) -> (w, λ, opt, g)``
     step (t traced) and wrap its outputs as the new state and the step's info."""
-    t, _ = check_t_K(t, K)
+    t, _ = check_budget(t, K, uses_K=False)
     fns, _, arrays, eta = _core.problem_inputs(problem)
     w, lam, opt_state, g = jitted(fns, state.config, state.w, state.lam, state.opt_state,
                                   arrays, eta, jnp.asarray(t, jnp.int32))
@@ -251,13 +205,13 @@ def _windowed_step(jitted, method: str, problem, state: OnlineState, t: int, K: 
 # -- Greedy --------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("fns", "config"))
 def _greedy_step(fns, config, w, lam, opt_state, arrays, eta, t):
-    _core.note_trace("online_greedy")
+    grad_fn = _core.inner_grad_fn(fns, arrays)
     gamma = config.gamma
     grad_w_out = jax.grad(fns.outer_loss, argnums=0)
 
     def body(s, carry):
         w, acc = carry
-        w_next, vjp_lam = jax.vjp(lambda l_: _core.phi(fns, w, l_, arrays, eta), lam)
+        w_next, vjp_lam = jax.vjp(lambda l_: _core.phi(grad_fn, w, l_, eta), lam)
         alpha = grad_w_out(w_next, lam, arrays)
         return w_next, gamma * acc + vjp_lam(alpha)[0]  # Σ γ^{T−s} α_s B_s
 
@@ -276,9 +230,6 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     return _windowed_step(_greedy_step, "greedy", problem, state, t, K, extras={})
 
 
-hyperdistill = OnlineMethod(init=_init("hyperdistill"), step=hyperdistill_step)
-t1t2 = OnlineMethod(init=_init("t1t2"), step=t1t2_step)
-greedy = OnlineMethod(init=_init("greedy"), step=greedy_step)
-
-__all__ = ["hyperdistill", "t1t2", "greedy", "OnlineState", "outer_optimizer",
-           "OuterOptimizer"]
+hyperdistill = online_method("hyperdistill", hyperdistill_step, outer_optimizer)
+t1t2 = online_method("t1t2", t1t2_step, outer_optimizer)
+greedy = online_method("greedy", greedy_step, outer_optimizer)

@@ -57,11 +57,8 @@ def _batch(key, n: int, batch_size: int):
 
 @functools.partial(jax.jit, static_argnames=("fns", "n_train", "n_val", "batch_size"))
 def _stocbio(fns, n_train, n_val, batch_size, w0, lam, arrays, eta, eta_neumann, t, K, key):
-    _core.note_trace("stocbio")
     key_inner, key_neumann, key_val, key_cross = jax.random.split(key, 4)
-
-    def g_batch(w, lam_, idx):
-        return jax.grad(fns.inner_loss_batch)(w, lam_, arrays, idx)
+    g_batch = _core.batch_inner_grad_fn(fns, arrays)
 
     def sgd_step(s, w):
         idx = _batch(jax.random.fold_in(key_inner, s), n_train, batch_size)
@@ -69,7 +66,7 @@ def _stocbio(fns, n_train, n_val, batch_size, w0, lam, arrays, eta, eta_neumann,
 
     w_t = lax.fori_loop(0, t, sgd_step, w0)
     idx_val = _batch(key_val, n_val, batch_size)
-    rhs, grad_lam = jax.grad(fns.outer_loss_batch, argnums=(0, 1))(w_t, lam, arrays, idx_val)
+    rhs, grad_lam = _core.outer_grads_batch(fns, w_t, lam, arrays, idx_val)
 
     def neumann_step(j, carry):
         term, total = carry

@@ -13,8 +13,11 @@ K is the solver budget (an upper bound: every solver stops early at the relative
 ``common.DEFAULT_TOL[dtype]``). Counts (``docs/costs.md``): ``n_inner_grad_evals = t``;
 ``n_hvp_evals`` = the HVPs the solver used (a warm start's extra product included);
 ``n_cross_evals = 1`` (the final cross term ``(∂_λ g)ᵀ v``); ``n_outer_grad_evals = 1``;
-``solver_iters`` as documented per method. ``extras["v"]`` is the adjoint v (a detached
-tensor, w's shape) of the iterative methods, to be passed back as ``v0``.
+``solver_iters`` as documented per method. The iterative methods' ``extras`` (the same
+keys in both backends): ``"v"``, the adjoint v (a detached tensor, w's shape) to be passed
+back as ``v0``; ``"solver_rel_residual"``, the solver's stopping quantity relative to
+‖rhs‖; ``"matvecs_computed"``, the HVPs the solver ran (on a GPU up to 7 discarded ones
+after convergence, see ``_core``).
 
 Adjoint warm start (``aid_cg`` and ``aid_fp``): ``v0`` starts the solver at v₀ instead of
 0. A Neumann series has no initial point, so ``aid_neumann`` takes no ``v0`` (warm-starting
@@ -24,24 +27,36 @@ from __future__ import annotations
 
 import torch
 
-from hypersweep.algorithms.common import DEFAULT_TOL, Hypergrad
+from hypersweep.algorithms.common import Hypergrad, adjoint_hvps
 from hypersweep.algorithms.torch import _core
 
 
 def _adjoint_setup(problem, lam, t: int):
-    g = _core.inner_grad_fn(problem)
-    w_t = _core.run_inner(g, problem.w_init, lam, problem.inner_lr, t)
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    g = _core.inner_grad_fn(fns, arrays)
+    w_t = _core.run_inner(g, w0, lam, eta, t)
     lin = _core.Linearization(g, w_t, lam)
-    rhs, grad_lam = _core.outer_grads(problem, w_t, lam)
+    rhs, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
     return w_t, lin, rhs, grad_lam
 
 
-def _finish(problem, w_t, lin, grad_lam, v, t, n_hvp, iters, extras) -> Hypergrad:
-    hypergrad = grad_lam - problem.inner_lr * lin.cross(v)
-    if iters is not None:  # the iterative solvers: hand v back for a warm start
-        extras = {**extras, "v": v.detach()}
-    return Hypergrad(hypergrad.detach(), w_t.detach(), t, n_hvp, iters, extras,
-                     n_cross_evals=1)
+def _iterative(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
+    """Solve the adjoint with ``method`` ("cg", "fp", "neumann") from ``v0``."""
+    w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
+    eta, tol = problem.inner_lr, _core.tolerance(problem.dtype)
+    if method == "cg":
+        res = _core.cg(lambda p: eta * lin.hvp(p), rhs, max_iter=K, tol=tol, x0=v0)
+    elif method == "fp":
+        res = _core.fixed_point(lambda v: v - eta * lin.hvp(v), rhs, max_iter=K, tol=tol,
+                                v0=v0)
+    else:
+        res = _core.neumann(lambda v: v - eta * lin.hvp(v), rhs, n_terms=K, tol=tol)
+    hypergrad = grad_lam - eta * lin.cross(res.x)
+    return Hypergrad(hypergrad=hypergrad.detach(), w_t=w_t.detach(), n_inner_grad_evals=t,
+                     n_hvp_evals=adjoint_hvps(method, res.iters, _core.is_nonzero(v0)),
+                     n_cross_evals=1, solver_iters=res.iters,
+                     extras={"solver_rel_residual": res.rel_residual,
+                             "matvecs_computed": res.matvecs, "v": res.x.detach()})
 
 
 def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:
@@ -57,13 +72,7 @@ def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad
     Cost: t inner gradients, ≤ K HVPs (+ 1 for ``r₀ = rhs − ηH v0`` when v0 ≠ 0) + 1
     cross VJP; memory O(dim w). References: Pedregosa 2016; Grazzi et al. 2020.
     """
-    w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
-    eta = problem.inner_lr
-    res = _core.conjugate_gradient(lambda p: eta * lin.hvp(p), rhs, max_iter=K,
-                                   tol=DEFAULT_TOL[problem.dtype], x0=v0)
-    warm = int(_core.is_nonzero(v0))  # the r₀ product
-    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters + warm, res.iters,
-                   {"matvecs_computed": res.matvecs})
+    return _iterative("cg", problem, lam, t, K, v0)
 
 
 def aid_fp(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:
@@ -79,13 +88,7 @@ def aid_fp(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad
     Cost: t inner gradients, ≤ K − 1 HVPs (≤ K when v0 ≠ 0) + 1 cross VJP; memory
     O(dim w). References: Grazzi et al. 2020; Liao et al. 2018.
     """
-    w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
-    eta = problem.inner_lr
-    res = _core.fixed_point(lambda v: v - eta * lin.hvp(v), rhs, max_iter=K,
-                            tol=DEFAULT_TOL[problem.dtype], v0=v0)
-    n_hvp = res.iters if _core.is_nonzero(v0) else max(res.iters - 1, 0)
-    return _finish(problem, w_t, lin, grad_lam, res.x, t, n_hvp,
-                   res.iters, {"matvecs_computed": res.matvecs})
+    return _iterative("fp", problem, lam, t, K, v0)
 
 
 def aid_neumann(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
@@ -99,20 +102,19 @@ def aid_neumann(problem, lam, *, t: int, K: int, seed: int = 0) -> Hypergrad:
     Cost: t inner gradients, ≤ K HVPs + 1 cross VJP; memory O(dim w).
     Reference: Lorraine et al. 2020.
     """
-    w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
-    eta = problem.inner_lr
-    res = _core.neumann_series(lambda v: v - eta * lin.hvp(v), rhs, n_terms=K,
-                               tol=DEFAULT_TOL[problem.dtype])
-    return _finish(problem, w_t, lin, grad_lam, res.x, t, res.iters, res.iters,
-                   {"matvecs_computed": res.matvecs})
+    return _iterative("neumann", problem, lam, t, K)
 
 
 def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     """Implicit differentiation at ``w_t`` with a dense direct solve (small dim w only).
 
     Forms ``H = ∂_w g(w_t, λ)`` (dim w batched VJPs through one graph), symmetrizes it and
-    solves ``η H v = rhs`` by LU. At ``t → ∞`` this is the exact hypergradient ∇F(λ).
-    K is unused; ``solver_iters`` is None.
+    solves ``η ½(H + Hᵀ) v = rhs`` by LU. At ``t → ∞`` this is the exact hypergradient
+    ∇F(λ). K is unused; ``solver_iters`` is None. Both backends symmetrize H: it is a
+    Hessian, so its asymmetric part is rounding of the autodiff route (reverse-mode rows
+    here, forward-mode columns in JAX); dropping it makes both solve the same symmetric
+    system whichever transpose their autodiff yields, the one the iterative solvers (CG)
+    assume.
 
     Cost: t inner gradients, dim w HVPs + 1 cross VJP, O(dim w³) solve, O(dim w²) memory.
     References: Bengio 2000; Pedregosa 2016.
@@ -120,5 +122,8 @@ def aid_exact(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
     H = lin.dense_hessian()
     H = 0.5 * (H + H.T)
-    v = torch.linalg.solve(problem.inner_lr * H, rhs.reshape(-1, 1)).reshape(rhs.shape)
-    return _finish(problem, w_t, lin, grad_lam, v, t, H.shape[0], None, {})
+    eta = problem.inner_lr
+    v = torch.linalg.solve(eta * H, rhs.reshape(-1, 1)).reshape(rhs.shape)
+    hypergrad = grad_lam - eta * lin.cross(v)
+    return Hypergrad(hypergrad=hypergrad.detach(), w_t=w_t.detach(), n_inner_grad_evals=t,
+                     n_hvp_evals=H.shape[0], n_cross_evals=1, solver_iters=None, extras={})

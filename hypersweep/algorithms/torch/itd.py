@@ -20,20 +20,25 @@ from hypersweep.algorithms.torch import _core
 
 
 def _reverse_through_last(problem, lam, t: int, k: int) -> Hypergrad:
-    """Run t − k steps without a graph, then k recorded steps, then one reverse pass."""
-    g = _core.inner_grad_fn(problem)
-    eta = problem.inner_lr
-    w_start = _core.run_inner(g, problem.w_init, lam, eta, t - k)
+    """Run t − k steps without a graph, then k recorded steps (the autograd graph kept:
+    memory O(k · dim w)), then one reverse pass."""
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    g = _core.inner_grad_fn(fns, arrays)
+    w_start = _core.run_inner(g, w0, lam, eta, t - k)
     if k == 0:
-        _, grad_lam = _core.outer_grads(problem, w_start, lam)
-        return Hypergrad(grad_lam, w_start, t, 0, None, {}, n_cross_evals=0)
+        _, grad_lam = _core.outer_grads(fns, w_start, lam, arrays)
+        return Hypergrad(hypergrad=grad_lam, w_t=w_start, n_inner_grad_evals=t,
+                         n_hvp_evals=0, n_cross_evals=0)
     lam_ = lam.detach().requires_grad_(True)
     with torch.enable_grad():
-        w_t = _core.unroll(g, w_start, lam_, eta, k)
-        loss = problem.fns.outer_loss(w_t, lam_, problem.arrays)
+        w_t = w_start
+        for _ in range(k):
+            w_t = _core.phi(g, w_t, lam_, eta)
+        loss = fns.outer_loss(w_t, lam_, arrays)
         (hypergrad,) = torch.autograd.grad(loss, lam_, allow_unused=True,
                                            materialize_grads=True)
-    return Hypergrad(hypergrad.detach(), w_t.detach(), t, k, None, {}, n_cross_evals=k)
+    return Hypergrad(hypergrad=hypergrad.detach(), w_t=w_t.detach(), n_inner_grad_evals=t,
+                     n_hvp_evals=k, n_cross_evals=k)
 
 
 def itd(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -79,16 +84,17 @@ def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     Cost: t inner gradients, one VJP.
     References: Luketina et al. 2016; Baydin et al. 2018.
     """
-    g = _core.inner_grad_fn(problem)
-    eta = problem.inner_lr
-    w_prev = _core.run_inner(g, problem.w_init, lam, eta, t - 1)
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    g = _core.inner_grad_fn(fns, arrays)
+    w_prev = _core.run_inner(g, w0, lam, eta, t - 1)
     lin = _core.Linearization(g, w_prev, lam)
     w_t = (lin.w - eta * lin.g).detach()
-    grad_w, grad_lam = _core.outer_grads(problem, w_t, lam)
+    grad_w, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
     hypergrad = grad_lam - eta * lin.cross(grad_w)
     # Counted as tbptt(K=1), one reverse step (one of each product), by the convention;
     # only its λ-part is needed, so this skips the w-part (as autodiff does at step 0).
-    return Hypergrad(hypergrad.detach(), w_t, t, 1, None, {}, n_cross_evals=1)
+    return Hypergrad(hypergrad=hypergrad.detach(), w_t=w_t, n_inner_grad_evals=t,
+                     n_hvp_evals=1, n_cross_evals=1)
 
 
 def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
@@ -102,22 +108,22 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
     Cost: t inner gradients, t · dim λ JVPs (batched), memory O(dim λ · dim w) — no growth
     with t. Reference: Franceschi et al. 2017 (forward-mode RTHO).
     """
-    g = _core.inner_grad_fn(problem, functional=True)
-    eta = problem.inner_lr
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    # torch.func.grad, not autograd: the eager ∇ cannot run under jvp/vmap
+    g = (_core.inner_grad_fn(fns, arrays) if fns.has_inner_grad else
+         torch.func.grad(lambda w, lam_: fns.inner_loss(w, lam_, arrays)))
     lam = lam.detach()
     n_lam = lam.numel()
     directions = torch.eye(n_lam, dtype=lam.dtype, device=lam.device)
     directions = directions.reshape((n_lam,) + tuple(lam.shape))
 
-    def phi(w, lam_):
-        return w - eta * g(w, lam_)
-
     def step(w, tangents):
         def push(dw, dlam):
-            return torch.func.jvp(phi, (w, lam), (dw, dlam))
+            return torch.func.jvp(lambda w_, lam_: _core.phi(g, w_, lam_, eta), (w, lam),
+                                  (dw, dlam))
         return torch.func.vmap(push, out_dims=(None, 0))(tangents, directions)
 
-    w = problem.w_init.detach().clone()
+    w = w0.detach().clone()
     tangents = torch.zeros((n_lam,) + tuple(w.shape), dtype=w.dtype, device=w.device)
     with torch.no_grad(), warnings.catch_warnings():
         # torch's forward AD scripts its jvp decompositions on first use and warns that
@@ -126,7 +132,8 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
                                 category=DeprecationWarning)
         for _ in range(t):
             w, tangents = step(w, tangents)
-    grad_w, grad_lam = _core.outer_grads(problem, w, lam)
+    grad_w, grad_lam = _core.outer_grads(fns, w, lam, arrays)
     implicit = tangents.reshape(n_lam, -1) @ grad_w.reshape(-1)
     hypergrad = grad_lam + implicit.reshape(lam.shape)
-    return Hypergrad(hypergrad, w, t, t * n_lam, None, {}, n_cross_evals=t * n_lam)
+    return Hypergrad(hypergrad=hypergrad, w_t=w, n_inner_grad_evals=t, n_hvp_evals=t * n_lam,
+                     n_cross_evals=t * n_lam)

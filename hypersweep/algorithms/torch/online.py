@@ -1,7 +1,9 @@
 """Online hypergradient methods in PyTorch: HyperDistill, T1-T2 (DARTS), Greedy.
 
 The same math, state and counts as :mod:`hypersweep.algorithms.jax.online` (read its
-docstring for the formulas); eager loops instead of ``lax.fori_loop``. Functions are pure:
+docstring for the formulas; state, settings, ``init`` and counts are the backend-free
+ones of :mod:`hypersweep.algorithms.online_common`); eager loops instead of
+``lax.fori_loop``. Functions are pure:
 a ``step`` returns a new :class:`OnlineState` and never mutates the old one, and nothing is
 left in ``.grad``. The outer optimizer is a functional Adam/SGD whose update equations are
 those of ``torch.optim.Adam``/``SGD`` (and of ``optax.adam``/``sgd``): m̂/(√v̂ + ε) with
@@ -10,27 +12,18 @@ bias corrections, ε = 1e-8 added after the square root.
 from __future__ import annotations
 
 import copy
-from typing import Any, NamedTuple
 
 import torch
 
+from hypersweep.algorithms.common import check_budget
 from hypersweep.algorithms.online_common import (
-    ADAM_B1, ADAM_B2, ADAM_EPS, OnlineConfig, OnlineInfo, OnlineMethod, check_t_K,
-    decay_sum, make_config, step_counts)
+    ADAM_B1, ADAM_B2, ADAM_EPS, OUTER_OPTIMIZERS, OnlineConfig, OnlineInfo, OnlineState,
+    OuterOptimizer, decay_sum, online_method, step_counts)
 from hypersweep.algorithms.torch import _core
 from hypersweep.registry import check_choice
 
-Tensor = torch.Tensor
-
 
 # -- the outer optimizer: torch.optim behind a functional (init, apply) pair ---------------
-class OuterOptimizer(NamedTuple):
-    """``init(lam) -> state``; ``apply(lam, grad, state) -> (lam, state)``."""
-
-    init: Any
-    apply: Any
-
-
 def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
     """``torch.optim.Adam`` (β = (0.9, 0.999), ε = 1e-8, as optax's defaults on the JAX
     side) or plain ``torch.optim.SGD`` on λ.
@@ -39,7 +32,7 @@ def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
     a deep copy of it, so it is pure like optax's update: the HPO pipeline's untimed
     warm-up call does not advance Adam's moments. Cost of the copy: O(dim λ).
     """
-    check_choice("optimizer", name, ("adam", "sgd"))
+    check_choice("optimizer", name, OUTER_OPTIMIZERS)
     lr = float(lr)
 
     def init(lam):
@@ -60,36 +53,9 @@ def outer_optimizer(name: str, lr: float) -> OuterOptimizer:
     return OuterOptimizer(init=init, apply=apply)
 
 
-# -- state -------------------------------------------------------------------------------
-class OnlineState(NamedTuple):
-    """Same fields as the JAX ``OnlineState`` (see there)."""
-
-    w: Tensor
-    lam: Tensor
-    opt_state: Any
-    n_updates: int
-    n_inner: int
-    w_ema: Tensor | None
-    w_start: Tensor | None
-    theta: float | None
-    config: OnlineConfig
-
-
-def _init(method: str):
-    def init(problem, lam0, *, seed: int = 0, optimizer: str = "adam",
-             outer_lr: float = 0.1, **params) -> OnlineState:
-        config = make_config(method, optimizer=optimizer, outer_lr=outer_lr, **params)
-        lam = problem.as_lam(lam0).detach()
-        w0 = problem.w_init.detach().clone()
-        hd = method == "hyperdistill"
-        return OnlineState(
-            w=w0, lam=lam,
-            opt_state=outer_optimizer(config.optimizer, config.outer_lr).init(lam),
-            n_updates=0, n_inner=0,
-            w_ema=w0.clone() if hd else None, w_start=w0.clone() if hd else None,
-            theta=float(config.theta0) if hd else None, config=config)
-    init.__name__ = f"{method}_init"
-    return init
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy for the state: no caller's tensor (or graph) is aliased."""
+    return x.detach().clone()
 
 
 def _outer_update(config: OnlineConfig, lam, grad, opt_state):
@@ -97,23 +63,21 @@ def _outer_update(config: OnlineConfig, lam, grad, opt_state):
 
 
 def _phi_fn(problem):
-    g = _core.inner_grad_fn(problem)
+    """Φ(·, ·) of the problem with its data and η bound."""
+    g = _core.inner_grad_fn(problem.fns, problem.arrays)
     eta = problem.inner_lr
-    return lambda w, lam: w - eta * g(w, lam)
+    return lambda w, lam: _core.phi(g, w, lam, eta)
 
 
-def _vjp_lam(phi, w: Tensor, lam: Tensor, cotangent: Tensor) -> Tensor:
+def _vjp_lam(phi, w: torch.Tensor, lam: torch.Tensor, cotangent: torch.Tensor
+             ) -> torch.Tensor:
     """∂_λΦ(w, λ)ᵀ cotangent (one vjp)."""
     _, vjp = torch.func.vjp(lambda l_: phi(w, l_), lam)
     return vjp(cotangent)[0]
 
 
-def _vdot(a: Tensor, b: Tensor) -> float:
-    return float(torch.sum(a * b))
-
-
 # -- HyperDistill ------------------------------------------------------------------------
-def _drmad_second_order(phi, w_start, w_end, lam, alpha, tau: int, n: int) -> Tensor:
+def _drmad_second_order(phi, w_start, w_end, lam, alpha, tau: int, n: int) -> torch.Tensor:
     """DrMAD's reverse pass over the last n steps of the straight path w_0 → w_τ."""
     p, acc = alpha, torch.zeros_like(lam)
     for j in range(n):
@@ -126,7 +90,7 @@ def _drmad_second_order(phi, w_start, w_end, lam, alpha, tau: int, n: int) -> Te
 
 def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     """See ``hypersweep.algorithms.jax.online.hyperdistill_step`` (same math and counts)."""
-    t, K = check_t_K(t, K)
+    t, K = check_budget(t, K, uses_K=False)
     c = state.config
     phi = _phi_fn(problem)
     gamma = c.gamma
@@ -138,16 +102,16 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
             w_ema = p * w_ema + (1.0 - p) * w
             w = phi(w, lam)
     tau = state.n_inner + t
-    alpha, g_fo = _core.outer_grads(problem, w, lam)
+    alpha, g_fo = _core.outer_grads(problem.fns, w, lam, problem.arrays)
     distilled = decay_sum(gamma, tau) * _vjp_lam(phi, w_ema, lam, alpha)
     refit = K > 0 and state.n_updates % c.theta_every == 0
     n_drmad = min(tau, K) if refit else 0
     theta = state.theta
     if refit:
         target = _drmad_second_order(phi, state.w_start, w, lam, alpha, tau, n_drmad)
-        xx = _vdot(distilled, distilled)
+        xx = float(_core.vdot(distilled, distilled))
         if xx > torch.finfo(distilled.dtype).tiny:
-            theta = _vdot(distilled, target) / xx
+            theta = float(_core.vdot(distilled, target)) / xx
     g = (g_fo + theta * distilled).detach()
     lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
     new = state._replace(w=w.detach(), lam=lam_new.detach(), opt_state=opt_state,
@@ -162,20 +126,19 @@ def hyperdistill_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
 # -- T1-T2 with DARTS finite differences ---------------------------------------------------
 def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     """See ``hypersweep.algorithms.jax.online.t1t2_step`` (same math and counts)."""
-    t, _ = check_t_K(t, K)
+    t, _ = check_budget(t, K, uses_K=False)
     c = state.config
-    g_in = _core.inner_grad_fn(problem)
-    eta = problem.inner_lr
+    fns, _, arrays, eta = _core.problem_inputs(problem)
+    g_in = _core.inner_grad_fn(fns, arrays)
     lam = state.lam.detach()
     w_prev = _core.run_inner(g_in, state.w, lam, eta, t - 1)
     with torch.no_grad():
-        w_new = w_prev - eta * g_in(w_prev, lam)
-    alpha, g_fo = _core.outer_grads(problem, w_new, lam)
-    alpha_norm = float(torch.linalg.vector_norm(alpha))
+        w_new = _core.phi(g_in, w_prev, lam, eta)
+    alpha, g_fo = _core.outer_grads(fns, w_new, lam, arrays)
+    alpha_norm = float(_core.norm(alpha))
     g = g_fo
     if alpha_norm > 0:
         eps = c.fd_eps / alpha_norm
-        fns, arrays = problem.fns, problem.arrays
         grad_lam_in = torch.func.grad(lambda w_, l_: fns.inner_loss(w_, l_, arrays),
                                       argnums=1)
         mixed = (grad_lam_in(w_prev + eps * alpha, lam)
@@ -193,7 +156,7 @@ def t1t2_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
 # -- Greedy --------------------------------------------------------------------------------
 def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     """See ``hypersweep.algorithms.jax.online.greedy_step`` (same math and counts)."""
-    t, _ = check_t_K(t, K)
+    t, _ = check_budget(t, K, uses_K=False)
     c = state.config
     phi = _phi_fn(problem)
     lam = state.lam.detach()
@@ -201,10 +164,10 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     acc = torch.zeros_like(lam)
     for _ in range(t):
         w_next, vjp = torch.func.vjp(lambda l_: phi(w, l_), lam)
-        alpha, _ = _core.outer_grads(problem, w_next, lam)
+        alpha, _ = _core.outer_grads(problem.fns, w_next, lam, problem.arrays)
         acc = c.gamma * acc + vjp(alpha)[0]  # Σ γ^{T−s} α_s B_s
         w = w_next.detach()
-    g = (_core.outer_grads(problem, w, lam)[1] + acc).detach()
+    g = (_core.outer_grads(problem.fns, w, lam, problem.arrays)[1] + acc).detach()
     lam_new, opt_state = _outer_update(c, lam, g, state.opt_state)
     new = state._replace(w=w, lam=lam_new.detach(), opt_state=opt_state,
                          n_updates=state.n_updates + 1, n_inner=state.n_inner + t)
@@ -213,9 +176,7 @@ def greedy_step(problem, state: OnlineState, *, t: int = 1, K: int = 0):
     return new, info
 
 
-hyperdistill = OnlineMethod(init=_init("hyperdistill"), step=hyperdistill_step)
-t1t2 = OnlineMethod(init=_init("t1t2"), step=t1t2_step)
-greedy = OnlineMethod(init=_init("greedy"), step=greedy_step)
-
-__all__ = ["hyperdistill", "t1t2", "greedy", "OnlineState", "outer_optimizer",
-           "OuterOptimizer"]
+hyperdistill = online_method("hyperdistill", hyperdistill_step, outer_optimizer,
+                             fresh=_fresh)
+t1t2 = online_method("t1t2", t1t2_step, outer_optimizer, fresh=_fresh)
+greedy = online_method("greedy", greedy_step, outer_optimizer, fresh=_fresh)

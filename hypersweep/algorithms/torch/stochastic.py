@@ -6,12 +6,11 @@ counts.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from hypersweep.algorithms.common import Hypergrad
 from hypersweep.algorithms.torch import _core
+from hypersweep.seeding import seed_from_text
 
 
 def _n_rows(problem, split: str) -> int:
@@ -32,8 +31,7 @@ def _stream_seed(seed: int, stream: str) -> int:
     One generator per kind: the inner batches do not depend on K, nor the validation and
     Hessian batches on t (as with the JAX backend's ``fold_in`` keys).
     """
-    digest = hashlib.blake2b(f"stocbio/{seed}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return seed_from_text(f"stocbio/{seed}/{stream}", bits=63)  # recorded in the baseline
 
 
 class _Batches:
@@ -111,7 +109,7 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     inner, hessian, cross = (_Batches(n_train, batch_size, seed, stream, device)
                              for stream in ("inner", "hessian", "cross"))
     val = _Batches(n_val, batch_size, seed, "val", device)
-    g_batch = _core.batch_inner_grad_fn(problem)
+    g_batch = _core.batch_inner_grad_fn(problem.fns, problem.arrays)
     lam = lam.detach()
 
     w = problem.w_init.detach().clone()
@@ -120,7 +118,7 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
             w.sub_(g_batch(w, lam, idx), alpha=eta)
 
     (val_idx,) = val.draw(1)
-    rhs, grad_lam = _core.outer_grads(problem, w, lam, val_idx)
+    rhs, grad_lam = _core.outer_grads_batch(problem.fns, w, lam, problem.arrays, val_idx)
 
     def linearize(idx):
         return _core.Linearization(lambda w_, lam_: g_batch(w_, lam_, idx), w, lam)
@@ -136,7 +134,7 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     v.mul_(eta_n)
     lin = shared if shared is not None else linearize(cross.draw(1)[0])
     hypergrad = grad_lam - lin.cross(v)
-    return Hypergrad(hypergrad.detach(), w, n_inner_grad_evals=t, n_hvp_evals=K,
+    return Hypergrad(hypergrad=hypergrad.detach(), w_t=w, n_inner_grad_evals=t, n_hvp_evals=K,
                      solver_iters=K, n_cross_evals=1, n_outer_grad_evals=1,
                      n_samples_touched=(t + K + 1) * inner.rows + val.rows,
                      extras={"batch_size": batch_size, "neumann_lr": eta_n,
