@@ -1,6 +1,6 @@
-"""Extending hypersweep: a throw-away problem and pipeline, copied from the templates in
-docs/templates/, are picked up by the generic tests, ``run_cell``, ``hypersweep plan`` and
-the regression suite with no edit anywhere else.
+"""Extending hypersweep: a throw-away problem, estimator and pipeline, copied from the
+templates in docs/templates/, are picked up by the generic tests, ``run_cell``,
+``hypersweep plan`` and the regression suite with no edit anywhere else.
 
 The copies and the plugin module that registers them go to a temporary directory; every
 check runs in a subprocess with that directory on PYTHONPATH and the plugin named in
@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hypersweep import algorithms
+from hypersweep import algorithms, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "docs" / "templates"
-PROBLEM, PIPELINE, PLUGIN = "template_problem", "template_pipeline", "template_plugin"
+PROBLEM, ESTIMATOR = "template_problem", "template_estimator"
+PIPELINE, PLUGIN = "template_pipeline", "template_plugin"
 #: the generic test files that must pick up a new problem
 GENERIC = ("tests/test_problems.py", "tests/test_hypergradients.py", "tests/test_parity.py")
 
@@ -34,8 +35,9 @@ GENERIC = ("tests/test_problems.py", "tests/test_hypergradients.py", "tests/test
 def plugin_dir(tmp_path_factory) -> Path:
     """The three templates, copied under the module names the plugin registers."""
     where = tmp_path_factory.mktemp("plugin")
-    for template, module in (("problem.py", PROBLEM), ("pipeline.py", PIPELINE),
-                             ("plugin.py", PLUGIN)):
+    for template, module in (("problem.py", PROBLEM), ("estimator_jax.py", f"{ESTIMATOR}_jax"),
+                             ("estimator_torch.py", f"{ESTIMATOR}_torch"),
+                             ("pipeline.py", PIPELINE), ("plugin.py", PLUGIN)):
         shutil.copy(TEMPLATES / template, where / f"{module}.py")
     return where
 
@@ -54,17 +56,18 @@ def _run(args, plugin_dir, cwd=ROOT, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_generic_tests_pick_up_a_new_problem(plugin_dir, tmp_path):
+def test_generic_tests_pick_up_a_new_problem_and_estimator(plugin_dir, tmp_path):
     report = tmp_path / "report.xml"
     result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={report}", *GENERIC, "-k", PROBLEM], plugin_dir)
+                   f"--junitxml={report}", *GENERIC, "-k", f"{PROBLEM} or {ESTIMATOR}"],
+                  plugin_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = set()
     for case in ET.parse(report).getroot().iter("testcase"):
         if not any(child.tag in ("failure", "error", "skipped") for child in case):
             passed.add(f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name')}")
-    # every test id that was selected names the new problem, and each file ran some
-    assert passed and all(PROBLEM in name for name in passed)
+    # every test id that was selected names the new problem or estimator; each file ran
+    assert passed and all(PROBLEM in name or ESTIMATOR in name for name in passed)
     for module in GENERIC:
         assert any(name.startswith(Path(module).stem + "::") for name in passed), module
     expected = {f"test_problems::test_exact_hypergradient_matches_finite_differences"
@@ -74,14 +77,24 @@ def test_generic_tests_pick_up_a_new_problem(plugin_dir, tmp_path):
                 f"test_hypergradients::test_tbptt_with_K_ge_t_is_itd[{PROBLEM}-jax]",
                 f"test_hypergradients::test_cg_at_large_K_is_exact_solve[{PROBLEM}-torch]"}
     # every consistent estimator (stocbio aside: it needs "minibatch") reaches the oracle
-    # on both backends, and every torch estimator matches JAX
+    # on both backends, and every estimator with two backends matches across them
     for algo in algorithms.names("estimator"):
         spec = algorithms.spec(algo)
         if spec.consistent and not spec.requires:
             expected |= {f"test_hypergradients::test_matches_oracle_at_large_t"
                          f"[{algo}-{PROBLEM}-{backend}]" for backend in ("jax", "torch")}
-        if spec.impls["torch"].startswith("hypersweep.algorithms.torch.") and not spec.requires:
+        if len(set(spec.impls.values())) > 1 and not spec.requires:
             expected.add(f"test_parity::test_torch_matches_jax[{algo}-{PROBLEM}]")
+    # the new estimator: torch ↔ JAX on every problem (the new one too), float32 ≈ float64,
+    # and, biased by design, finite but not ∇F on ridge
+    for problem in (*problems.names(), PROBLEM):
+        expected.add(f"test_parity::test_torch_matches_jax[{ESTIMATOR}-{problem}]")
+    expected |= {f"test_hypergradients::test_float32_works_in_float32_and_is_close_to_"
+                 f"float64[{ESTIMATOR}-{problem}-{backend}]"
+                 for problem in ("ridge", "logreg") for backend in ("jax", "torch")}
+    expected |= {f"test_parity::test_torch_matches_exact_on_ridge[{ridge}-{ESTIMATOR}]"
+                 for ridge in ("per_feature", "scalar")}
+    expected.add(f"test_parity::test_float32_close_to_float64[{ESTIMATOR}]")
     assert expected <= passed, sorted(expected - passed)
 
 
