@@ -32,6 +32,9 @@ def resolve_device(device: str | None) -> "torch.device":
             raise ValueError(f"torch device {device!r}: CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"torch device {device!r}: {torch.cuda.device_count()} CUDA "
+                             f"device(s) visible")
     return dev
 
 
