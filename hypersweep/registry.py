@@ -42,6 +42,16 @@ def check_choice(kind: str, value: Any, choices: "list[str] | tuple[str, ...]") 
         )
 
 
+def merge_params(owner: str, defaults: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+    """``params`` over ``defaults``; a key not in ``defaults`` raises ``ValueError`` naming
+    ``owner`` (``"problem 'ridge'"``) and listing the valid keys."""
+    for key in params:
+        if key not in defaults:
+            raise ValueError(f"Unknown parameter {key!r} for {owner}. Valid choices: "
+                             f"{', '.join(sorted(defaults)) or '(none)'}")
+    return {**defaults, **params}
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """What a hypergradient algorithm is; its math lives in ``impls``.

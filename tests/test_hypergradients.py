@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 import pytest
+from estimator_calls import FULL_BATCH, full_batch, run
 
 from hypersweep import algorithms, problems
 from hypersweep.problems import base
@@ -36,7 +37,6 @@ Q_POWER_TARGET = 1e-10  # t is chosen so that q^t ≤ this
 ORACLE_RTOL = 1e-6
 IDENTITY_RTOL = 1e-10
 BIG_W = 200            # aid_exact (dense Hessian) is skipped above this dim w
-FULL_BATCH = 10 ** 6   # a batch_size larger than every split: no sampling
 # the estimators that must reach the oracle at large t and K (the catalog's flag)
 CONSISTENT = [n for n in algorithms.names("estimator") if algorithms.spec(n).consistent]
 
@@ -97,17 +97,6 @@ def _t_large(name: str) -> int:
 
 def t_large(problem) -> int:
     return _t_large(problem.name)
-
-
-def run(name: str, problem, lam, **kwargs):
-    if not algorithms.spec(name).uses_K:
-        kwargs.pop("K", None)
-    return algorithms.get(name, backend=problem.backend)(problem, lam, **kwargs)
-
-
-def full_batch(algo: str) -> dict:
-    """Minibatch estimators (stocbio) with a batch larger than every split: deterministic."""
-    return {"batch_size": FULL_BATCH} if "batch_size" in algorithms.spec(algo).params else {}
 
 
 def hg(result) -> np.ndarray:

@@ -21,6 +21,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from estimator_calls import FULL_BATCH, full_batch, run
 
 from hypersweep import algorithms, problems
 from hypersweep.algorithms.torch import _core
@@ -30,7 +31,6 @@ PARITY_RTOL = 1e-8
 W_PARITY_RTOL = 1e-10   # w_t: t contractive steps only, no solve — rounding ≲ 1e-14
 IDENTITY_RTOL = 1e-10   # equal in exact arithmetic; float64 rounding over ≤ a few 100 steps
 ORACLE_RTOL = 1e-6      # t large enough that q^t ≤ 1e-11 (checked below)
-FULL_BATCH = 10 ** 6
 PARITY_T, PARITY_K = 40, 15
 
 # Every problem is compared on its catalog ``small`` instance (fast on 2 cores).
@@ -54,17 +54,6 @@ def perturbed_lam(problem) -> np.ndarray:
     lam = problem.initial_hyperparams()
     offset = np.random.default_rng(1234).standard_normal(lam.shape)
     return lam + 0.1 * offset
-
-
-def run(name: str, problem, lam, **kwargs):
-    if not algorithms.spec(name).uses_K:
-        kwargs.pop("K", None)
-    return algorithms.get(name, backend=problem.backend)(problem, lam, **kwargs)
-
-
-def full_batch(algo: str) -> dict:
-    """Minibatch estimators (stocbio) with a batch larger than every split: deterministic."""
-    return {"batch_size": FULL_BATCH} if "batch_size" in algorithms.spec(algo).params else {}
 
 
 def to_np(x) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import Hypergrad, check_budget
-from hypersweep.registry import BACKENDS, check_choice, resolve_impl
+from hypersweep.registry import BACKENDS, check_choice, merge_params, resolve_impl
 
 
 def names(kind: str | None = None) -> list[str]:
@@ -35,14 +35,7 @@ def spec(name: str):
 
 def check_params(name: str, params: dict) -> dict:
     """Merge ``params`` over the algorithm's defaults; unknown keys raise ``ValueError``."""
-    allowed = dict(ALGORITHMS.spec(name).params)
-    for key in params:
-        if key not in allowed:
-            raise ValueError(
-                f"Unknown parameter {key!r} for algorithm {name!r}. Valid choices: "
-                f"{', '.join(sorted(allowed)) or '(none)'}"
-            )
-    return {**allowed, **params}
+    return merge_params(f"algorithm {name!r}", ALGORITHMS.spec(name).params, params)
 
 
 def applicable(name: str, problem_capabilities) -> bool:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hypersweep.problems.base import DTYPES, Problem, ProblemData  # noqa: F401
+from hypersweep.problems.base import DTYPES, Problem, ProblemData
 from hypersweep.problems.catalog import PROBLEMS
-from hypersweep.registry import BACKENDS, check_choice
+from hypersweep.registry import BACKENDS, check_choice, merge_params
 
 # Parameters every problem accepts, on top of its own (see the catalog).
 COMMON_PARAMS = {"data": None, "inner_lr": None, "w_init": None}
@@ -30,14 +30,7 @@ def valid_params(name: str) -> dict[str, Any]:
 
 def check_params(name: str, params: dict) -> dict:
     """Merge ``params`` over the defaults; unknown keys raise a ``ValueError``."""
-    allowed = valid_params(name)
-    for key in params:
-        if key not in allowed:
-            raise ValueError(
-                f"Unknown parameter {key!r} for problem {name!r}. "
-                f"Valid choices: {', '.join(sorted(allowed))}"
-            )
-    return {**allowed, **params}
+    return merge_params(f"problem {name!r}", valid_params(name), params)
 
 
 def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
