@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-import hypersweep.problems.jax.ops  # noqa: F401  (enables float64 before any array exists)
 from hypersweep.algorithms.common import DEFAULT_TOL, SolveResult
 
 
