@@ -18,7 +18,8 @@ from hypersweep.orchestrator.cell import Cell, canonical_json, make_cell_id
 from hypersweep.io.schema import (RESULT_SCHEMA, TRACE_SCHEMA, empty_row,
                                             empty_trace)
 from hypersweep.io.parquet import write_table_atomic
-from hypersweep.pipelines import report
+from hypersweep.tools.report import figures, reading, statistics, tables
+from hypersweep.tools.report import main as report
 
 T_GRID = [1, 2, 5, 10, 20, 50, 100]
 SEEDS = [0, 1, 2]
@@ -110,17 +111,17 @@ def built(study_dir, tmp_path_factory):
 
 def test_fit_rate_recovers_known_ratios():
     t = np.array(T_GRID)
-    assert report.fit_rate(t, 3.0 * 0.9 ** t) == pytest.approx(0.9, rel=1e-12)
+    assert statistics.fit_rate(t, 3.0 * 0.9 ** t) == pytest.approx(0.9, rel=1e-12)
     # floor at 1e-13 from t = 100 on: excluded from the fit
-    assert report.fit_rate(t, np.maximum(0.7 ** t, 1e-13)) == pytest.approx(0.7, rel=1e-12)
+    assert statistics.fit_rate(t, np.maximum(0.7 ** t, 1e-13)) == pytest.approx(0.7, rel=1e-12)
     # K = 10 plateau at 1e-3 (reached at t ≈ 31): only t ≤ 20 are on the line
     plateau = np.maximum(0.8 ** t, 1e-3)
-    assert list(t[report.decreasing_part(t, plateau)]) == [1, 2, 5, 10, 20]
-    assert report.fit_rate(t, plateau) == pytest.approx(0.8, rel=1e-12)
+    assert list(t[statistics.decreasing_part(t, plateau)]) == [1, 2, 5, 10, 20]
+    assert statistics.fit_rate(t, plateau) == pytest.approx(0.8, rel=1e-12)
     # a non-contractive start (error rises, then falls at rate 0.5): fit from the peak
     rising = np.array([1.0, 4.0, 2.0, 1.0, 0.5, 0.25])
-    assert report.fit_rate(np.arange(6), rising) == pytest.approx(0.5, rel=1e-12)
-    assert report.fit_rate([1, 2], [1.0, 1.0]) is None  # no decrease: no rate
+    assert statistics.fit_rate(np.arange(6), rising) == pytest.approx(0.5, rel=1e-12)
+    assert statistics.fit_rate([1, 2], [1.0, 1.0]) is None  # no decrease: no rate
 
 
 def test_error_vs_t_figure_has_a_panel_per_problem_and_the_fitted_rates(built):
@@ -137,7 +138,8 @@ def test_error_vs_t_figure_has_a_panel_per_problem_and_the_fitted_rates(built):
     assert list(fp10.get_xdata()) == T_GRID
     rates = built["rates"].set_index(["problem", "line"])
     assert rates.loc[("ridge", "itd"), "rate"] == pytest.approx(0.9, rel=1e-12)
-    # q from the numpy-only path equals the backend-built problem's, median over seeds
+    # q from the cells' own instances (the pipelines' builder) equals a freshly built
+    # problem's, median over seeds
     q = np.median([problems.make("ridge", backend="torch", seed=s, dtype="float64")
                    .contraction_factor() for s in SEEDS])
     assert rates.loc[("ridge", "itd"), "q"] == pytest.approx(q, rel=1e-12)
@@ -160,18 +162,18 @@ def skewed_results(tmp_path_factory):
                  hypergrad_rel_error=factor * 0.5 ** t)
             for seed, factor in SKEWED.items() for t in (1, 2, 5)]
     write_table_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out / "results")
-    return report.read_output(out)[0]
+    return reading.read_output(out)[0]
 
 
 def test_error_curves_are_the_median_over_seeds_with_a_20_80_band(skewed_results):
-    curves = report.error_curves(skewed_results)
+    curves = statistics.error_curves(skewed_results)
     assert list(curves["t"]) == [1, 2, 5] and set(curves["n"]) == {5}
     base = 0.5 ** curves["t"].to_numpy(float)
     np.testing.assert_allclose(curves["median"], SKEWED_MEDIAN * base, rtol=1e-12)
     np.testing.assert_allclose(curves["low"], SKEWED_LOW * base, rtol=1e-12)
     np.testing.assert_allclose(curves["high"], SKEWED_HIGH * base, rtol=1e-12)
     # ... and the figure draws exactly those: the line is the median, the band 20-80 %.
-    fig, _ = report.plot_error_vs_t(skewed_results)
+    fig, _ = figures.plot_error_vs_t(skewed_results)
     (ax,) = fig.axes
     (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_xdata(), [1, 2, 5])
@@ -188,7 +190,7 @@ def test_best_val_figure_and_comparison_table(built):
     fig = built["figures"]["best_val_vs_cost.png"]
     assert len(fig.axes) == 2  # one problem × (wall time, evaluations)
     assert fig.axes[0].get_xlabel() == "wall time (s)"
-    assert fig.axes[1].get_xlabel() == report.COST_LABEL  # n_oracle_calls (docs/costs.md)
+    assert fig.axes[1].get_xlabel() == figures.COST_LABEL  # n_oracle_calls (docs/costs.md)
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles == {"aid_cg K=10 (gradient)": "-", "random (black-box)": "--"}
     # the median curve ends at the final best values
@@ -222,7 +224,7 @@ def test_html_is_self_contained_and_shows_the_numbers(built):
 
 
 def test_summary_table_counts_and_medians(built):
-    text = report.summary_table(built["results"])
+    text = tables.summary_table(built["results"])
     assert text.splitlines()[0].split()[:3] == ["pipeline", "problem", "algorithm"]
     lines = {tuple(line.split()[:4]): line for line in text.splitlines()[2:]}
     assert lines[("blackbox", "ridge", "random", "3/1")]
@@ -231,7 +233,7 @@ def test_summary_table_counts_and_medians(built):
     itd = lines[("hypergradient_error", "ridge", "itd", "21/0")]
     # median over all t and seeds of 2·0.9ᵗ·(1 + 0.01 s): t = 10, s = 1
     assert f"{2 * 0.9 ** 10 * 1.01:.3e}" in itd
-    assert report.summary_table([]) == "(no results)"
+    assert tables.summary_table([]) == "(no results)"
 
 
 def test_rerun_keeps_the_latest_row(built):
@@ -289,10 +291,10 @@ def test_cost_axis_is_n_oracle_calls_with_a_fallback_for_old_outputs():
 
     df = pd.DataFrame({"n_inner_grad_evals": [100, 200, 100], "n_hvp_evals": [0, 0, 40],
                        "n_oracle_calls": [301, 602, None]})
-    assert report.oracle_calls(df).tolist() == [301.0, 602.0, 140.0]
-    assert report.oracle_calls(df.drop(columns="n_oracle_calls")).tolist() == [100.0, 200.0,
+    assert statistics.oracle_calls(df).tolist() == [301.0, 602.0, 140.0]
+    assert statistics.oracle_calls(df.drop(columns="n_oracle_calls")).tolist() == [100.0, 200.0,
                                                                               140.0]
     curves = pd.DataFrame({"panel": "p", "method": "itd", "kind": "gradient", "cell_id": "c",
                            "n_oracle_calls": [301.0, 602.0], "best": [2.0, 1.0]})
-    drawn = report.best_curves(curves, report.COST_AXIS, n_grid=5)
+    drawn = statistics.best_curves(curves, statistics.COST_AXIS, n_grid=5)
     assert drawn["x"].min() == pytest.approx(301.0) and drawn["x"].max() == pytest.approx(602.0)

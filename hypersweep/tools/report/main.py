@@ -1,0 +1,180 @@
+"""``hypersweep report RESULTS_DIR... --out DIR``: reads one or more study output
+directories and writes to ``DIR``:
+
+``error_vs_t.png``
+    hypergradient error vs t, one panel per problem (log y), one line per (algorithm,
+    K-setting): median over seeds with a 20–80 % band — the four panels of Grazzi et al.
+    2020 for logreg, kernel_ridge, biased_reg, hyper_rep. Each line's observed linear
+    rate r (least squares of log error vs t over its decreasing part: error ≈ c·rᵗ) is
+    printed next to the problem's contraction factor q of Φ.
+``best_val_vs_cost.png``
+    best validation loss so far vs wall time and vs oracle calls, gradient
+    HPO (``hpo`` traces, solid) against black-box search (``blackbox`` traces, dashed),
+    median over seeds with a 20–80 % band.
+``comparison.csv`` / ``rates.csv``
+    the tables below, machine-readable.
+``tutorial_table.txt``
+    the ridge tutorial's table, when the results hold HPO or black-box cells on ridge.
+``report.html``
+    everything above, images embedded (base64), plus per problem: method, final best val
+    loss, test metric, time and oracle calls to reach within 1 % of the best val loss any
+    method found (per seed), and the summary table.
+
+The files are logged as artifacts of each study's MLflow parent run (tag
+``hypersweep.study``) when its tracking store is reachable; otherwise a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hypersweep.io.parquet import STUDY_FILE
+from hypersweep.io.tracking import TAG_ROLE, TAG_STUDY, choose_tracking_uri
+from hypersweep.tools.report import figures
+from hypersweep.tools.report.page import render_html
+from hypersweep.tools.report.reading import read_outputs
+from hypersweep.tools.report.tables import (
+    comparison_table,
+    summary_table,
+    tutorial_summary,
+)
+
+log = logging.getLogger(__name__)
+
+_SQLITE = "sqlite:///"
+
+
+def build_report(dirs: Sequence[str | Path], out: str | Path, *,
+                 error: str = "hypergrad_rel_error") -> dict:
+    """Read ``dirs``, write the figures, CSVs and ``report.html`` to ``out``; return
+    ``{"files": [...], "figures": {name: Figure}, "rates", "comparison", "summary",
+    "results", "tutorial"}``."""
+    results, traces = read_outputs(dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    found, images, files = {}, {}, []
+    fig1, rates = figures.plot_error_vs_t(results, error=error)
+    fig2 = figures.plot_best_val(results, traces)
+    for name, fig in (("error_vs_t.png", fig1), ("best_val_vs_cost.png", fig2)):
+        if fig is None:
+            continue
+        found[name] = fig
+        images[name] = figures.png(fig)
+        (out / name).write_bytes(images[name])
+        files.append(out / name)
+        figures.close(fig)
+    comparison = comparison_table(results, traces)
+    summary = summary_table(results)
+    for name, df in (("rates.csv", rates), ("comparison.csv", comparison)):
+        if len(df):
+            df.to_csv(out / name, index=False)
+            files.append(out / name)
+    tutorial = tutorial_summary(results)
+    if tutorial:
+        (out / "tutorial_table.txt").write_text(tutorial, encoding="utf-8")
+        files.append(out / "tutorial_table.txt")
+    page = render_html(sources=[str(d) for d in dirs], summary=summary, images=images,
+                       rates=rates, comparison=comparison, tutorial=tutorial)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    files.append(out / "report.html")
+    return {"files": files, "figures": found, "rates": rates, "comparison": comparison,
+            "summary": summary, "results": results, "tutorial": tutorial}
+
+
+def _study_tracking(output_dir: Path, override: str | None) -> tuple[str | None, str, str]:
+    """(tracking URI or None, experiment, study) from ``output_dir/study.yaml``.
+
+    The URI is :func:`~hypersweep.io.tracking.choose_tracking_uri` of ``override`` and
+    the study's ``mlflow.tracking_uri``. A sqlite store that is not where that says is
+    looked for beside the output (the study ran from another directory, or the output
+    moved with its store); None when it is nowhere, or the study disabled MLflow.
+    """
+    import yaml
+
+    raw = {}
+    study_file = output_dir / STUDY_FILE
+    if study_file.is_file():
+        raw = yaml.safe_load(study_file.read_text(encoding="utf-8")) or {}
+    cfg = raw.get("mlflow") or {}
+    study = raw.get("study") or output_dir.name
+    if cfg.get("enabled") is False and not override:
+        return None, study, study
+    uri = choose_tracking_uri(override, cfg.get("tracking_uri"))
+    if uri.startswith(_SQLITE):
+        path = Path(uri[len(_SQLITE):])
+        candidates = [path, output_dir.parent / path.name, output_dir / path.name]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            log.warning("MLflow store %s not found; report not logged to MLflow",
+                        candidates[0])
+            return None, study, study
+        uri = _SQLITE + str(path.resolve())
+    return uri, cfg.get("experiment") or study, study
+
+
+def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
+                  tracking_uri: str | None = None) -> list[str]:
+    """Log ``files`` under ``report/`` of each study's MLflow parent run; returns the run
+    ids logged to. Never raises: an unreachable store is a warning."""
+    logged = []
+    for directory in dirs:
+        try:
+            uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
+            if uri is None:
+                continue
+            from hypersweep.io.tracking import set_mlflow_env_defaults
+            set_mlflow_env_defaults()
+            from mlflow import MlflowClient
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                log.warning("MLflow experiment %r not found at %s; report not logged",
+                            experiment, uri)
+                continue
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{TAG_STUDY}` = '{study}' and "
+                              f"tags.`{TAG_ROLE}` = 'parent'", max_results=10)
+            if not runs:
+                log.warning("no MLflow parent run tagged %s=%r in %r; report not logged",
+                            TAG_STUDY, study, experiment)
+                continue
+            run_id = sorted(runs, key=lambda r: r.info.start_time or 0)[0].info.run_id
+            for f in files:
+                client.log_artifact(run_id, str(f), artifact_path="report")
+            logged.append(run_id)
+        except Exception as exc:  # MLflow is a view; the files are already written
+            log.warning("could not log the report to MLflow for %s: %s", directory, exc)
+    return logged
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hypersweep report RESULTS_DIR... --out DIR [--mlflow-uri URI] [--no-mlflow]``."""
+    parser = argparse.ArgumentParser(
+        prog="hypersweep report",
+        description="Figures, tables and an HTML page from study output directories.")
+    parser.add_argument("results", nargs="+", help="study output directories")
+    parser.add_argument("--out", required=True, help="directory for the report")
+    parser.add_argument("--error", choices=("rel", "abs"), default="rel",
+                        help="hypergradient error to plot (default: rel)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="tracking URI (default: each study's study.yaml)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
+    for d in args.results:
+        if not Path(d).is_dir():
+            sys.stderr.write(f"error: results directory {d!r} does not exist\n")
+            return 2
+    error = "hypergrad_rel_error" if args.error == "rel" else "hypergrad_abs_error"
+    report = build_report(args.results, args.out, error=error)
+    if report["results"].empty:
+        log.warning("no result rows found in %s", ", ".join(args.results))
+    if not args.no_mlflow:
+        log_to_mlflow(args.results, report["files"], tracking_uri=args.mlflow_uri)
+    if report.get("tutorial"):
+        sys.stdout.write(report["tutorial"] + "\n")
+    sys.stdout.write(f"report written to {Path(args.out) / 'report.html'}\n")
+    return 0
