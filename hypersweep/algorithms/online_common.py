@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import cost_columns
+from hypersweep.algorithms.params import check_algorithm_params
 from hypersweep.registry import check_choice
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -64,8 +65,9 @@ class OuterOptimizer(NamedTuple):
 class OnlineConfig(NamedTuple):
     """Static (hashable) settings of an online run; part of the state, never traced.
 
-    The method's ``params`` (names and defaults: its catalog entry's ``params``) are the
-    last fields; a parameter the method does not take is None.
+    The method's ``params`` (names and defaults: its catalog entry's ``params``, checked
+    by its catalog model) are the last fields; a parameter the method does not take is
+    None.
     """
 
     method: str
@@ -145,37 +147,17 @@ def make_config(method: str, *, optimizer: str = "adam", outer_lr: float = 0.1,
                 **params: Any) -> OnlineConfig:
     """Validate the settings of ``method``; bad values raise ``ValueError`` naming the key.
 
-    ``params`` are merged over the method's catalog defaults
-    (``ALGORITHMS.spec(method).params``), whose keys are the only ones accepted.
+    ``params`` are merged over the method's catalog defaults and checked by its catalog
+    model (:func:`hypersweep.algorithms.params.check_algorithm_params`: only the catalog's
+    keys, each in range), so the catalog is the one list of them; a catalog parameter
+    that :class:`OnlineConfig` has no field for fails here too.
     """
     check_choice("online method", method, online_methods())
     check_choice("optimizer", optimizer, OUTER_OPTIMIZERS)
-    defaults = dict(ALGORITHMS.spec(method).params)
-    for key in params:
-        if key not in defaults:
-            raise ValueError(f"Unknown parameter {key!r} for online method {method!r}. "
-                             f"Valid choices: {', '.join(defaults)}")
-    merged = {**defaults, **params}
+    checked = check_algorithm_params(method, params)
     config = OnlineConfig(method=method, optimizer=optimizer,
                           outer_lr=_positive("outer_lr", outer_lr))
-    if "gamma" in merged:
-        gamma = float(merged["gamma"])
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1]; got {merged['gamma']!r}")
-        config = config._replace(gamma=gamma)
-    if "theta0" in merged:
-        theta0 = float(merged["theta0"])
-        if not math.isfinite(theta0):
-            raise ValueError(f"theta0 must be finite; got {merged['theta0']!r}")
-        config = config._replace(theta0=theta0)
-    if "theta_every" in merged:
-        every = merged["theta_every"]
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"theta_every must be an integer >= 1; got {every!r}")
-        config = config._replace(theta_every=every)
-    if "fd_eps" in merged:
-        config = config._replace(fd_eps=_positive("fd_eps", merged["fd_eps"]))
-    return config
+    return config if checked is None else config._replace(**checked.as_dict())
 
 
 def online_method(method: str, step: Callable[..., Any],
