@@ -53,7 +53,7 @@ def study(output, *, name: str = "sweep", backend: tuple = (), resources: dict |
     in the runners, which a validated study cannot say). Defaults: one CPU per actor,
     ``max_retries`` 1, no cell timeout, MLflow off."""
     values = dict(study=name, pipeline="sweep_test", output=str(output), backend=backend,
-                  max_retries=1, cell_timeout_s=None,
+                  problems=(), algorithms=(), t=(1,), max_retries=1, cell_timeout_s=None,
                   resources=Resources.model_construct(**{"num_cpus": 1.0, "num_gpus": 0.0,
                                                          **(resources or {})}),
                   mlflow=MlflowConfig.model_construct(**{"enabled": False, **(mlflow or {})}))

@@ -135,7 +135,7 @@ def test_driver_actor_options_agree_on_gpu_sharing():
     pytest.importorskip("ray")
     from hypersweep.orchestrator import actors
 
-    theirs = actors.actor_options(num_cpus=0, num_gpus=0.25)
+    theirs = actors.actor_options(ActorRequest(num_cpus=0, num_gpus=0.25))
     env = theirs.get("runtime_env", {}).get("env_vars", {})
     assert env.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false"
     assert theirs["num_gpus"] == 0.25

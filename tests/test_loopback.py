@@ -132,13 +132,13 @@ class _FakeRay:
 
 @pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
 def test_init_ray_sets_loopback_only_for_the_embedded_ray(monkeypatch, address):
-    from hypersweep.orchestrator import driver
+    from hypersweep.orchestrator.ray_env import init_ray
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert driver._init_ray(address) is True
+    assert init_ray(address) is True
     (call,) = fake.calls
     if address:  # a cluster: the user's environment, Ray's defaults
         assert call == {"address": address, "logging_level": "WARNING"}
@@ -159,8 +159,8 @@ assert not any(k.startswith("RAY_") for k in os.environ), "import-time environme
 
 API_AFTER_IMPORT_RAY = """
 import ray, psutil, ipaddress
-from hypersweep.orchestrator import driver
-assert driver._init_ray(None)
+from hypersweep.orchestrator.ray_env import init_ray
+assert init_ray(None)
 node = ray._private.worker.global_worker.node
 ips = {c.laddr.ip for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
        for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}

@@ -1,4 +1,5 @@
-"""Parquet sink helpers that need no Ray: dedup of re-run cells on read."""
+"""Sinks that need no Ray: dedup of re-run cells on read, and the driver's Sinks (study.yaml,
+then Parquet parts; MLflow off)."""
 import time
 
 import pyarrow as pa
@@ -31,3 +32,28 @@ def test_read_traces_keeps_only_the_latest_run_of_a_rerun_cell(tmp_path):
 
 def test_read_traces_of_a_missing_directory_is_empty(tmp_path):
     assert parquet.read_traces(tmp_path).num_rows == 0
+
+
+def test_sinks_write_the_study_then_parquet_and_leave_mlflow_off(tmp_path):
+    import sweep_test_pipeline
+    from hypersweep.io.schema import empty_row
+    from hypersweep.orchestrator.sinks import Sinks
+
+    study = sweep_test_pipeline.study(tmp_path / "out", name="sinks")
+    sinks = Sinks(study, tmp_path / "out", flush_rows=2, flush_seconds=1e9)
+    assert "study: sinks" in (tmp_path / "out" / parquet.STUDY_FILE).read_text()
+    assert sinks.writer is None and sinks.mlflow_summary() is None
+    for cell_id in ("a", "b", "c"):
+        row = empty_row()
+        row.update(study="sinks", cell_id=cell_id, status="ok")
+        sinks.add(row, [])
+        if sinks.due():
+            sinks.flush()
+    assert parquet.read_results(tmp_path / "out").num_rows == 2  # "c" still buffered
+    error = parquet.SinkWriteError(tmp_path, OSError(28, "No space left on device"), 4)
+    assert "2 finished cell(s) of this run are saved, 1 more" in str(
+        sinks.parquet.stopped(error))
+    sinks.flush()
+    assert parquet.read_results(tmp_path / "out").num_rows == 3
+    sinks.close(status="FINISHED", summary=None, timeout=None)
+    assert sinks.drain_wait_s == 0.0

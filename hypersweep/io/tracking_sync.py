@@ -13,11 +13,14 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypersweep.io.parquet import STUDY_FILE, read_results
 from hypersweep.io.tracking import (MlflowLogger, choose_tracking_uri, flatten_params,
                                     k_uses_t, set_mlflow_env_defaults)
+
+if TYPE_CHECKING:
+    from hypersweep.orchestrator.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,6 @@ def _connection_error(exc: BaseException) -> bool:
                "unable to open database", "OperationalError", "API request to")
     return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
         marker in text for marker in markers)
-
 
 
 class _QuietRetries(logging.Filter):
@@ -175,27 +177,18 @@ class MlflowWriter:
         self.drain_wait_s = time.perf_counter() - start
 
 
-def study_params(study: Any) -> dict:
-    """The parent run's params: the study's keys, compactly."""
-    out = {}
+def study_params(study: "StudySpec") -> dict:
+    """The parent run's params: the keys of ``study`` (a StudySpec), compactly."""
+    out: dict[str, Any] = {}
     for key in ("study", "pipeline", "backend", "dtype", "t", "K", "seeds", "num_actors",
                 "max_retries", "cell_timeout_s", "output"):
-        if hasattr(study, key):
-            value = getattr(study, key)
-            out[key] = list(value) if isinstance(value, tuple) else value
-    for key in ("problems", "algorithms"):
-        entries = getattr(study, key, None) or ()
-        out[key] = [getattr(entry, "label", getattr(entry, "name", entry)) for entry in entries]
-    resources = getattr(study, "resources", None)
-    if resources is not None:
-        for name in ("num_cpus", "num_gpus", "memory_mb"):
-            value = resources.get(name) if isinstance(resources, dict) else getattr(
-                resources, name, None)
-            out[f"resources.{name}"] = value
-    pipeline_params = getattr(study, "pipeline_params", None) or {}
-    flat: dict = {}
-    flatten_params("pipeline_params", dict(pipeline_params), flat)
-    out.update(flat)
+        value = getattr(study, key)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    out["problems"] = [entry.label for entry in study.problems]
+    out["algorithms"] = [entry.label for entry in study.algorithms]
+    for name in ("num_cpus", "num_gpus", "memory_mb"):
+        out[f"resources.{name}"] = getattr(study.resources, name)
+    flatten_params("pipeline_params", dict(study.pipeline_params), out)
     return {key: json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
             for key, value in out.items()}
 

@@ -1,4 +1,6 @@
-"""Where and when cells run: study specs, cells, Ray actors and the driver.
+"""Where and when cells run: the study (``spec``, ``fields``, ``checks``), its cells
+(``expand``, ``cell``), the Ray actors (``actors``, ``resources``, ``ray_env``) and the
+driver (``driver``: the loop; ``pool``, ``feed``, ``sinks``, ``summary``, ``progress``).
 
 Results go through :mod:`hypersweep.io`.
 

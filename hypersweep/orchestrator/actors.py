@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hypersweep.orchestrator import cell as cell_module
+from hypersweep.orchestrator import resources
+from hypersweep.orchestrator.resources import ActorRequest
 from hypersweep.registry import PLUGINS_ENV, load_plugins
 
 log = logging.getLogger(__name__)
@@ -131,27 +133,17 @@ class _CellRunner:
             self._running = None
 
 
-def actor_options(*, num_cpus: float, num_gpus: float = 0.0, memory_mb: float | None = None,
-                  max_restarts: int = 4) -> dict[str, Any]:
-    """``.options(...)`` for one runner. ``max_task_retries=0``: the driver retries cells
-    itself, so it can count attempts and blame only the cell that was running."""
-    env_vars = {}
-    if num_gpus > 0:
-        # Fractional GPUs are bookkeeping only; JAX would grab 75 % of the device per
-        # process otherwise.
-        env_vars["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+def actor_options(request: ActorRequest, *, max_restarts: int = 4) -> dict[str, Any]:
+    """``.options(...)`` for one runner: :func:`.resources.actor_options` (resources,
+    restarts, GPU sharing) plus what the runner reads from its environment, the plugins
+    (``$HYPERSWEEP_PLUGINS``) and its memory watchdog's limit and report folder."""
+    env = {}
     if os.environ.get(PLUGINS_ENV):
-        env_vars[PLUGINS_ENV] = os.environ[PLUGINS_ENV]
-    if memory_mb:
-        env_vars[MEMORY_LIMIT_ENV] = f"{float(memory_mb):g}"
-        env_vars[MEMORY_REPORT_DIR_ENV] = str(memory_report_dir())
-    options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus,
-                                   max_restarts=max_restarts, max_task_retries=0)
-    if memory_mb:
-        options["memory"] = int(memory_mb * 2**20)
-    if env_vars:
-        options["runtime_env"] = {"env_vars": env_vars}
-    return options
+        env[PLUGINS_ENV] = os.environ[PLUGINS_ENV]
+    if request.memory_mb:
+        env[MEMORY_LIMIT_ENV] = f"{float(request.memory_mb):g}"
+        env[MEMORY_REPORT_DIR_ENV] = str(memory_report_dir())
+    return resources.actor_options(request, max_restarts=max_restarts, extra_env=env)
 
 
 def __getattr__(name: str) -> Any:

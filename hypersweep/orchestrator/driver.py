@@ -5,7 +5,7 @@ before). It starts an embedded loopback-only Ray (or joins a cluster: ``address`
 ``$RAY_ADDRESS`` as set by ``ray job submit``), builds a pool of long-lived
 :class:`~.actors.CellRunner` actors sized from ``resources``, and streams cells to them:
 
-* **Feeding** — at most ``IN_FLIGHT_PER_ACTOR`` cells queued per actor, completions
+* **Feeding** — at most ``pool.IN_FLIGHT_PER_ACTOR`` cells queued per actor, completions
   collected with ``ray.wait`` (timeout 0.2 s, so signals and flushes stay prompt); cells are
   pulled lazily from the ``expand`` generator through a small look-ahead window from which
   an actor preferably takes a cell with the ``shape_key`` it ran last (its process caches
@@ -20,12 +20,13 @@ before). It starts an embedded loopback-only Ray (or joins a cluster: ``address`
   without being charged. The sweep always goes on.
 * **Sinks** — rows go to Parquet first (one atomic part per 50 rows or 2 s), then to one
   background MLflow writer thread; MLflow being down costs one warning.
-
-The pieces live apart: :mod:`.pool` (actors, pings, restarts), :mod:`.feed` (resume,
-retries, look-ahead), :mod:`.sinks` (Parquet and MLflow) and :mod:`.summary` (statistics
-and tables); this module is the loop that ties them, and what a fault means for a cell.
 * **Signals** — SIGTERM (``ray job stop``) and SIGINT flush the finished rows, mark the
   MLflow parent run KILLED and raise :class:`SweepInterrupted` (exit code 128 + signal).
+
+The pieces live apart: :mod:`.pool` (actors, pings, restarts), :mod:`.feed` (resume,
+retries, look-ahead), :mod:`.sinks` (Parquet and MLflow), :mod:`.summary` (statistics and
+tables) and :mod:`.ray_env` (starting or joining Ray); this module is the loop that ties
+them, and what a fault means for a cell.
 
 The driver never imports torch or jax; the actors do, through the pipeline.
 """
@@ -34,12 +35,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from hypersweep.io import lock as lock_mod
 from hypersweep.io import parquet, tracking
@@ -50,9 +50,13 @@ from hypersweep.orchestrator.cell import Cell, failure_row
 from hypersweep.orchestrator.feed import Feed, resume_filter
 from hypersweep.orchestrator.pool import PING_RETRY_S, Pool, Slot, Task
 from hypersweep.orchestrator.progress import SweepProgress
+from hypersweep.orchestrator.ray_env import init_ray
 from hypersweep.orchestrator.sinks import Sinks
 from hypersweep.orchestrator.summary import zero_hypergradient_warning
 from hypersweep.registry import BACKENDS, load_plugins
+
+if TYPE_CHECKING:
+    from hypersweep.orchestrator.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -93,37 +97,7 @@ class SweepAborted(KeyboardInterrupt):
                          "it are saved in the output")
 
 
-def _init_ray(address: str | None) -> bool:
-    """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
-    Returns whether this call started it (only then does the driver shut it down).
-
-    The environment is set before this process first imports Ray, which reads it then
-    (see :mod:`.ray_env`); a cluster that is joined keeps the user's environment."""
-    import sys
-
-    from hypersweep.orchestrator.ray_env import prepare_local_ray
-
-    imported = sys.modules.get("ray")
-    if imported is not None and imported.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    local_kwargs = {} if address else prepare_local_ray()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Errors of refs we abandoned on purpose (timeouts, crashed actors) are handled; do not
-    # let Ray print them again when the refs are garbage collected.
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    import ray
-
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-        return True
-    temp_dir = os.path.join(tempfile.gettempdir(), f"hypersweep-ray-{os.getuid()}")
-    ray.init(address="local", _temp_dir=temp_dir, logging_level="ERROR",
-             log_to_driver=False, **local_kwargs)
-    return True
-
-
-def actor_request(study: Any) -> resources_mod.ActorRequest:
+def actor_request(study: "StudySpec") -> resources_mod.ActorRequest:
     """What each of the study's runners asks Ray for."""
     res = study.resources
     return resources_mod.ActorRequest(num_cpus=float(res.num_cpus),
@@ -131,7 +105,8 @@ def actor_request(study: Any) -> resources_mod.ActorRequest:
                                       memory_mb=res.memory_mb)
 
 
-def pool_size(study: Any, cluster: dict | list, n_cells: int | None = None) -> int:
+def pool_size(study: "StudySpec", cluster: dict | list, n_cells: int | None = None
+              ) -> int:
     """``num_actors``, else how many actors of the study's request fit on the nodes.
 
     ``cluster``: a list of alive nodes' resources (counted per node, so two 1-GPU nodes
@@ -149,7 +124,7 @@ def pool_size(study: Any, cluster: dict | list, n_cells: int | None = None) -> i
 class _Sweep:
     """One run of a study's cells: resume, the pool, the loop, faults and the sinks."""
 
-    def __init__(self, study: Any, cells: Iterable[Cell], *, total: int | None,
+    def __init__(self, study: "StudySpec", cells: Iterable[Cell], *, total: int | None,
                  quiet: bool, retry_failed: bool, stop_event: threading.Event,
                  ensure_ray: Callable[[], Any], address: str | None = None,
                  force: bool = False):
@@ -179,9 +154,7 @@ class _Sweep:
     def _new_actor(self) -> Any:
         from hypersweep.orchestrator.actors import CellRunner, actor_options
 
-        options = actor_options(num_cpus=self.request.num_cpus,
-                                num_gpus=self.request.num_gpus,
-                                memory_mb=self.request.memory_mb)
+        options = actor_options(self.request)
         preload = tuple(b for b in self.study.backend if b in BACKENDS)
         return CellRunner.options(**options).remote(preload)
 
@@ -424,23 +397,23 @@ class _Sweep:
         }
 
 
-def run_cells(study: Any, cells: Iterable[Cell], *, total: int | None = None,
+def run_cells(study: "StudySpec", cells: Iterable[Cell], *, total: int | None = None,
               quiet: bool = False, retry_failed: bool = False,
               stop_event: threading.Event | None = None, address: str | None = None,
               force: bool = False) -> dict:
-    """Run ``cells`` of ``study`` (attributes as in ``StudySpec``) on the current Ray, or
-    on one started/joined as in :func:`run_study` when none is initialized (and then left
-    running). Returns the summary; ``summary["interrupted"]`` if ``stop_event`` was set."""
+    """Run ``cells`` of ``study`` on the current Ray, or on one started/joined as in
+    :func:`run_study` when none is initialized (and then left running). Returns the
+    summary; ``summary["interrupted"]`` if ``stop_event`` was set."""
     load_plugins()
     if total is None and hasattr(cells, "__len__"):
         total = len(cells)  # type: ignore[arg-type]
     sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
                    stop_event=stop_event or threading.Event(),
-                   ensure_ray=lambda: _init_ray(address), address=address, force=force)
+                   ensure_ray=lambda: init_ray(address), address=address, force=force)
     return sweep.run()
 
 
-def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
+def run_study(study: "StudySpec", *, address: str | None = None, quiet: bool = False,
               retry_failed: bool = False, cells: Iterable[Cell] | None = None,
               total: int | None = None, force: bool = False) -> dict:
     """Run a validated study to completion; return its summary (see ``print_summary``).
@@ -480,7 +453,7 @@ def run_study(study: Any, *, address: str | None = None, quiet: bool = False,
         stop_event.set()
 
     def ensure_ray():
-        started.append(_init_ray(address))
+        started.append(init_ray(address))
         install_handlers()  # after ray.init, which installs its own SIGTERM handler
 
     previous: dict = {}

@@ -34,6 +34,15 @@ def _choices(values) -> str:
     return ", ".join(map(str, values))
 
 
+def _mapping(value: Any, what: str) -> dict:
+    """A mapping; None (an empty YAML key) stands for ``{}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"must be {what}, got {value!r}")
+    return value
+
+
 def _int_at_least(minimum: int):
     def check(value: Any) -> int:
         if not _is_int(value) or value < minimum:
@@ -182,11 +191,7 @@ class _Entry(_Section):
     @field_validator("params", mode="before")
     @classmethod
     def _mapping(cls, params: Any) -> dict:
-        if params is None:
-            return {}
-        if not isinstance(params, dict):
-            raise _fail(f"must be a mapping of parameter names to values, got {params!r}")
-        return params
+        return _mapping(params, "a mapping of parameter names to values")
 
     def _allowed(self) -> dict:
         raise NotImplementedError

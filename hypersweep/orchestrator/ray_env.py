@@ -8,7 +8,8 @@ node address is exactly 127.0.0.1, and on all interfaces otherwise. On Linux Ray
 address, unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` — a variable Ray reads when it is
 first imported (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``). So
 :func:`prepare_local_ray` must run before the first ``import ray``; the driver calls it in
-the one function that starts the embedded Ray, and ``actors.py`` imports Ray lazily.
+:func:`init_ray`, the one function that starts the embedded Ray (or joins a cluster), and
+``actors.py`` imports Ray lazily.
 
 That variable also makes ``ray start --address ...`` refuse to add a node, so it is set
 only for an embedded Ray, never when joining a cluster (``--address``, ``$RAY_ADDRESS``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from typing import Any, MutableMapping
 
 log = logging.getLogger(__name__)
@@ -65,5 +67,31 @@ def _align_imported_ray() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-__all__ = ["prepare_local_ray", "LOOPBACK_IP", "LOOPBACK_ENV", "QUIET_ENV_DEFAULTS",
+__all__ = ["prepare_local_ray", "init_ray", "LOOPBACK_IP", "LOOPBACK_ENV", "QUIET_ENV_DEFAULTS",
            "LOCAL_INIT_KWARGS"]
+
+
+def init_ray(address: str | None) -> bool:
+    """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
+    Returns whether this call started it (only then does the driver shut it down).
+
+    The environment is set before this process first imports Ray, which reads it then
+    (see :mod:`.ray_env`); a cluster that is joined keeps the user's environment."""
+    imported = sys.modules.get("ray")
+    if imported is not None and imported.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    local_kwargs = {} if address else prepare_local_ray()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Errors of refs we abandoned on purpose (timeouts, crashed actors) are handled; do not
+    # let Ray print them again when the refs are garbage collected.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return True
+    temp_dir = os.path.join(tempfile.gettempdir(), f"hypersweep-ray-{os.getuid()}")
+    ray.init(address="local", _temp_dir=temp_dir, logging_level="ERROR",
+             log_to_driver=False, **local_kwargs)
+    return True

@@ -8,20 +8,24 @@ so MLflow only ever sees rows that are already safe on disk. Driver-only; no Ray
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from hypersweep.io import parquet, tracking
 from hypersweep.io.tracking_sync import MlflowWriter, default_artifact_root, study_params
 
-def study_text(study: Any) -> str:
+if TYPE_CHECKING:
+    from hypersweep.orchestrator.spec import StudySpec
+
+
+def study_text(study: "StudySpec") -> str:
     """The study as written (``source_text``), else its fields as YAML."""
     return study.source_text or yaml.safe_dump(study.model_dump(mode="json"),
                                                sort_keys=False)
 
 
-def mlflow_writer(study: Any) -> MlflowWriter | None:
+def mlflow_writer(study: "StudySpec") -> MlflowWriter | None:
     """A started writer for the study's MLflow settings, or None when disabled.
 
     The URI goes to MlflowClient explicitly (never mlflow's cwd default); the process
@@ -41,7 +45,8 @@ def mlflow_writer(study: Any) -> MlflowWriter | None:
 class Sinks:
     """The Parquet sink and the MLflow writer of one sweep (create it holding the lock)."""
 
-    def __init__(self, study: Any, output: Path, *, flush_rows: int, flush_seconds: float):
+    def __init__(self, study: "StudySpec", output: Path, *, flush_rows: int,
+                 flush_seconds: float):
         try:
             parquet.write_text_atomic(output / parquet.STUDY_FILE, study_text(study))
         except OSError as exc:

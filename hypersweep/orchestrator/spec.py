@@ -24,8 +24,8 @@ from hypersweep.orchestrator.fields import (AlgorithmEntry, MlflowConfig, Proble
                                             Resources, _algorithm_name, _as_list,
                                             _check_json, _choices, _entry, _fail,
                                             _float_field, _int_at_least, _is_int,
-                                            _k_value, _no_duplicates, _problem_name,
-                                            _Section)
+                                            _k_value, _mapping, _no_duplicates,
+                                            _problem_name, _Section)
 from hypersweep.pipelines.catalog import PIPELINES
 from hypersweep.problems.base import DTYPES
 from hypersweep.registry import BACKENDS
@@ -158,10 +158,7 @@ class StudySpec(_Section):
     @field_validator("pipeline_params", mode="before")
     @classmethod
     def _pipeline_params(cls, value: Any) -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise _fail(f"must be a mapping, got {value!r}")
+        value = _mapping(value, "a mapping")
         _check_json(value)
         return value
 
