@@ -21,6 +21,7 @@ import importlib
 import itertools
 import math
 
+import jax_traces
 import numpy as np
 import pytest
 from estimator_calls import FULL_BATCH, full_batch, run
@@ -500,7 +501,7 @@ def test_jax_cg_guards_keep_float32_finite():
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
-    solve = jax.jit(lambda diag, b, budget: core.cg(lambda p: diag * p, b, budget, 1e-6))
+    solve = jax.jit(lambda d, b, k: core.cg(lambda p: d * p, b, max_iter=k, tol=1e-6)[:3])
     b = jnp.asarray(rng.standard_normal(400), jnp.float32)
     # κ = 1e8 in float32: CG cannot reach 1e-6; it must spend the budget and stay finite.
     x, iters, rel = solve(jnp.asarray(np.logspace(-8, 0, 400), jnp.float32), b, 1000)
@@ -574,34 +575,34 @@ def _jax_core():
 
 @pytest.mark.parametrize("algo", ("aid_cg", "aid_fp", "aid_neumann"))
 def test_jax_aid_does_not_recompile_for_new_t_or_K(algo):
-    core = _jax_core()
+    traces = jax_traces.counts()
     # Shapes used by no other test, so the first call must compile (the counter works).
     problem = get_problem("ridge", "jax", n_features=7, n_train=11)
     lam = problem.initial_hyperparams()
     estimator = algorithms.get(algo, backend="jax")
-    key = algo
-    before = core.trace_counts[key]
+    key = "_aid"  # the jitted body of the three AID solvers
+    before = traces[key]
     first = hg(estimator(problem, lam, t=5, K=2))
-    assert core.trace_counts[key] == before + 1
+    assert traces[key] == before + 1
     second = hg(estimator(problem, lam, t=40, K=9, seed=3))
     third = hg(estimator(problem, lam, t=1, K=0))
-    assert core.trace_counts[key] == before + 1, "a new t or K recompiled"
+    assert traces[key] == before + 1, "a new t or K recompiled"
     assert rel_diff(first, second) > 1e-6 and rel_diff(second, third) > 1e-6  # t, K used
 
 
 def test_jax_itd_compiles_once_per_power_of_two_bucket():
-    core = _jax_core()
+    traces = jax_traces.counts()
     problem = get_problem("ridge", "jax", n_features=6, n_train=13)
     lam = problem.initial_hyperparams()
     itd = algorithms.get("itd", backend="jax")
     for bucket, ts in ((8, (5, 8, 6, 7)), (16, (9, 16, 12))):
-        key = f"itd_reverse[bucket={bucket}]"
-        before = core.trace_counts[key]
+        key = "_reverse"  # ITD's jitted reverse pass, traced once per bucket
+        before = traces[key]
         results = [hg(itd(problem, lam, t=t)) for t in ts]
-        assert core.trace_counts[key] == before + 1, f"t in {ts} compiled more than once"
+        assert traces[key] == before + 1, f"t in {ts} compiled more than once"
         assert all(rel_diff(a, b) > 1e-8 for a, b in zip(results, results[1:]))
     forward = algorithms.get("itd_forward", backend="jax")
-    before = core.trace_counts["itd_forward"]
+    before = traces["_forward"]
     for t in (3, 17, 100):
         forward(problem, lam, t=t)
-    assert core.trace_counts["itd_forward"] == before + 1
+    assert traces["_forward"] == before + 1
