@@ -27,13 +27,13 @@ convention (:func:`step_counts`); the backends hold only the math of ``step`` an
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.algorithms.params import check_algorithm_params
 from hypersweep.registry import check_choice
+from hypersweep.validation import is_number
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
 #: Adam's constants, identical in optax.adam and torch.optim.Adam defaults.
@@ -154,9 +154,10 @@ def make_config(method: str, *, optimizer: str = "adam", outer_lr: float = 0.1,
     """
     check_choice("online method", method, online_methods())
     check_choice("optimizer", optimizer, OUTER_OPTIMIZERS)
+    if not (is_number(outer_lr) and outer_lr > 0):
+        raise ValueError(f"outer_lr must be a finite number > 0; got {outer_lr!r}")
     checked = check_algorithm_params(method, params)
-    config = OnlineConfig(method=method, optimizer=optimizer,
-                          outer_lr=_positive("outer_lr", outer_lr))
+    config = OnlineConfig(method=method, optimizer=optimizer, outer_lr=float(outer_lr))
     return config if checked is None else config._replace(**checked.as_dict())
 
 
@@ -186,16 +187,6 @@ def online_method(method: str, step: Callable[..., Any],
             theta=config.theta0 if hd else None, config=config)
     init.__name__ = f"{method}_init"
     return OnlineMethod(init=init, step=step)
-
-
-def _positive(key: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a number > 0; got {value!r}") from None
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"{key} must be a finite number > 0; got {value!r}")
-    return out
 
 
 def decay_sum(gamma: float, n: int) -> float:
