@@ -247,3 +247,15 @@ def test_first_order_zero_hypergradient_is_flagged():
     row, _ = run_cell(cell)
     assert row["status"] == "ok" and row["hypergrad_norm"] > 0
     assert "zero_hypergradient" not in json.loads(row["extra"])
+
+
+def test_results_are_immutable():
+    """A result's counts cannot be edited after the fact (Hypergrad is frozen)."""
+    import dataclasses
+
+    from hypersweep.algorithms.common import Hypergrad
+
+    res = Hypergrad(hypergrad=np.zeros(2), w_t=np.zeros(3), n_inner_grad_evals=1,
+                    n_hvp_evals=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.n_hvp_evals = 5
