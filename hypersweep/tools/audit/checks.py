@@ -44,6 +44,8 @@ class AuditError(RuntimeError):
 
 @dataclass(frozen=True)
 class Mismatch:
+    """One failed check: which cell, which check and quantity, both values, how far."""
+
     cell_id: str
     check: str          # identity, status, reproduce, oracle, finite_difference
     quantity: str       # the column or the quantity compared
@@ -54,6 +56,9 @@ class Mismatch:
 
 @dataclass
 class AuditReport:
+    """What an audit looked at (output, sample, strata) and what it found: the number of
+    checks passed and every :class:`Mismatch`; ``ok`` when there is none."""
+
     output: str
     hostname: str
     n_candidates: int   # ok cells that could be sampled

@@ -262,6 +262,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hypersweep audit`` arguments; a usage error raises instead of exiting."""
     parser = _Parser(prog=PROG, description="Re-run a stratified sample of a study's "
                      "finished cells in a fresh process and check the stored results; "
                      "exit 1 on any mismatch.")

@@ -28,10 +28,11 @@ def run_worker(tasks: list[dict], *, gpu: bool, threads: int) -> list[dict]:
     ``runtime_env`` variables, and no visible GPU for cells that ran on the CPU (Ray hides
     GPUs from actors without ``num_gpus``)."""
     from hypersweep.orchestrator.actors import actor_options
+    from hypersweep.orchestrator.resources import ActorRequest
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))  # Ray, too, keeps a value already set
-    options = actor_options(num_cpus=threads, num_gpus=1.0 if gpu else 0.0)
+    options = actor_options(ActorRequest(num_cpus=threads, num_gpus=1.0 if gpu else 0.0))
     env.update(options.get("runtime_env", {}).get("env_vars", {}))
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -77,6 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hypersweep regress`` arguments; a usage error raises instead of exiting."""
     parser = _Parser(
         prog="hypersweep regress",
         description="Run the regression suite and compare it with a baseline; exit 1 on a "

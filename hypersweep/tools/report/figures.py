@@ -27,6 +27,7 @@ COST_LABEL = "oracle calls (gradients + Hessian-vector + cross products)"
 
 
 def _pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: it is slow)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,4 +114,5 @@ def png(fig) -> bytes:
 
 
 def close(fig) -> None:
+    """Release ``fig`` (pyplot keeps every figure it made alive until closed)."""
     _pyplot().close(fig)

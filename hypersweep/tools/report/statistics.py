@@ -1,8 +1,8 @@
 """The numbers behind the report: error curves and their rates, contraction factors, the
 best-val-loss-vs-cost curves of HPO and black-box cells.
 
-Everything here is pandas/numpy on the result and trace DataFrames of
-:mod:`.reading`; nothing draws or writes.
+Everything here works on the result and trace DataFrames of :mod:`.reading` and
+returns DataFrames or numbers; nothing draws or writes.
 """
 from __future__ import annotations
 
