@@ -26,59 +26,31 @@ from hypersweep.seeding import derive_seed, seed_from_text
 SMALL_RIDGE = dict(n_features=3, n_train=20, n_val=10)
 
 
-def _run(code: str, *, env: dict | None = None) -> str:
-    """Run ``code`` in a fresh interpreter; its stdout (it fails the test if it fails)."""
+def _run(*parts: str) -> str:
+    """Run the ``parts`` of a script, each dedented, in a fresh interpreter; its stdout
+    (it fails the test if the script fails)."""
     import os
 
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], text=True,
-                          capture_output=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    code = "\n".join(textwrap.dedent(part) for part in parts)
+    proc = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_importing_hypersweep_leaves_jax_x64_off_and_user_code_float32():
-    out = _run("""
-        import importlib, pkgutil
-        import jax, jax.numpy as jnp
-        import hypersweep, hypersweep.problems, hypersweep.algorithms
-        import hypersweep.problems.jax.ops
-        import hypersweep.algorithms.jax as backend
-        for info in pkgutil.iter_modules(backend.__path__):
-            importlib.import_module(f"hypersweep.algorithms.jax.{info.name}")
-        import hypersweep.pipelines.hypergradient_error, hypersweep.pipelines.blackbox
-        assert not jax.config.jax_enable_x64
-        # the user's own float32 program, after importing hypersweep
-        x = jnp.asarray([0.5, 1.5, 2.5])
-        y = jax.jit(lambda v: jnp.sum(v * v) / 3.0)(x)
-        assert x.dtype == jnp.float32 and y.dtype == jnp.float32, (x.dtype, y.dtype)
-        assert jnp.zeros(2).dtype == jnp.float32
-        # a float32 problem and estimator leave it so as well
-        from hypersweep import algorithms, problems
-        p = problems.make("ridge", backend="jax", dtype="float32", n_features=3,
-                          n_train=20, n_val=10)
-        g = algorithms.get("aid_cg", "jax")(p, p.as_lam(p.initial_hyperparams()), t=5, K=5)
-        assert g.hypergrad.dtype == jnp.float32
-        assert not jax.config.jax_enable_x64
-        assert jnp.asarray([1.0]).dtype == jnp.float32
-        print("ok")
-    """)
-    assert out.strip() == "ok"
-
-
-# One process, float32 then float64 and the reverse: through the hypergradient_error
-# pipeline (warm-up cache, problem cache) and the estimator directly; dtypes of the results
-# and the float64 accuracy against the float64 oracle.
-_BOTH_ORDERS = """
-    import json, sys
+# JAX cells through the hypergradient_error pipeline (warm-up cache, problem cache) and the
+# estimator called directly, for each dtype of DTYPES in turn, in one process. (PyTorch
+# keeps no dtype state; its float32/float64 problems share this process in the tests below.)
+_CELLS = """
+    import json
     import numpy as np
     from hypersweep import algorithms, problems
     from hypersweep.orchestrator.cell import Cell, canonical_json, run_cell
 
     PARAMS = dict(n_features=3, n_train=20, n_val=10)
     out = []
-    for dtype in sys.argv[1].split(","):
-        for backend in ("jax", "torch"):
+    for dtype in DTYPES:
+        for backend in ("jax",):
             p = problems.make("ridge", backend=backend, dtype=dtype, **PARAMS)
             lam = p.initial_hyperparams()
             est = algorithms.get("aid_exact", backend)(p, p.as_lam(lam), t=200)
@@ -98,17 +70,15 @@ _BOTH_ORDERS = """
 """
 
 
-@pytest.mark.parametrize("order", ["float32,float64", "float64,float32"])
-def test_float32_and_float64_cells_in_one_process_in_either_order(order):
+def _check_cells(stdout: str, dtypes: list[str]) -> None:
     import json
 
-    code = textwrap.dedent(_BOTH_ORDERS).replace("sys.argv[1]", repr(order))
-    rows = json.loads(_run(code).strip().splitlines()[-1])
-    assert [r["dtype"] for r in rows] == [d for d in order.split(",") for _ in range(2)]
+    rows = json.loads(stdout.strip().splitlines()[-1])
+    assert [r["dtype"] for r in rows] == dtypes
     for r in rows:
         assert r["status"] == "ok" and r["row_dtype"] == r["dtype"], r
         for key in ("result", "w", "arrays"):
-            assert r[key].endswith(r["dtype"]), (key, r)  # jax "float32", torch "torch.float32"
+            assert r[key] == r["dtype"], (key, r)
         if r["dtype"] == "float64":
             # aid_exact at t = 200 on a well-conditioned ridge: converged to float64 rounding
             assert r["rel"] <= 1e-10 and r["row_rel"] <= 1e-10, r
@@ -116,7 +86,34 @@ def test_float32_and_float64_cells_in_one_process_in_either_order(order):
             assert r["rel"] <= 1e-4 and r["row_rel"] <= 1e-4, r
 
 
-def test_float64_switch_happens_when_the_problem_is_built_and_never_silently():
+def test_imports_leave_x64_off_then_float32_float64_float32_in_one_process():
+    """Importing hypersweep (every JAX module included) changes no JAX setting and the
+    user's own float32 program stays float32; then float32 → float64 → float32 cells."""
+    out = _run("""
+        import importlib, pkgutil
+        import jax, jax.numpy as jnp
+        import hypersweep, hypersweep.problems, hypersweep.algorithms
+        import hypersweep.problems.jax.ops
+        import hypersweep.algorithms.jax as backend
+        for info in pkgutil.iter_modules(backend.__path__):
+            importlib.import_module(f"hypersweep.algorithms.jax.{info.name}")
+        import hypersweep.pipelines.hypergradient_error, hypersweep.pipelines.blackbox
+        assert not jax.config.jax_enable_x64
+        x = jnp.asarray([0.5, 1.5, 2.5])  # the user's own program, after the imports
+        y = jax.jit(lambda v: jnp.sum(v * v) / 3.0)(x)
+        assert x.dtype == jnp.float32 and y.dtype == jnp.float32, (x.dtype, y.dtype)
+        assert jnp.zeros(2).dtype == jnp.float32
+        DTYPES = ["float32"]
+    """, _CELLS, """
+        assert not jax.config.jax_enable_x64  # float32 problems and cells leave it off too
+        DTYPES = ["float64", "float32"]
+    """, _CELLS)
+    first, second = out.strip().splitlines()[-2:]
+    _check_cells(first, ["float32"])
+    _check_cells(second, ["float64", "float32"])
+
+
+def test_float64_first_switches_x64_at_build_never_silently_then_float32():
     out = _run("""
         import jax
         import numpy as np
@@ -130,8 +127,10 @@ def test_float64_switch_happens_when_the_problem_is_built_and_never_silently():
                           n_train=20, n_val=10)
         print(jax.config.jax_enable_x64, p.arrays["X_train"].dtype, p.w_init.dtype,
               p.as_lam(p.initial_hyperparams()).dtype)
-    """)
+        DTYPES = ["float64", "float32"]
+    """, _CELLS)
     assert out.split("\n")[:2] == ["refused: True", "True float64 float64 float64"]
+    _check_cells(out, ["float64", "float32"])
 
 
 # -- devices -----------------------------------------------------------------------------

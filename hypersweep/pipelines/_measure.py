@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import resource
 import threading
 import time
@@ -15,7 +16,9 @@ class _Mallinfo2(ctypes.Structure):
                  "uordblks", "fordblks", "keepcost")]
 
 
-def _load_mallinfo2():
+@functools.cache
+def _mallinfo2():
+    """glibc's ``mallinfo2``, looked up on first use (None off glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         fn = libc.mallinfo2
@@ -25,18 +28,16 @@ def _load_mallinfo2():
         return None
 
 
-_MALLINFO2 = _load_mallinfo2()
-
-
 def heap_in_use() -> int | None:
     """Bytes handed out by malloc (all arenas + mmap'd chunks); None off glibc.
 
     torch CPU tensors, autograd nodes and XLA:CPU buffers all come from this heap, which
     is why it beats an RSS delta (glibc keeps freed pages resident).
     """
-    if _MALLINFO2 is None:
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return None
-    info = _MALLINFO2()
+    info = mallinfo2()
     return int(info.uordblks + info.hblkhd)
 
 
