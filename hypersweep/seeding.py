@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from typing import Any
 
 _DIGEST_BYTES = 8
@@ -31,10 +32,11 @@ def seed_from_text(text: str, *, bits: int = 63) -> int:
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars as Python numbers (``item``); anything else is a ``TypeError``."""
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
+    """Other integers and reals (numpy's) as Python numbers; anything else: ``TypeError``."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
     raise TypeError(f"derive_seed parts must be JSON values; got {type(value).__name__}")
 
 

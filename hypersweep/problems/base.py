@@ -86,7 +86,7 @@ def declared_hooks(module: ModuleType, spec: ProblemSpec) -> frozenset[str]:
     """The module's ``HOOKS``, checked: known names, each defined, none defined but left
     undeclared, and the minibatch pair declared exactly with the ``"minibatch"`` capability."""
     where = f"problem module {module.__name__!r}"
-    hooks = module.__dict__.get("HOOKS")
+    hooks = vars(module).get("HOOKS")
     if not isinstance(hooks, frozenset):
         raise TypeError(f"{where} must declare HOOKS, a frozenset of the optional functions "
                         f"it defines (from: {', '.join(OPTIONAL_HOOKS)}); got {hooks!r}")
@@ -95,7 +95,7 @@ def declared_hooks(module: ModuleType, spec: ProblemSpec) -> frozenset[str]:
         raise ValueError(f"{where}: unknown HOOKS {unknown}. Valid choices: "
                          f"{', '.join(OPTIONAL_HOOKS)}")
     for hook in OPTIONAL_HOOKS:
-        defined = callable(module.__dict__.get(hook))
+        defined = callable(vars(module).get(hook))
         if defined != (hook in hooks):
             raise ValueError(f"{where}: {hook!r} is {'defined' if defined else 'declared'} "
                              f"but not {'declared in HOOKS' if defined else 'defined'}")

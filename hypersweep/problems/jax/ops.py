@@ -96,7 +96,7 @@ def device_name(device) -> str:
     """``device`` in words, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
     if device.platform == "cpu":
         return "cpu"
-    return f"{device.platform}:{device.id} ({getattr(device, 'device_kind', '')})"
+    return f"{device.platform}:{device.id} ({device.device_kind})"
 
 
 def block(x, *, device):
