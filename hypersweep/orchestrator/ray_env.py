@@ -67,16 +67,12 @@ def _align_imported_ray() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-__all__ = ["prepare_local_ray", "init_ray", "LOOPBACK_IP", "LOOPBACK_ENV", "QUIET_ENV_DEFAULTS",
-           "LOCAL_INIT_KWARGS"]
-
-
 def init_ray(address: str | None) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
     Returns whether this call started it (only then does the driver shut it down).
 
     The environment is set before this process first imports Ray, which reads it then
-    (see :mod:`.ray_env`); a cluster that is joined keeps the user's environment."""
+    (:func:`prepare_local_ray`); a cluster that is joined keeps the user's environment."""
     imported = sys.modules.get("ray")
     if imported is not None and imported.is_initialized():
         return False
@@ -95,3 +91,7 @@ def init_ray(address: str | None) -> bool:
     ray.init(address="local", _temp_dir=temp_dir, logging_level="ERROR",
              log_to_driver=False, **local_kwargs)
     return True
+
+
+__all__ = ["prepare_local_ray", "init_ray", "LOOPBACK_IP", "LOOPBACK_ENV",
+           "QUIET_ENV_DEFAULTS", "LOCAL_INIT_KWARGS"]
