@@ -133,13 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet = args.quiet or not sys.stdout.isatty()
     from hypersweep.io.lock import OutputError
     from hypersweep.orchestrator import driver
+    from hypersweep.orchestrator.signals import SweepAborted, SweepInterrupted
     from hypersweep.orchestrator.summary import print_summary
 
     # A SIGTERM that lands while run_study is not listening (before it installs its
     # handlers, or during Ray's shutdown after it restored them) still ends as 143
     # "terminated" rather than as a bare kill or a traceback.
     def _terminated(signum, frame):  # noqa: ARG001
-        raise driver.SweepAborted(signum)
+        raise SweepAborted(signum)
 
     previous_term = signal.signal(signal.SIGTERM, _terminated)
     # Ray's native failure-signal handler, when uninstalled by ray.shutdown(), resets
@@ -154,11 +155,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OutputError as exc:  # output held by another driver, or Parquet unwritable
         _error(exc)
         return exc.exit_code
-    except driver.SweepInterrupted as exc:
+    except SweepInterrupted as exc:
         # SIGTERM (ray job stop) or Ctrl-C: finished rows are saved; exit 128 + signal
         _error(exc)
         return exc.exit_code
-    except driver.SweepAborted as exc:  # a second signal: 128 + signal
+    except SweepAborted as exc:  # a second signal: 128 + signal
         _error(exc)
         return exc.exit_code
     finally:

@@ -23,6 +23,7 @@ import yaml
 from hypersweep import cli
 from hypersweep.io import tracking_sync
 from hypersweep.orchestrator import driver
+from hypersweep.orchestrator.signals import SweepInterrupted
 from hypersweep.orchestrator.summary import print_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_summary_json_roundtrip_is_printable(capsys):
 
 def test_run_interrupted_exits_128_plus_signal(tmp_path, monkeypatch, capsys):
     def run_study(study, **kwargs):
-        raise driver.SweepInterrupted(15, {"cells_done": 3, "results_dir": "out/results"})
+        raise SweepInterrupted(15, {"cells_done": 3, "results_dir": "out/results"})
 
     monkeypatch.setattr(driver, "run_study", run_study)
     path = tmp_path / "study.yaml"

@@ -126,7 +126,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys, logging
     sys.path.insert(0, {tests!r})
     import sweep_test_pipeline
-    from hypersweep.orchestrator import cell as C, driver
+    from hypersweep.orchestrator import cell as C, driver, signals
     driver.FLUSH_ROWS, driver.FLUSH_SECONDS = {flush_rows}, {flush_seconds}
     cells = [C.Cell(study="kill", pipeline="sweep_test", problem="toy", algorithm="probe",
                     backend="none", t=1, K=None, seed=s,
@@ -136,7 +136,7 @@ SCRIPT = textwrap.dedent("""
         mlflow={{"enabled": {mlflow_on}, "tracking_uri": {uri!r}, "experiment": None}})
     try:
         summary = driver.run_study(study, quiet=True, cells=cells)
-    except driver.SweepInterrupted as exc:
+    except signals.SweepInterrupted as exc:
         sys.exit(exc.exit_code)
     print(json.dumps(summary["counts"]))
 """)

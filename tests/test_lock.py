@@ -151,7 +151,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import sweep_test_pipeline
-    from hypersweep.orchestrator import cell as C, driver
+    from hypersweep.orchestrator import cell as C, driver, signals
     cells = [C.Cell(study="term", pipeline="sweep_test", problem="toy", algorithm="probe",
                     backend="none", t=1, K=None, seed=s,
                     pipeline_params=C.canonical_json({{"sleep_s": 0.3, "done_dir": {done!r}}}))
@@ -159,7 +159,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     study = sweep_test_pipeline.study({output!r}, name="term", num_actors=1)
     try:
         driver.run_study(study, quiet=True, cells=cells)
-    except driver.SweepInterrupted as exc:
+    except signals.SweepInterrupted as exc:
         sys.exit(exc.exit_code)
 """)
 

@@ -21,11 +21,13 @@ before). It starts an embedded loopback-only Ray (or joins a cluster: ``address`
 * **Sinks** — rows go to Parquet first (one atomic part per 50 rows or 2 s), then to one
   background MLflow writer thread; MLflow being down costs one warning.
 * **Signals** — SIGTERM (``ray job stop``) and SIGINT flush the finished rows, mark the
-  MLflow parent run KILLED and raise :class:`SweepInterrupted` (exit code 128 + signal).
+  MLflow parent run KILLED and raise :class:`~.signals.SweepInterrupted` (exit code
+  128 + signal).
 
 The pieces live apart: :mod:`.pool` (actors, pings, restarts), :mod:`.feed` (resume,
 retries, look-ahead), :mod:`.sinks` (Parquet and MLflow), :mod:`.summary` (statistics and
-tables) and :mod:`.ray_env` (starting or joining Ray); this module is the loop that ties
+tables), :mod:`.signals` (stopping on SIGTERM/SIGINT) and :mod:`.ray_env` (starting or
+joining Ray); this module is the loop that ties
 them, and what a fault means for a cell.
 
 The driver never imports torch or jax; the actors do, through the pipeline.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -51,6 +52,7 @@ from hypersweep.orchestrator.feed import Feed, resume_filter
 from hypersweep.orchestrator.pool import PING_RETRY_S, Pool, Slot, Task
 from hypersweep.orchestrator.progress import SweepProgress
 from hypersweep.orchestrator.ray_env import init_ray
+from hypersweep.orchestrator.signals import StopSignals
 from hypersweep.orchestrator.sinks import Sinks
 from hypersweep.orchestrator.summary import zero_hypergradient_warning
 from hypersweep.registry import BACKENDS, load_plugins
@@ -64,37 +66,6 @@ POLL_S = 0.2
 #: Parquet flush policy: a part every FLUSH_ROWS rows or FLUSH_SECONDS, and on exit
 FLUSH_ROWS = 50
 FLUSH_SECONDS = 2.0
-
-
-def _signal_word(signum: int) -> str:
-    """What the shell says of a process stopped by ``signum``."""
-    return "terminated" if signum == signal.SIGTERM else "interrupted"
-
-
-class SweepInterrupted(RuntimeError):
-    """Raised by :func:`run_study` after a SIGTERM/SIGINT once finished rows are flushed;
-    ``exit_code`` is 128 + signal (143 "terminated", 130 "interrupted")."""
-
-    def __init__(self, signum: int, summary: dict):
-        self.signum = signum
-        self.summary = summary
-        self.exit_code = 128 + int(signum)
-        super().__init__(f"{_signal_word(signum)} (signal {signum}); "
-                         f"{summary.get('cells_done', 0)} cells finished and saved in "
-                         f"{summary.get('results_dir')}")
-
-
-class SweepAborted(KeyboardInterrupt):
-    """A signal that ends the run at once: a second SIGINT (a second SIGTERM is ignored
-    so that the stop under way can flush), or a SIGTERM caught by the CLI outside
-    :func:`run_study`'s handlers (e.g. during Ray's shutdown). A KeyboardInterrupt, so it
-    unwinds like Ctrl-C; ``exit_code`` is 128 + signal as for :class:`SweepInterrupted`."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        self.exit_code = 128 + int(signum)
-        super().__init__(f"{_signal_word(signum)} (signal {signum}); rows finished before "
-                         "it are saved in the output")
 
 
 def actor_request(study: "StudySpec") -> resources_mod.ActorRequest:
@@ -424,7 +395,7 @@ def run_study(study: "StudySpec", *, address: str | None = None, quiet: bool = F
     status is error/diverged/timeout/crashed (``ok`` cells are always skipped).
     ``cells``/``total``: run these instead of ``expand.expand(study)`` (tests, tools).
     ``force``: take the output's lock even if another live driver holds it.
-    Raises :class:`SweepInterrupted` after SIGTERM/SIGINT (rows flushed first),
+    Raises :class:`~.signals.SweepInterrupted` after SIGTERM/SIGINT (rows flushed first),
     :class:`~.lock.LockHeld` if another driver holds the output, and
     :class:`~.parquet.SinkWriteError` if Parquet parts cannot be written.
     """
@@ -436,48 +407,26 @@ def run_study(study: "StudySpec", *, address: str | None = None, quiet: bool = F
         total = expand.count_cells(study)
     elif total is None and hasattr(cells, "__len__"):
         total = len(cells)  # type: ignore[arg-type]
-    stop_event = threading.Event()
-    received: list[int] = []
+    stops = StopSignals()
     started: list[bool] = []
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        if stop_event.is_set():
-            if signum == signal.SIGTERM:
-                # Supervisors repeat SIGTERM before their SIGKILL: raising here could cut
-                # the final flush short, so the stop under way is left to finish (143).
-                log.warning("signal %d again: already flushing and stopping", signum)
-                return
-            raise SweepAborted(signum)  # Ctrl-C twice: stop waiting for anything
-        received.append(signum)
-        log.warning("signal %d: flushing finished cells and stopping", signum)
-        stop_event.set()
 
     def ensure_ray():
         started.append(init_ray(address))
-        install_handlers()  # after ray.init, which installs its own SIGTERM handler
+        stops.install()  # again after ray.init, which installs its own SIGTERM handler
 
-    previous: dict = {}
-
-    def install_handlers():
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous.setdefault(signum, signal.getsignal(signum))
-                signal.signal(signum, on_signal)
-
-    install_handlers()
+    stops.install()
     tracking.set_mlflow_env_defaults()
     try:
         sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
-                       stop_event=stop_event, ensure_ray=ensure_ray, address=address,
+                       stop_event=stops.stop_event, ensure_ray=ensure_ray, address=address,
                        force=force)
         summary = sweep.run()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stops.restore()
         if any(started):
             import ray
 
             ray.shutdown()
     if summary["interrupted"]:
-        raise SweepInterrupted(received[0] if received else signal.SIGTERM, summary)
+        raise stops.interrupted(summary)
     return summary
