@@ -25,10 +25,16 @@ import os
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
+from hypersweep.pipelines.catalog import PIPELINES
+from hypersweep.registry import PipelineSpec
+
 HERE = Path(__file__).resolve().parent
+
+PIPELINES.register(PipelineSpec(
+    name="bench", summary="sweep_overhead's cell: work_ms of spinning or sleeping.",
+    run="sweep_overhead:run_busy", algorithm_kinds=("estimator",)))
 
 
 def run_busy(cell):
@@ -65,15 +71,20 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    os.environ["HYPERSWEEP_EXTRA_PIPELINES"] = json.dumps({"bench": "sweep_overhead:run_busy"})
+    # This module is its own plugin: imported in the actors, it registers "bench" there too.
+    os.environ["HYPERSWEEP_PLUGINS"] = "sweep_overhead"
     sys.path.insert(0, str(HERE))
 
     import ray
 
+    from hypersweep.io import parquet
     from hypersweep.orchestrator import cell as cell_module
     from hypersweep.orchestrator import driver
+    from hypersweep.orchestrator.fields import MlflowConfig, Resources
+    from hypersweep.orchestrator.spec import StudySpec
+    from hypersweep.registry import load_plugins
 
-    cell_module.PIPELINES["bench"] = "sweep_overhead:run_busy"
+    load_plugins()
     output = Path(args.output or tempfile.mkdtemp(prefix="hs-bench-"))
     params = cell_module.canonical_json({"work_ms": args.cell_ms, "kind": args.kind})
     seeds = range(-(-args.cells // args.t_values))
@@ -81,12 +92,15 @@ def main(argv=None) -> dict:
                               algorithm="spin", backend="none", t=t, K=None, seed=seed,
                               pipeline_params=params)
              for seed in seeds for t in range(1, args.t_values + 1)][:args.cells]
-    study = types.SimpleNamespace(
-        study="overhead", output=str(output / "out"), backend=(), num_actors=None,
-        resources={"num_cpus": 1, "num_gpus": 0}, max_retries=2, cell_timeout_s=None,
-        mlflow=types.SimpleNamespace(enabled=not args.no_mlflow,
-                                     tracking_uri=f"sqlite:///{output / 'mlflow.db'}",
-                                     experiment=None))
+    # Hand-built cells, so an unvalidated spec (backend=() preloads no backend in the actors).
+    study = StudySpec.model_construct(
+        study="overhead", pipeline="bench", output=str(output / "out"), backend=(),
+        problems=(), algorithms=(), t=(1,), num_actors=None, max_retries=2,
+        cell_timeout_s=None,
+        resources=Resources.model_construct(num_cpus=1.0, num_gpus=0.0),
+        mlflow=MlflowConfig.model_construct(enabled=not args.no_mlflow,
+                                            tracking_uri=f"sqlite:///{output / 'mlflow.db'}",
+                                            experiment=None))
 
     start = time.perf_counter()
     if args.num_cpus == os.cpu_count():
@@ -101,7 +115,7 @@ def main(argv=None) -> dict:
     end_to_end_s = time.perf_counter() - start
     ray_init_s = summary["timings"]["ray_init_s"]
 
-    table = driver.read_results(output / "out")
+    table = parquet.read_results(output / "out")
     assert table.num_rows == len(cells), table.num_rows
     actors = summary["actors"]
     floor_s = sum(table.column("wall_time_s").to_pylist()) / actors
