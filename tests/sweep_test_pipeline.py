@@ -61,6 +61,15 @@ def study(output, *, name: str = "sweep", backend: tuple = (), resources: dict |
     return StudySpec.model_construct(**values)
 
 
+def ridge_study_yaml(name: str, *, output, algorithms: str = "[itd]", t: str = "[2]",
+                     seeds: int = 1, more: str = "mlflow: {enabled: false}") -> str:
+    """A tiny real study (ridge with 3 features, jax, float64) for tests that drive the CLI;
+    ``more`` is appended as YAML lines (resources, K, mlflow)."""
+    return (f"study: {name}\npipeline: hypergradient_error\nbackend: [jax]\ndtype: float64\n"
+            f"problems:\n  - name: ridge\n    params: {{n_features: 3, n_train: 10, n_val: 5}}\n"
+            f"algorithms: {algorithms}\nt: {t}\nseeds: {seeds}\noutput: {output}\n{more}\n")
+
+
 def expected_rel_error(t: int, K, seed: int) -> float:
     """The deterministic "error" a healthy cell reports (tests compare against it)."""
     return (1.0 + seed) / (t * (1 + (K or 0)))

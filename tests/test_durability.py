@@ -148,21 +148,6 @@ def test_a_real_full_tmpfs(ray_session, tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-QUARANTINE_STUDY = """\
-study: quarantine-test
-pipeline: hypergradient_error
-backend: [jax]
-dtype: float64
-problems:
-  - name: ridge
-    params: {{n_features: 3, n_train: 10, n_val: 5}}
-algorithms: [itd]
-t: [1, 2, 3, 4]
-seeds: 2
-resources: {{num_cpus: 1}}
-output: {output}
-mlflow: {{enabled: false}}
-"""
 N_Q = 8  # 4 t × 2 seeds
 
 
@@ -178,7 +163,9 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
 
     output = tmp_path / "out"
     study = tmp_path / "study.yaml"
-    study.write_text(QUARANTINE_STUDY.format(output=output))
+    study.write_text(sweep_test_pipeline.ridge_study_yaml(
+        "quarantine-test", output=output, t="[1, 2, 3, 4]", seeds=2,
+        more="resources: {num_cpus: 1}\nmlflow: {enabled: false}"))
     monkeypatch.setattr(driver, "FLUSH_ROWS", 3)
     monkeypatch.setattr(driver, "FLUSH_SECONDS", 1e6)
     assert cli.main(["run", str(study), "--quiet"]) == 0

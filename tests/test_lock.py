@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sweep_test_pipeline import ridge_study_yaml  # on sys.path via conftest
 
 from hypersweep.io import lock, parquet, tracking
 
@@ -25,20 +26,6 @@ HOLD = textwrap.dedent("""
     time.sleep(120)
 """)
 
-STUDY = """\
-study: lock-test
-pipeline: hypergradient_error
-backend: [jax]
-dtype: float64
-problems:
-  - name: ridge
-    params: {{n_features: 3, n_train: 10, n_val: 5}}
-algorithms: [itd]
-t: [2]
-seeds: 1
-output: {output}
-mlflow: {{enabled: false}}
-"""
 
 
 @pytest.fixture
@@ -127,7 +114,7 @@ def test_stale_tmp_sweep_removes_only_files_of_gone_writers(tmp_path):
 def test_cli_run_on_a_held_output_exits_2_in_5s_with_one_line(holder_process, tmp_path):
     proc, output = holder_process
     study = tmp_path / "study.yaml"
-    study.write_text(STUDY.format(output=output))
+    study.write_text(ridge_study_yaml("lock-test", output=output))
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "hypersweep", "run", str(study)],
                             check=False, capture_output=True, text=True, timeout=60)
@@ -194,22 +181,6 @@ def test_the_lock_is_released_after_sigterm(tmp_path):
         pass
 
 
-MLFLOW_STUDY = """\
-study: concurrent-test
-pipeline: hypergradient_error
-backend: [jax]
-dtype: float64
-problems:
-  - name: ridge
-    params: {{n_features: 3, n_train: 10, n_val: 5}}
-algorithms: [itd, aid_cg]
-t: [1, 2]
-K: [2]
-seeds: 1
-resources: {{num_cpus: 1}}
-output: {output}
-mlflow: {{tracking_uri: "{uri}"}}
-"""
 N_CONCURRENT_CELLS, N_GROUPS = 4, 2  # 2 algorithms × 2 t; a group drops t
 
 
@@ -219,7 +190,9 @@ def test_two_concurrent_cli_runs_one_runs_the_other_exits_2(tmp_path, mlflow_sql
 
     output = tmp_path / "out"
     study = tmp_path / "study.yaml"
-    study.write_text(MLFLOW_STUDY.format(output=output, uri=mlflow_sqlite))
+    study.write_text(ridge_study_yaml(
+        "concurrent-test", output=output, algorithms="[itd, aid_cg]", t="[1, 2]",
+        more=f'K: [2]\nresources: {{num_cpus: 1}}\nmlflow: {{tracking_uri: "{mlflow_sqlite}"}}'))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "first.err", "wb") as err:
         first = subprocess.Popen([sys.executable, "-m", "hypersweep", "run", str(study)],

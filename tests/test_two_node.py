@@ -39,8 +39,13 @@ VENV_BIN = Path(sys.executable).parent
 #: Prints one JSON line (the GCS address and the node processes' PIDs), then keeps the
 #: cluster up until its stdin closes.
 CLUSTER_HELPER = r"""
-import json, sys
+import json, os, sys
+from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
+
+# Cluster() records its address in the default temp dir's address file (/tmp/ray/...)
+# whatever temp_dir says, and does not create that folder: a clean /tmp fails without this.
+os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
 
 temp_dir, agent_port = sys.argv[1], int(sys.argv[2])
 # Node death is noticed in ~2 s instead of the default ~15-30 s.

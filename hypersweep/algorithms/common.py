@@ -124,3 +124,9 @@ def check_budget(t: Any, K: Any, *, uses_K: bool) -> tuple[int, int]:
 
 # Relative residual at which CG / fixed-point / Neumann stop early (K is an upper bound).
 DEFAULT_TOL = {"float64": 1e-12, "float32": 1e-6}
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ max(n, 1): JAX's static trajectory-buffer length for n steps,
+    so t values compile in O(log t) buckets instead of one function per t."""
+    return 1 << (max(int(n), 1) - 1).bit_length()

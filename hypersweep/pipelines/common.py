@@ -105,7 +105,3 @@ def oracle(problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(∇F(λ), w*(λ)) in float64, cached in :data:`ORACLES` per (problem identity, λ)."""
     return ORACLES.get(oracle_key(problem, lam), lambda: (
         problem.exact_hypergradient(lam), problem.exact_inner_solution(lam)))
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()

@@ -16,7 +16,8 @@ import numpy as np
 from hypersweep import algorithms
 from hypersweep.orchestrator.cell import PipelineResult
 from hypersweep.pipelines._measure import PeakHeap, timed
-from hypersweep.pipelines.common import WARM_UPS, fixed_lam, next_pow2, oracle, problem_for
+from hypersweep.algorithms.common import next_pow2
+from hypersweep.pipelines.common import WARM_UPS, fixed_lam, oracle, problem_for
 from hypersweep.pipelines.params import HypergradientErrorParams
 
 

@@ -36,14 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.common import Hypergrad, next_pow2
 from hypersweep.algorithms.jax import _core
-
-
-def _next_pow2(n: int) -> int:
-    """Smallest power of two ≥ max(n, 1): the static trajectory-buffer length for n steps."""
-    n = max(int(n), 1)
-    return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("fns", "bucket"))
@@ -72,7 +66,7 @@ def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
 
 def _run_reverse(problem, lam, t: int, n_rev: int) -> Hypergrad:
     fns, w0, arrays, eta = _core.problem_inputs(problem)
-    bucket = _next_pow2(n_rev)
+    bucket = next_pow2(n_rev)
     hypergrad, w_t = jax.block_until_ready(_reverse(
         fns, bucket, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
         jnp.asarray(n_rev, jnp.int32)))
