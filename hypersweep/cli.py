@@ -81,13 +81,13 @@ def _table(title: str | None, columns: Sequence[str], rows, **kwargs):
 def _load_study(path: str):
     """The validated study at ``path``, after importing the plugins (``$HYPERSWEEP_PLUGINS``)
     whose problems, algorithms and pipelines it may name."""
-    from hypersweep.orchestrator.spec import StudyError, load_study
+    from hypersweep.orchestrator.spec import load_study
     from hypersweep.registry import load_plugins
 
-    load_plugins()
     try:
+        load_plugins()
         return load_study(path)
-    except StudyError as exc:
+    except ValueError as exc:  # a StudyError, or a plugin that cannot be imported
         raise UsageError(str(exc)) from None
 
 

@@ -154,10 +154,17 @@ class Registry(Generic[S]):
 
 
 def load_plugins() -> list[str]:
-    """Import the modules named in ``$HYPERSWEEP_PLUGINS``; return their names."""
+    """Import the modules named in ``$HYPERSWEEP_PLUGINS``; return their names.
+
+    A module that cannot be imported raises ``ValueError`` naming the variable and the
+    module (bad input: the CLI exits 2 before anything runs)."""
     names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"${PLUGINS_ENV} names {name!r}, which cannot be imported: "
+                             f"{exc}") from exc
     return names
 
 

@@ -117,6 +117,18 @@ def test_bad_input_exits_2_with_one_line(bad_input_runs, case, text, argv, fragm
     assert "IMPORTED=\n" in out  # neither ray nor torch, jax, mlflow
 
 
+def test_a_plugin_that_cannot_be_imported_exits_2_with_one_line(tmp_path):
+    (tmp_path / "study.yaml").write_text(_yaml())
+    proc = subprocess.run([sys.executable, "-m", "hypersweep", "plan", "study.yaml"],
+                          cwd=tmp_path, env=dict(_env(), HYPERSWEEP_PLUGINS="no_such_plugin"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "hypersweep: error: $HYPERSWEEP_PLUGINS names 'no_such_plugin', which cannot be "
+        "imported: No module named 'no_such_plugin'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
 def test_library_imports_no_backend():
     modules = ["hypersweep.orchestrator.spec", "hypersweep.orchestrator.cell",
                "hypersweep.io.schema", "hypersweep.cli",

@@ -68,14 +68,15 @@ def _as_list(value: Any, what: str) -> list:
     return [value]
 
 
-def _no_duplicates(values: list, *, what: str = "") -> None:
-    """Reject repeated values; ``what`` names the list in the message (``t[0]``)."""
+def _no_duplicates(values: list, *, what: str = "") -> list:
+    """``values``, or an error at a repeated one; ``what`` names the list (``t[0]``)."""
     seen: dict = {}
     for index, value in enumerate(values):
         if value in seen:
             raise _fail(f"repeats {what}[{seen[value]}] ({value!r}); each value must appear "
                         "once", f"[{index}]")
         seen[value] = index
+    return values
 
 
 def _check_json(value: Any, path: str = "") -> None:

@@ -131,18 +131,14 @@ class StudySpec(_Section):
     @field_validator("t", mode="before")
     @classmethod
     def _t(cls, value: Any) -> list:
-        values = _as_list(value, "t value")
-        _no_duplicates(values, what="t")
-        return values
+        return _no_duplicates(_as_list(value, "t value"), what="t")
 
     @field_validator("K", mode="before")
     @classmethod
     def _k(cls, value: Any) -> list | None:
         if value is None:
             return None
-        values = _as_list(value, "K value")
-        _no_duplicates(values, what="K")
-        return values
+        return _no_duplicates(_as_list(value, "K value"), what="K")
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -151,9 +147,7 @@ class StudySpec(_Section):
             if value < 1:
                 raise _fail(f"an integer n means seeds 0..n-1 and must be >= 1, got {value}")
             return list(range(value))
-        values = _as_list(value, "seed")
-        _no_duplicates(values, what="seeds")
-        return values
+        return _no_duplicates(_as_list(value, "seed"), what="seeds")
 
     @field_validator("pipeline_params", mode="before")
     @classmethod
