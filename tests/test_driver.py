@@ -18,7 +18,7 @@ import pytest
 import sweep_test_pipeline
 from hypersweep.io import parquet, tracking, tracking_sync
 from hypersweep.io.schema import RESULT_SCHEMA, empty_row
-from hypersweep.orchestrator import driver
+from hypersweep.orchestrator import driver, resources
 from hypersweep.orchestrator.summary import format_summary
 
 STUDY_YAML = """\
@@ -123,13 +123,13 @@ def test_small_ridge_study_end_to_end(ray_session, tmp_path, mlflow_sqlite):
 
 def test_pool_size_from_resources(tmp_path):
     study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 0.5})
-    assert driver.pool_size(study, {"CPU": 2.0}) == 4
+    assert resources.study_pool_size(study, {"CPU": 2.0}) == 4
     study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 1, "num_gpus": 0.25})
-    assert driver.pool_size(study, {"CPU": 16.0, "GPU": 1.0}) == 4  # GPU-bound
+    assert resources.study_pool_size(study, {"CPU": 16.0, "GPU": 1.0}) == 4  # GPU-bound
     study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 4})
-    assert driver.pool_size(study, {"CPU": 2.0}) == 1  # at least one
+    assert resources.study_pool_size(study, {"CPU": 2.0}) == 1  # at least one
     study = sweep_test_pipeline.study(tmp_path, resources={"num_cpus": 4}, num_actors=3)
-    assert driver.pool_size(study, {"CPU": 2.0}) == 3
+    assert resources.study_pool_size(study, {"CPU": 2.0}) == 3
 
 
 def _row(cell_id: str, status: str, minute: int) -> dict:

@@ -68,30 +68,6 @@ FLUSH_ROWS = 50
 FLUSH_SECONDS = 2.0
 
 
-def actor_request(study: "StudySpec") -> resources_mod.ActorRequest:
-    """What each of the study's runners asks Ray for."""
-    res = study.resources
-    return resources_mod.ActorRequest(num_cpus=float(res.num_cpus),
-                                      num_gpus=float(res.num_gpus or 0.0),
-                                      memory_mb=res.memory_mb)
-
-
-def pool_size(study: "StudySpec", cluster: dict | list, n_cells: int | None = None
-              ) -> int:
-    """``num_actors``, else how many actors of the study's request fit on the nodes.
-
-    ``cluster``: a list of alive nodes' resources (counted per node, so two 1-GPU nodes
-    with num_gpus 0.4 give 4 actors, not 5), or one totals dict (a single node).
-    At least one actor when nothing fits on a single local node.
-    """
-    nodes = cluster if isinstance(cluster, list) else [cluster]
-    try:
-        return resources_mod.pool_size(nodes, actor_request(study),
-                                       requested=study.num_actors, n_cells=n_cells)
-    except ValueError:
-        return 1
-
-
 class _Sweep:
     """One run of a study's cells: resume, the pool, the loop, faults and the sinks."""
 
@@ -101,7 +77,7 @@ class _Sweep:
                  force: bool = False):
         self.study = study
         self.force = force  # take the output's lock even from a live holder
-        self.request = actor_request(study)
+        self.request = resources_mod.study_request(study)
         # only an embedded Ray may drop GPU requests; a cluster may autoscale GPU nodes
         self.local_ray = not (address or os.environ.get("RAY_ADDRESS"))
         self.name = study.study
@@ -142,7 +118,8 @@ class _Sweep:
             if warning:
                 log.warning(warning)
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        size = pool_size(self.study, nodes or ray.cluster_resources(), self.total)
+        size = resources_mod.study_pool_size(self.study, nodes or ray.cluster_resources(),
+                                             self.total)
         self.pool.start(size)
         log.info("study %s: %d actor(s)", self.name, size)
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from hypersweep.orchestrator.spec import StudySpec
 
 #: Ray keeps resource quantities as integers in units of 1e-4.
 RESOURCE_UNITS_PER_ONE = 10_000
@@ -178,6 +181,29 @@ def actor_options(request: ActorRequest, *, max_restarts: int = 4,
     if env:
         options["runtime_env"] = {"env_vars": env}
     return options
+
+
+def study_request(study: "StudySpec") -> ActorRequest:
+    """What each of the study's runners asks Ray for."""
+    res = study.resources
+    return ActorRequest(num_cpus=float(res.num_cpus), num_gpus=float(res.num_gpus or 0.0),
+                        memory_mb=res.memory_mb)
+
+
+def study_pool_size(study: "StudySpec", cluster: dict | list, n_cells: int | None = None
+                    ) -> int:
+    """``num_actors``, else how many actors of the study's request fit on the nodes.
+
+    ``cluster``: a list of alive nodes' resources (counted per node, so two 1-GPU nodes
+    with num_gpus 0.4 give 4 actors, not 5), or one totals dict (a single node).
+    At least one actor when nothing fits on a single local node.
+    """
+    nodes = cluster if isinstance(cluster, list) else [cluster]
+    try:
+        return pool_size(nodes, study_request(study), requested=study.num_actors,
+                         n_cells=n_cells)
+    except ValueError:
+        return 1
 
 
 __all__ = ["ActorRequest", "actors_per_node", "pool_size", "without_missing_gpus",
