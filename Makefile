@@ -18,9 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hypersweep run configs/demo.yaml
-	$(BIN)/hypersweep run configs/demo_hpo.yaml
-	$(BIN)/hypersweep run configs/demo_blackbox.yaml
+	# one Ray session and one actor pool for the three studies
+	$(BIN)/hypersweep run configs/demo.yaml configs/demo_hpo.yaml configs/demo_blackbox.yaml
 	$(BIN)/hypersweep report results/demo results/demo-hpo results/demo-blackbox --out results/demo-report
 
 test: $(STAMP)

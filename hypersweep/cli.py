@@ -2,7 +2,8 @@
 
 Subcommands::
 
-    hypersweep run STUDY.yaml [--address ADDR] [--quiet] [--retry-failed] [--force]
+    hypersweep run STUDY.yaml [STUDY.yaml ...] [--address ADDR] [--quiet] [--retry-failed]
+                   [--force] [--ray-dashboard]
     hypersweep plan STUDY.yaml
     hypersweep status OUTPUT_DIR
     hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
@@ -11,7 +12,7 @@ Subcommands::
 
 Exit codes: 0 success (a sweep whose cells failed still succeeded: failures are rows),
 1 an internal failure, 2 bad input (command line or study file), with a one-line message
-on stderr. ``run``, ``plan`` and validation never import Ray before the study is valid;
+on stderr; ``run`` of several studies exits with the worst of their statuses. ``run``, ``plan`` and validation never import Ray before the study is valid;
 ``plan`` never imports it at all.
 """
 from __future__ import annotations
@@ -129,13 +130,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    study = _load_study(args.study)  # validated before Ray is ever imported
+    # every study validated before Ray is ever imported, and before anything is written
+    studies = [_load_study(path) for path in args.study]
     quiet = args.quiet or not sys.stdout.isatty()
     from hypersweep.io.lock import OutputError
     from hypersweep.orchestrator import driver
     from hypersweep.orchestrator.signals import SweepAborted, SweepInterrupted
     from hypersweep.orchestrator.summary import print_summary
 
+    for output, first, second in driver.same_outputs(studies):
+        raise UsageError(f"studies {first!r} and {second!r} both write output {output!r}; "
+                         "give each study its own output")
     # A SIGTERM that lands while run_study is not listening (before it installs its
     # handlers, or during Ray's shutdown after it restored them) still ends as 143
     # "terminated" rather than as a bare kill or a traceback.
@@ -148,25 +153,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the shutdown would kill the process (-15, no message). Python's faulthandler
     # still reports crashes; only native stack traces of Ray's processes are lost.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    options = dict(address=args.address or os.environ.get("RAY_ADDRESS"), quiet=quiet,
+                   retry_failed=args.retry_failed, **({"force": True} if args.force else {}),
+                   **({"dashboard": True} if args.ray_dashboard else {}))
+    codes = [0]
+
+    def show(study, result) -> None:
+        if isinstance(result, OutputError):  # held by another driver, Parquet unwritable
+            _error(f"study {study.study}: {result}" if len(studies) > 1 else result)
+            codes.append(result.exit_code)
+            return
+        print_summary(result, _console())
+        _say(_console(), f"verify a sample of the stored results: {PROG} audit "
+                         f"{study.output}")
+
     try:
-        summary = driver.run_study(
-            study, address=args.address or os.environ.get("RAY_ADDRESS"), quiet=quiet,
-            retry_failed=args.retry_failed, **({"force": True} if args.force else {}))
+        if len(studies) == 1:
+            show(studies[0], driver.run_study(studies[0], **options))
+        else:
+            driver.run_studies(studies, on_result=show, **options)
     except OutputError as exc:  # output held by another driver, or Parquet unwritable
-        _error(exc)
-        return exc.exit_code
+        show(studies[0], exc)
     except SweepInterrupted as exc:
         # SIGTERM (ray job stop) or Ctrl-C: finished rows are saved; exit 128 + signal
         _error(exc)
-        return exc.exit_code
+        codes.append(exc.exit_code)
     except SweepAborted as exc:  # a second signal: 128 + signal
         _error(exc)
-        return exc.exit_code
+        codes.append(exc.exit_code)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-    print_summary(summary, _console())
-    _say(_console(), f"verify a sample of the stored results: {PROG} audit {study.output}")
-    return 0
+    return max(codes)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -272,8 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log more (-v: info, -vv: debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser("run", help="validate a study, then run its pending cells")
-    run.add_argument("study", metavar="STUDY.yaml")
+    run = commands.add_parser(
+        "run", help="validate studies, then run their pending cells in one Ray session",
+        description="Validate every study first (any bad one: exit 2, nothing started or "
+                    "written), then run them one after another in one Ray session, each "
+                    "with its own output, lock, MLflow run and summary; actors are reused "
+                    "between studies that ask for the same ones. Exit status: the worst "
+                    "of the studies'.")
+    run.add_argument("study", metavar="STUDY.yaml", nargs="+")
     run.add_argument("--address", default=None,
                      help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--quiet", action="store_true",
@@ -284,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="take the output's lock even if another run holds it (only for "
                           "a holder known to be gone, e.g. on a lost host)")
+    run.add_argument("--ray-dashboard", action="store_true",
+                     help="start the embedded Ray with its dashboard (on 127.0.0.1; off by "
+                          "default, which starts Ray faster)")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="validate a study and show its cells; no Ray")

@@ -34,6 +34,7 @@ The driver never imports torch or jax; the actors do, through the pipeline.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -49,7 +50,7 @@ from hypersweep.orchestrator import resources as resources_mod
 from hypersweep.orchestrator import summary as summary_mod
 from hypersweep.orchestrator.cell import Cell, failure_row
 from hypersweep.orchestrator.feed import Feed, resume_filter
-from hypersweep.orchestrator.pool import PING_RETRY_S, Pool, Slot, Task
+from hypersweep.orchestrator.pool import PING_RETRY_S, ActorKeeper, Pool, Slot, Task
 from hypersweep.orchestrator.progress import SweepProgress
 from hypersweep.orchestrator.ray_env import init_ray
 from hypersweep.orchestrator.signals import StopSignals
@@ -74,8 +75,11 @@ class _Sweep:
     def __init__(self, study: "StudySpec", cells: Iterable[Cell], *, total: int | None,
                  quiet: bool, retry_failed: bool, stop_event: threading.Event,
                  ensure_ray: Callable[[], Any], address: str | None = None,
-                 force: bool = False):
+                 force: bool = False, keeper: ActorKeeper | None = None):
         self.study = study
+        self.keeper = keeper  # actors handed over between studies (run_studies)
+        self.actor_key: str | None = None
+        self.actors_reused = 0
         self.force = force  # take the output's lock even from a live holder
         self.request = resources_mod.study_request(study)
         # only an embedded Ray may drop GPU requests; a cluster may autoscale GPU nodes
@@ -98,12 +102,14 @@ class _Sweep:
         self.first_submit: float | None = None
 
     # -- pool ------------------------------------------------------------------------------
+    def _preload(self) -> tuple[str, ...]:
+        return tuple(b for b in self.study.backend if b in BACKENDS)
+
     def _new_actor(self) -> Any:
         from hypersweep.orchestrator.actors import CellRunner, actor_options
 
-        options = actor_options(self.request)
-        preload = tuple(b for b in self.study.backend if b in BACKENDS)
-        return CellRunner.options(**options).remote(preload)
+        options = actor_options(self.request, compile_cache_setting=self.study.compile_cache)
+        return CellRunner.options(**options).remote(self._preload())
 
     def _start_pool(self) -> None:
         start = time.perf_counter()
@@ -120,8 +126,17 @@ class _Sweep:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         size = resources_mod.study_pool_size(self.study, nodes or ray.cluster_resources(),
                                              self.total)
-        self.pool.start(size)
-        log.info("study %s: %d actor(s)", self.name, size)
+        reuse: list = []
+        if self.keeper is not None:
+            from hypersweep.orchestrator.actors import actor_options
+
+            options = actor_options(self.request, compile_cache_setting=self.study.compile_cache)
+            self.actor_key = json.dumps(options, sort_keys=True, default=str)
+            reuse = self.keeper.take(self.actor_key, self._preload(), size)
+        self.actors_reused = len(reuse)
+        self.pool.start(size, reuse)
+        log.info("study %s: %d actor(s), %d of them kept from the previous study",
+                 self.name, size, len(reuse))
 
     def _submit(self, slot: Slot) -> bool:
         item = self.feed.take(slot.last_key, idle=not slot.queue)
@@ -299,7 +314,12 @@ class _Sweep:
                 except parquet.SinkWriteError as exc:
                     write_error = exc
             self.progress.close()
-            self.pool.stop()
+            if (self.keeper is not None and self.actor_key is not None and completed
+                    and write_error is None):
+                self.keeper.keep(self.actor_key, self._preload(),
+                                 [slot.actor for slot in self.pool.slots])
+            else:
+                self.pool.stop()
             if write_error is not None:
                 completed = False
             status = "FINISHED" if completed else (
@@ -336,6 +356,7 @@ class _Sweep:
             "study_counts": summary_mod.study_counts(table),
             "retries": self.retries,
             "actors": len(self.pool.slots),
+            "actors_reused": self.actors_reused,
             "actor_replacements": self.pool.replacements,
             "interrupted": interrupted,
             "per_pair": summary_mod.per_pair(table),
@@ -361,14 +382,68 @@ def run_cells(study: "StudySpec", cells: Iterable[Cell], *, total: int | None = 
     return sweep.run()
 
 
+class _Session:
+    """One Ray session for one or more studies: the stop signals, Ray started (or
+    joined) on the first study that has cells to run, the actors kept between studies,
+    and Ray shut down at the end if this session started it."""
+
+    def __init__(self, address: str | None, *, dashboard: bool = False,
+                 keep_actors: bool = False):
+        self.address = address
+        self.dashboard = dashboard
+        self.stops = StopSignals()
+        self.started: list[bool] = []
+        self.keeper = ActorKeeper() if keep_actors else None
+
+    def ensure_ray(self) -> None:
+        if self.started:
+            return
+        self.started.append(init_ray(self.address, dashboard=self.dashboard))
+        self.stops.install()  # again after ray.init, which installs its own SIGTERM handler
+
+    def __enter__(self) -> "_Session":
+        self.stops.install()
+        tracking.set_mlflow_env_defaults()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stops.restore()
+        try:
+            if self.keeper is not None and self.started:
+                self.keeper.close()
+        finally:
+            if any(self.started):
+                import ray
+
+                ray.shutdown()
+
+    def sweep(self, study: "StudySpec", cells: Iterable[Cell], total: int | None, *,
+              quiet: bool, retry_failed: bool, force: bool) -> dict:
+        return _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
+                      stop_event=self.stops.stop_event, ensure_ray=self.ensure_ray,
+                      address=self.address, force=force, keeper=self.keeper).run()
+
+
+def _study_cells(study: "StudySpec", cells: Iterable[Cell] | None,
+                 total: int | None) -> tuple[Iterable[Cell], int | None]:
+    if cells is None:
+        from hypersweep.orchestrator import expand
+
+        return expand.expand(study), expand.count_cells(study)
+    if total is None and hasattr(cells, "__len__"):
+        total = len(cells)  # type: ignore[arg-type]
+    return cells, total
+
+
 def run_study(study: "StudySpec", *, address: str | None = None, quiet: bool = False,
               retry_failed: bool = False, cells: Iterable[Cell] | None = None,
-              total: int | None = None, force: bool = False) -> dict:
+              total: int | None = None, force: bool = False, dashboard: bool = False) -> dict:
     """Run a validated study to completion; return its summary (see ``print_summary``).
 
     ``address``: a Ray cluster to join ("auto", "ray://…", "host:port"); default
     ``$RAY_ADDRESS`` (set by ``ray job submit``) or else an embedded local Ray on
-    127.0.0.1 that is shut down at the end. ``retry_failed``: re-run cells whose latest
+    127.0.0.1 that is shut down at the end (``dashboard``: with Ray's dashboard).
+    ``retry_failed``: re-run cells whose latest
     status is error/diverged/timeout/crashed (``ok`` cells are always skipped).
     ``cells``/``total``: run these instead of ``expand.expand(study)`` (tests, tools).
     ``force``: take the output's lock even if another live driver holds it.
@@ -377,33 +452,84 @@ def run_study(study: "StudySpec", *, address: str | None = None, quiet: bool = F
     :class:`~.parquet.SinkWriteError` if Parquet parts cannot be written.
     """
     load_plugins()
-    if cells is None:
-        from hypersweep.orchestrator import expand
-
-        cells = expand.expand(study)
-        total = expand.count_cells(study)
-    elif total is None and hasattr(cells, "__len__"):
-        total = len(cells)  # type: ignore[arg-type]
-    stops = StopSignals()
-    started: list[bool] = []
-
-    def ensure_ray():
-        started.append(init_ray(address))
-        stops.install()  # again after ray.init, which installs its own SIGTERM handler
-
-    stops.install()
-    tracking.set_mlflow_env_defaults()
-    try:
-        sweep = _Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
-                       stop_event=stops.stop_event, ensure_ray=ensure_ray, address=address,
-                       force=force)
-        summary = sweep.run()
-    finally:
-        stops.restore()
-        if any(started):
-            import ray
-
-            ray.shutdown()
+    cells, total = _study_cells(study, cells, total)
+    with _Session(address, dashboard=dashboard) as session:
+        summary = session.sweep(study, cells, total, quiet=quiet,
+                                retry_failed=retry_failed, force=force)
     if summary["interrupted"]:
-        raise stops.interrupted(summary)
+        raise session.stops.interrupted(summary)
     return summary
+
+
+def same_outputs(studies: Iterable["StudySpec"]) -> list[tuple[str, str, str]]:
+    """(output, first study, second study) for each output that two of ``studies`` would
+    both write (paths compared once absolute and resolved)."""
+    seen: dict[Path, str] = {}
+    clashes = []
+    for study in studies:
+        path = Path(study.output).expanduser().resolve()
+        if path in seen:
+            clashes.append((str(study.output), seen[path], study.study))
+        else:
+            seen[path] = study.study
+    return clashes
+
+
+def run_studies(studies: "list[StudySpec]", *, address: str | None = None,
+                quiet: bool = False, retry_failed: bool = False, force: bool = False,
+                dashboard: bool = False,
+                on_result: Callable[["StudySpec", Any], None] | None = None) -> list:
+    """Run validated studies one after another in one Ray session (what
+    ``hypersweep run a.yaml b.yaml`` calls); return each study's summary, or the
+    :class:`~.lock.OutputError` that stopped it, in order.
+
+    Ray is started (embedded, as in :func:`run_study`) or joined (``address``,
+    ``$RAY_ADDRESS``) once, when the first study with pending cells needs it, and shut
+    down after the last. Each study keeps everything of its own: output lock, resume,
+    Parquet, MLflow run, summary; ``quiet``, ``retry_failed`` and ``force`` apply to
+    each. A study that cannot take its output (held lock, unwritable Parquet) is
+    reported and the next one runs.
+
+    Actors: a study that finishes normally hands its runners to the next one when its
+    actor request (``.options``: resources, restarts, runtime_env) is identical and its
+    backends are among those the runners preloaded; the pool is then resized to the
+    new study's size (extra actors killed, missing ones created). Otherwise, and after
+    any interruption, the runners are killed and the next study creates a new pool.
+
+    ``on_result(study, summary_or_error)`` is called as each study ends (the CLI prints
+    the summary then, before the next study starts). Raises ``ValueError`` if two
+    studies write the same output, and :class:`~.signals.SweepInterrupted` after
+    SIGTERM/SIGINT, with the summary of the study it stopped; the studies before it
+    are complete and saved, the ones after it never start.
+    """
+    studies = list(studies)
+    clashes = same_outputs(studies)
+    if clashes:
+        output, first, second = clashes[0]
+        raise ValueError(f"studies {first!r} and {second!r} both write output {output!r}; "
+                         "give each study its own output")
+    load_plugins()
+    results: list = []
+    with _Session(address, dashboard=dashboard, keep_actors=True) as session:
+        for study in studies:
+            if session.stops.stop_event.is_set():
+                summary = {"study": study.study, "cells_done": 0, "interrupted": True,
+                           "results_dir": str(Path(study.output) / "results")}
+                break
+            cells, total = _study_cells(study, None, None)
+            try:
+                summary = session.sweep(study, cells, total, quiet=quiet,
+                                        retry_failed=retry_failed, force=force)
+            except lock_mod.OutputError as exc:
+                results.append(exc)
+                if on_result is not None:
+                    on_result(study, exc)
+                continue
+            if summary["interrupted"]:
+                break
+            results.append(summary)
+            if on_result is not None:
+                on_result(study, summary)
+        else:
+            return results
+    raise session.stops.interrupted(summary)

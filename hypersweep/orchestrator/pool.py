@@ -66,9 +66,13 @@ class Pool:
         self.pings: dict[Any, Slot] = {}
         self.replacements = 0
 
-    def start(self, size: int) -> None:
-        """Create ``size`` actors and ping each (a slot is ready once its ping returns)."""
-        self.slots = [Slot(i, self.new_actor()) for i in range(size)]
+    def start(self, size: int, reuse: list | tuple = ()) -> None:
+        """Take the actors in ``reuse`` (at most ``size``; from :class:`ActorKeeper`) and
+        create the rest, up to ``size``; ping each (a slot is ready once its ping
+        returns)."""
+        actors = list(reuse)[:size]
+        actors += [self.new_actor() for _ in range(size - len(actors))]
+        self.slots = [Slot(i, actor) for i, actor in enumerate(actors)]
         for slot in self.slots:
             self.ping(slot)
 
@@ -172,5 +176,50 @@ class Pool:
         for slot in self.slots:
             try:
                 ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+class ActorKeeper:
+    """Runners kept alive between the studies of one ``hypersweep run a.yaml b.yaml``.
+
+    A study that ends normally hands its actors back with the key they were created
+    under (their ``.options(...)``: resources, restarts, runtime_env) and the backends
+    they preloaded. The next study takes them when its own options are the same and its
+    backends are among those preloaded (a [jax, torch] runner serves a jax study; a jax
+    runner does not serve a torch one, whose first cell would pay the import); anything
+    else kills them and the study starts a new pool. Reused actors keep their process
+    caches (problem instances, compiled functions), which are keyed by identity, so a
+    cell's result does not depend on which study ran before it.
+    """
+
+    def __init__(self):
+        self.key: str | None = None
+        self.preload: frozenset[str] = frozenset()
+        self.actors: list = []
+
+    def keep(self, key: str, preload: tuple[str, ...], actors: list) -> None:
+        self.close()
+        self.key, self.preload, self.actors = key, frozenset(preload), list(actors)
+
+    def take(self, key: str, preload: tuple[str, ...], size: int) -> list:
+        """Up to ``size`` kept actors fit for (``key``, ``preload``); the others are
+        killed. Returns [] when none fits."""
+        fits = self.key == key and set(preload) <= self.preload
+        taken = self.actors[:size] if fits else []
+        self.actors = self.actors[len(taken):]
+        self.close()
+        return taken
+
+    def close(self) -> None:
+        """Kill every kept actor for good."""
+        actors, self.actors, self.key = self.actors, [], None
+        if not actors:
+            return
+        import ray
+
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass

@@ -40,6 +40,19 @@ LOCAL_INIT_KWARGS: dict[str, Any] = {"_node_ip_address": LOOPBACK_IP,
                                      "include_dashboard": False}
 
 
+#: Extra ``ray.init`` arguments that make the embedded Ray start cheaper (Ray 2.60's names).
+#: By default the raylet pre-starts one idle Python worker per CPU when the first driver
+#: connects (``prestart_worker_first_driver``) and may pre-start more for a job
+#: (``enable_worker_prestart``). Those processes import Ray while ``ray.init`` is still
+#: starting the node and compete with it for the CPUs; the pool's actors start their own
+#: workers anyway, moments later. Unknown keys are refused by Ray, so a renamed option
+#: fails loudly rather than silently (see docs/benchmarks.md, "Embedded Ray start").
+EMBEDDED_START_KWARGS: dict[str, Any] = {
+    "_system_config": {"prestart_worker_first_driver": False,
+                       "enable_worker_prestart": False},
+}
+
+
 def prepare_local_ray(environ: MutableMapping[str, str] | None = None) -> dict[str, Any]:
     """Set the environment of an embedded loopback-only Ray; return ``ray.init`` kwargs.
 
@@ -67,9 +80,15 @@ def _align_imported_ray() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(address: str | None) -> bool:
+def init_ray(address: str | None, *, dashboard: bool = False) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS`` or start a local loopback-only Ray.
     Returns whether this call started it (only then does the driver shut it down).
+
+    The embedded Ray starts without the dashboard (``dashboard=True`` asks for it, on
+    127.0.0.1) and without pre-started idle workers (:data:`EMBEDDED_START_KWARGS`).
+    Ray still starts its API server (``dashboard.py`` with the non-UI modules: the
+    state and job APIs), the autoscaler monitor and the log monitor: ``ray.init`` has
+    no switch for them.
 
     The environment is set before this process first imports Ray, which reads it then
     (:func:`prepare_local_ray`); a cluster that is joined keeps the user's environment."""
@@ -88,10 +107,12 @@ def init_ray(address: str | None) -> bool:
         ray.init(address=address, logging_level="WARNING")
         return True
     temp_dir = os.path.join(tempfile.gettempdir(), f"hypersweep-ray-{os.getuid()}")
+    if dashboard:
+        local_kwargs["include_dashboard"] = True
     ray.init(address="local", _temp_dir=temp_dir, logging_level="ERROR",
-             log_to_driver=False, **local_kwargs)
+             log_to_driver=False, **local_kwargs, **EMBEDDED_START_KWARGS)
     return True
 
 
 __all__ = ["prepare_local_ray", "init_ray", "LOOPBACK_IP", "LOOPBACK_ENV",
-           "QUIET_ENV_DEFAULTS", "LOCAL_INIT_KWARGS"]
+           "QUIET_ENV_DEFAULTS", "LOCAL_INIT_KWARGS", "EMBEDDED_START_KWARGS"]
