@@ -29,6 +29,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# JAX compile cache (on by default) in a fresh folder per session, never ~/.cache
+os.environ["HYPERSWEEP_CACHE_DIR"] = tempfile.mkdtemp(prefix="hs-jax-cache-")
 _paths = [str(TESTS_DIR), str(REPO_ROOT)] + [p for p in os.environ.get(
     "PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(_paths))

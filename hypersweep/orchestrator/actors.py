@@ -9,6 +9,7 @@ and the driver re-sends what was lost.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any, Callable
 from hypersweep.orchestrator import cell as cell_module
 from hypersweep.orchestrator import resources
 from hypersweep.orchestrator.resources import ActorRequest
+from hypersweep.problems.jax import compile_cache  # no JAX import
 from hypersweep.registry import PLUGINS_ENV, load_plugins
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,11 @@ class _CellRunner:
     """Runs one cell per call. At start it imports the plugins named in
     ``$HYPERSWEEP_PLUGINS`` (their pipelines, problems and algorithms then exist here as in
     the driver) and, for ``preload``, the backends' ops, so the first cell's clock (and its
-    ``cell_timeout_s``) does not include a 1–2 s torch/jax import."""
+    ``cell_timeout_s``) does not include a 1–2 s torch/jax import; with JAX it turns the
+    persistent compilation cache on (``$HYPERSWEEP_CACHE_DIR``, see
+    :mod:`hypersweep.problems.jax.compile_cache`). Each JAX row's ``extra`` says how many
+    of the cell's compiles the cache served (``compile_cache_hits`` of
+    ``compile_cache_lookups``)."""
 
     def __init__(self, preload: tuple[str, ...] = ()):
         self._running: tuple[str, int] | None = None
@@ -118,6 +124,8 @@ class _CellRunner:
         for backend in preload:
             try:
                 importlib.import_module(f"hypersweep.problems.{backend}.ops")
+                if backend == "jax":
+                    compile_cache.ensure()
             except Exception as exc:  # noqa: BLE001 - the cell will report it properly
                 log.warning("preloading backend %r failed: %s", backend, exc)
         self.pid = os.getpid()
@@ -127,17 +135,37 @@ class _CellRunner:
 
     def run(self, cell: cell_module.Cell, attempt: int) -> tuple[dict, list[dict]]:
         self._running = (cell.cell_id, attempt)
+        before = compile_cache.counts()
         try:
-            return cell_module.run_cell(cell, attempt)
+            row, traces = cell_module.run_cell(cell, attempt)
         finally:
             self._running = None
+        after = compile_cache.counts()
+        if after is not None and cell.backend == "jax":
+            hits, lookups = (a - b for a, b in zip(after, before or (0, 0)))
+            row["extra"] = with_extra(row["extra"], compile_cache_hits=hits,
+                                      compile_cache_lookups=lookups)
+        return row, traces
 
 
-def actor_options(request: ActorRequest, *, max_restarts: int = 4) -> dict[str, Any]:
+def with_extra(extra: str | None, **values: Any) -> str:
+    """The ``extra`` JSON column with ``values`` added."""
+    merged = json.loads(extra) if extra else {}
+    merged.update(values)
+    return cell_module.canonical_json(merged)
+
+
+def actor_options(request: ActorRequest, *, max_restarts: int = 4,
+                  compile_cache_setting: Any = None) -> dict[str, Any]:
     """``.options(...)`` for one runner: :func:`.resources.actor_options` (resources,
     restarts, GPU sharing) plus what the runner reads from its environment, the plugins
-    (``$HYPERSWEEP_PLUGINS``) and its memory watchdog's limit and report folder."""
-    env = {}
+    (``$HYPERSWEEP_PLUGINS``), its memory watchdog's limit and report folder, and the
+    compile cache's folder or ``off`` (``$HYPERSWEEP_CACHE_DIR``) from the study's
+    ``compile_cache`` section (``compile_cache_setting``; None: the driver's own
+    variable, if set)."""
+    setting = compile_cache_setting
+    env = compile_cache.env_for(enabled=getattr(setting, "enabled", True),
+                                directory=getattr(setting, "dir", None))
     if os.environ.get(PLUGINS_ENV):
         env[PLUGINS_ENV] = os.environ[PLUGINS_ENV]
     if request.memory_mb:

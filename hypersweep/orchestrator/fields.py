@@ -8,6 +8,7 @@ torch, jax nor Ray.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, \
@@ -18,6 +19,7 @@ from hypersweep import problems as problem_registry
 from hypersweep.io.tracking import DEFAULT_TRACKING_URI
 from hypersweep.orchestrator.cell import canonical_json
 from hypersweep.orchestrator.resources import RESOURCE_PRECISION
+from hypersweep.problems.jax.compile_cache import OFF as CACHE_OFF  # no JAX import
 from hypersweep.validation import bad as _fail
 from hypersweep.validation import is_int as _is_int
 from hypersweep.validation import is_number as _is_number
@@ -326,3 +328,37 @@ class MlflowConfig(_Section):
         if not isinstance(value, bool):
             raise _fail(f"must be true or false, got {value!r}")
         return value
+
+
+class CompileCache(_Section):
+    """JAX's persistent compilation cache for the study's actors
+    (:mod:`hypersweep.problems.jax.compile_cache`). ``dir`` null: ``$HYPERSWEEP_CACHE_DIR``
+    as the driver has it, else each node's ``~/.cache/hypersweep/jax``; ``~`` is expanded
+    on the node that runs the actor, a relative path is taken from the working directory at
+    load time."""
+
+    enabled: bool = True
+    dir: str | None = None
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _enabled(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _fail(f"must be true or false, got {value!r}")
+        return value
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or (isinstance(value, str)
+                                       and value.strip().lower() in CACHE_OFF):
+            raise _fail(f"is a directory path; to turn the cache off write enabled: false, "
+                        f"got {value!r}")
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(f"must be a directory path or null, got {value!r}")
+        value = value.strip()
+        if value.startswith("~") or Path(value).is_absolute():
+            return value
+        return str(Path(value).absolute())

@@ -20,8 +20,8 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 
 from hypersweep import algorithms as algorithm_registry
 from hypersweep.orchestrator import checks
-from hypersweep.orchestrator.fields import (AlgorithmEntry, MlflowConfig, ProblemEntry,
-                                            Resources, _algorithm_name, _as_list,
+from hypersweep.orchestrator.fields import (AlgorithmEntry, CompileCache, MlflowConfig,
+                                            ProblemEntry, Resources, _algorithm_name, _as_list,
                                             _check_json, _choices, _entry, _fail,
                                             _float_field, _int_at_least, _is_int,
                                             _k_value, _mapping, _no_duplicates,
@@ -79,6 +79,8 @@ class StudySpec(_Section):
         DEFAULT_CELL_TIMEOUT_S
     output: str = ""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    #: JAX's persistent compilation cache for the actors: ``{enabled: true, dir: null}``.
+    compile_cache: CompileCache = Field(default_factory=CompileCache)
     source_text: str = Field(default="", repr=False, exclude=True)
     source_path: str | None = Field(default=None, repr=False, exclude=True)
 

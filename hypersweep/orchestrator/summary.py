@@ -2,6 +2,7 @@
 (:func:`format_summary`, plain text; :func:`print_summary`, rich tables for the CLI)."""
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
 from typing import Any
@@ -40,13 +41,22 @@ def study_counts(table) -> dict[str, int]:
 
 def compute_totals(table) -> dict:
     """Study-wide totals from the results: compute and compile seconds (so a reader sees
-    what compilation cost beside the measured work), and the cells whose estimate was an
-    exact zero where ∇F ≠ 0 (``extra.zero_hypergradient``), by (problem, algorithm)."""
+    what compilation cost beside the measured work), the compiles the persistent cache
+    served (``extra.compile_cache_hits`` of ``extra.compile_cache_lookups``, over the rows
+    that carry them, ok or not: a failed cell's compiles filled the cache too), and the
+    cells whose estimate was an exact zero where ∇F ≠ 0 (``extra.zero_hypergradient``), by
+    (problem, algorithm)."""
     compute = compile_s = 0.0
-    compiled = 0
+    compiled = hits = lookups = 0
+    cache_rows = 0
     zero: Counter = Counter()
     for row in table.select(["problem", "algorithm", "status", "wall_time_s",
                              "compile_time_s", "extra"]).to_pylist():
+        if row["extra"] and '"compile_cache_lookups"' in row["extra"]:
+            extra = json.loads(row["extra"])
+            hits += int(extra.get("compile_cache_hits") or 0)
+            lookups += int(extra.get("compile_cache_lookups") or 0)
+            cache_rows += 1
         if row["status"] != "ok":
             continue
         compute += row["wall_time_s"] or 0.0
@@ -54,7 +64,9 @@ def compute_totals(table) -> dict:
         compiled += bool(row["compile_time_s"])
         if row["extra"] and '"zero_hypergradient":true' in row["extra"]:
             zero[(row["problem"], row["algorithm"])] += 1
+    cache = {"hits": hits, "lookups": lookups} if cache_rows else None
     return {"compute_time_s": compute, "compile_time_s": compile_s, "cells_compiled": compiled,
+            "compile_cache": cache,
             "zero_hypergradient": [{"problem": p, "algorithm": a, "cells": n}
                                    for (p, a), n in sorted(zero.items())]}
 
@@ -74,6 +86,17 @@ def _compile_line(summary: dict) -> str:
     return (f"compute {summary['compute_time_s']:.1f} s, compile "
             f"{summary['compile_time_s']:.1f} s ({summary['cells_compiled']} cells paid a "
             "compile")
+
+
+def compile_cache_line(summary: dict) -> str | None:
+    """How many XLA compiles the persistent compilation cache served, or None when no row
+    says (torch only, or the cache off)."""
+    cache = summary.get("compile_cache")
+    if not cache:
+        return None
+    share = f" ({cache['hits'] / cache['lookups']:.0%})" if cache["lookups"] else ""
+    return (f"compile cache: {cache['hits']} of {cache['lookups']} XLA compiles were "
+            f"cache hits{share}")
 
 
 def _mlflow_line(mlflow: dict) -> str:
@@ -96,6 +119,8 @@ def format_summary(summary: dict) -> str:
     if "compute_time_s" in summary:
         lines.append(f"time     {_compile_line(summary)}; the others reused compiled "
                      "functions)")
+        if compile_cache_line(summary):
+            lines.append(f"cache    {compile_cache_line(summary)}")
     if summary["per_pair"]:
         width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
         lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
@@ -143,6 +168,8 @@ def print_summary(summary: dict, console: Any = None) -> None:
         console.print(pairs)
     if "compute_time_s" in summary:
         say(_compile_line(summary) + ")")
+        if compile_cache_line(summary):
+            say(compile_cache_line(summary))
     warning = zero_hypergradient_warning(summary)
     if warning:
         say(warning)

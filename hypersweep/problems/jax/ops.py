@@ -10,6 +10,10 @@ here carries an explicit dtype and x64 is part of JAX's jit cache key, so float3
 functions compiled before are retraced, not reused at the wrong width. A process that
 never builds a float64 JAX problem keeps JAX's default (x64 off).
 
+The persistent compilation cache (:mod:`.compile_cache`, on unless
+``$HYPERSWEEP_CACHE_DIR=off``) is turned on by :func:`resolve_device`, that is when the
+process builds its first JAX problem, not at import.
+
 Array constructors take the device explicitly (a ``jax.Device`` from
 :func:`resolve_device`, chosen once per problem); the math functions follow their inputs.
 """
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypersweep.problems import numpy_ops
+from hypersweep.problems.jax import compile_cache
 
 name = "jax"
 
@@ -31,7 +36,10 @@ def require_dtype(dtype: str) -> None:
 
 
 def resolve_device(device: str | None) -> "jax.Device":
-    """``None`` → JAX's default device; ``"cpu"``, ``"cuda"``/``"gpu"``, ``"cuda:N"``."""
+    """``None`` → JAX's default device; ``"cpu"``, ``"cuda"``/``"gpu"``, ``"cuda:N"``.
+    Called once per problem, before anything of it compiles: the first call turns the
+    persistent compilation cache on (:func:`.compile_cache.ensure`)."""
+    compile_cache.ensure()
     if device is None:
         return jax.devices()[0]
     platform, _, index = str(device).partition(":")
@@ -121,3 +129,9 @@ def compile_seconds() -> float:
         jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
         _COMPILE["listening"] = True
     return _COMPILE["seconds"]
+
+
+def compile_cache_counts() -> tuple[int, int] | None:
+    """(persistent-cache hits, compiles that looked in the cache) so far in this process;
+    None when the cache is off (see :mod:`.compile_cache`)."""
+    return compile_cache.counts()
