@@ -329,3 +329,62 @@ def test_run_interrupted_exits_128_plus_signal(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", str(path)]) == 143
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "signal 15" in err[0]
+
+
+def _summary(study):
+    return {"study": study.study, "cells_done": 2, "cells_skipped": 0, "wall_time_s": 1.0,
+            "results_dir": f"{study.output}/results", "per_pair": [],
+            "study_counts": {"ok": 2, "error": 0, "diverged": 0, "timeout": 0,
+                             "crashed": 0}}
+
+
+def test_run_of_several_studies_reports_each_and_exits_with_the_worst(tmp_path, monkeypatch,
+                                                                     capsys):
+    from hypersweep.io.lock import OutputError
+
+    calls = []
+
+    def run_studies(studies, *, on_result, **options):
+        calls.append(([s.study for s in studies], options))
+        on_result(studies[0], _summary(studies[0]))
+        on_result(studies[1], OutputError("output b/results refuses writes"))
+        on_result(studies[2], _summary(studies[2]))
+        return []
+
+    monkeypatch.setattr(driver, "run_studies", run_studies)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(_yaml(study=f"multi-{name}", output=f"out-{name}"))
+    assert cli.main(["run", *map(str, paths), "--retry-failed", "--force"]) == 2
+    assert calls == [(["multi-a", "multi-b", "multi-c"],
+                      {"address": None, "quiet": True, "retry_failed": True, "force": True})]
+    captured = capsys.readouterr()
+    assert "study multi-a: 2 cells run" in captured.out
+    assert "study multi-c: 2 cells run" in captured.out
+    err = captured.err.splitlines()
+    assert err == ["hypersweep: error: study multi-b: output b/results refuses writes"]
+
+    def interrupted(studies, *, on_result, **options):
+        on_result(studies[0], _summary(studies[0]))
+        raise SweepInterrupted(15, {"cells_done": 1, "results_dir": "out-b/results"})
+
+    monkeypatch.setattr(driver, "run_studies", interrupted)
+    assert cli.main(["run", str(paths[0]), str(paths[1])]) == 143
+    captured = capsys.readouterr()
+    assert "study multi-a: 2 cells run" in captured.out
+    assert len(captured.err.splitlines()) == 1 and "signal 15" in captured.err
+
+
+def test_run_refuses_two_studies_with_one_output_before_the_driver(tmp_path, monkeypatch,
+                                                                  capsys):
+    called = []
+    monkeypatch.setattr(driver, "run_studies", lambda *a, **k: called.append(a))
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(_yaml(study="multi-a", output="same"))
+    second.write_text(_yaml(study="multi-b", output="./same/"))
+    assert cli.main(["run", str(first), str(second)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "'multi-a' and 'multi-b' both write output" in err[0]
+    assert called == [] and not (tmp_path / "same").exists()
