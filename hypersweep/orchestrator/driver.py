@@ -20,6 +20,10 @@ before). It starts an embedded loopback-only Ray (or joins a cluster: ``address`
   without being charged. The sweep always goes on.
 * **Sinks** — rows go to Parquet first (one atomic part per 50 rows or 2 s), then to one
   background MLflow writer thread; MLflow being down costs one warning.
+* **Several studies** — :func:`run_studies` runs them one after another in one Ray
+  session (``hypersweep run a.yaml b.yaml``), each with its own lock, sinks and summary;
+  a study's runners go on to the next when it asks for the same actors
+  (:class:`~.pool.ActorKeeper`).
 * **Signals** — SIGTERM (``ray job stop``) and SIGINT flush the finished rows, mark the
   MLflow parent run KILLED and raise :class:`~.signals.SweepInterrupted` (exit code
   128 + signal).

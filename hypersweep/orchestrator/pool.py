@@ -184,11 +184,12 @@ class ActorKeeper:
     """Runners kept alive between the studies of one ``hypersweep run a.yaml b.yaml``.
 
     A study that ends normally hands its actors back with the key they were created
-    under (their ``.options(...)``: resources, restarts, runtime_env) and the backends
-    they preloaded. The next study takes them when its own options are the same and its
-    backends are among those preloaded (a [jax, torch] runner serves a jax study; a jax
-    runner does not serve a torch one, whose first cell would pay the import); anything
-    else kills them and the study starts a new pool. Reused actors keep their process
+    under (their ``.options(...)``: resources, restarts, runtime_env) and that study's
+    backends (which every one of them preloaded, or a runner it reused imported before).
+    The next study takes them when its own options are the same and its backends are
+    among those (a [jax, torch] study's runners serve a jax study; a jax study's do not
+    serve a torch one, whose first cell would pay the import); anything else kills them
+    and the study starts a new pool. Reused actors keep their process
     caches (problem instances, compiled functions), which are keyed by identity, so a
     cell's result does not depend on which study ran before it.
     """
