@@ -46,13 +46,14 @@ def test_resolve_dir_default_env_and_off(monkeypatch, tmp_path):
 def test_importing_changes_no_jax_setting_and_off_means_off(tmp_path):
     code = textwrap.dedent("""
         import sys, jax
-        import hypersweep, hypersweep.problems.jax.ops as ops
+        import hypersweep, hypersweep.problems.jax.ops
+        from hypersweep.problems.jax import compile_cache
         import hypersweep.orchestrator.actors
         assert jax.config.jax_compilation_cache_dir is None  # nothing at import
-        assert ops.compile_cache_counts() is None
+        assert compile_cache.counts() is None
         from hypersweep import problems
         problems.make("ridge", backend="jax", n_features=3, n_train=5)
-        print(jax.config.jax_compilation_cache_dir, ops.compile_cache_counts())
+        print(jax.config.jax_compilation_cache_dir, compile_cache.counts())
     """)
     on = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path / "c"), check=True,
                         capture_output=True, text=True, timeout=120).stdout.split()

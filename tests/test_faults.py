@@ -126,8 +126,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys, logging
     sys.path.insert(0, {tests!r})
     import sweep_test_pipeline
-    from hypersweep.orchestrator import cell as C, driver, signals
-    driver.FLUSH_ROWS, driver.FLUSH_SECONDS = {flush_rows}, {flush_seconds}
+    from hypersweep.orchestrator import cell as C, driver, signals, sweep
+    sweep.FLUSH_ROWS, sweep.FLUSH_SECONDS = {flush_rows}, {flush_seconds}
     cells = [C.Cell(study="kill", pipeline="sweep_test", problem="toy", algorithm="probe",
                     backend="none", t=1, K=None, seed=s,
                     pipeline_params=C.canonical_json({params}))

@@ -129,9 +129,3 @@ def compile_seconds() -> float:
         jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
         _COMPILE["listening"] = True
     return _COMPILE["seconds"]
-
-
-def compile_cache_counts() -> tuple[int, int] | None:
-    """(persistent-cache hits, compiles that looked in the cache) so far in this process;
-    None when the cache is off (see :mod:`.compile_cache`)."""
-    return compile_cache.counts()
