@@ -21,6 +21,7 @@ from hypersweep.orchestrator.cell import canonical_json
 from hypersweep.orchestrator.resources import RESOURCE_PRECISION
 from hypersweep.problems.jax.compile_cache import OFF as CACHE_OFF  # no JAX import
 from hypersweep.validation import bad as _fail
+from hypersweep.validation import boolean, field
 from hypersweep.validation import is_int as _is_int
 from hypersweep.validation import is_number as _is_number
 
@@ -305,7 +306,7 @@ class MlflowConfig(_Section):
 
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str | None = None
-    enabled: bool = True
+    enabled: field(boolean) = True  # strictly true/false
 
     @field_validator("tracking_uri", mode="before")
     @classmethod
@@ -322,13 +323,6 @@ class MlflowConfig(_Section):
             raise _fail(f"must be a non-empty string or null, got {value!r}")
         return value
 
-    @field_validator("enabled", mode="before")
-    @classmethod
-    def _enabled(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise _fail(f"must be true or false, got {value!r}")
-        return value
-
 
 class CompileCache(_Section):
     """JAX's persistent compilation cache for the study's actors
@@ -337,15 +331,8 @@ class CompileCache(_Section):
     on the node that runs the actor, a relative path is taken from the working directory at
     load time."""
 
-    enabled: bool = True
+    enabled: field(boolean) = True  # strictly true/false
     dir: str | None = None
-
-    @field_validator("enabled", mode="before")
-    @classmethod
-    def _enabled(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise _fail(f"must be true or false, got {value!r}")
-        return value
 
     @field_validator("dir", mode="before")
     @classmethod
