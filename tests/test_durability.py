@@ -17,7 +17,7 @@ import pytest
 
 import sweep_test_pipeline
 from hypersweep.io import lock, parquet
-from hypersweep.orchestrator import driver
+from hypersweep.orchestrator import driver, sweep
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
@@ -67,7 +67,7 @@ def _fail_after(monkeypatch, parts: int, code: int = errno.ENOSPC) -> dict:
 
 def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
         ray_session, tmp_path, monkeypatch):
-    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(sweep, "FLUSH_ROWS", 4)
     cells, output = _cells(40), tmp_path / "out"
     state = _fail_after(monkeypatch, parts=3)
 
@@ -87,7 +87,7 @@ def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
     assert not (output / lock.LOCK_FILE).exists()  # released on the error path
 
     monkeypatch.undo()  # the disk has room again
-    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(sweep, "FLUSH_ROWS", 4)
     rerun = driver.run_cells(_study(output), cells, quiet=True)
     assert rerun["cells_skipped"] == saved and rerun["cells_done"] == len(cells) - saved
     _once_each(output, cells)
@@ -95,7 +95,7 @@ def test_a_persistent_write_failure_stops_the_sweep_and_a_rerun_loses_nothing(
 
 def test_a_write_that_fails_then_recovers_keeps_every_row(ray_session, tmp_path,
                                                           monkeypatch):
-    monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(sweep, "FLUSH_ROWS", 4)
     cells, output = _cells(20), tmp_path / "out"
     real = parquet.pq.write_table
     calls = {"n": 0}
@@ -127,7 +127,7 @@ def test_a_real_full_tmpfs(ray_session, tmp_path, monkeypatch):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "2m")
     try:
-        monkeypatch.setattr(driver, "FLUSH_ROWS", 4)
+        monkeypatch.setattr(sweep, "FLUSH_ROWS", 4)
         output = disk / "out"
         filler = disk / "filler"
         # Leave ~96 KiB free: a few parts fit, then ENOSPC.
@@ -166,8 +166,8 @@ def test_corrupt_and_empty_parts_are_quarantined_and_their_cells_rerun(ray_sessi
     study.write_text(sweep_test_pipeline.ridge_study_yaml(
         "quarantine-test", output=output, t="[1, 2, 3, 4]", seeds=2,
         more="resources: {num_cpus: 1}\nmlflow: {enabled: false}"))
-    monkeypatch.setattr(driver, "FLUSH_ROWS", 3)
-    monkeypatch.setattr(driver, "FLUSH_SECONDS", 1e6)
+    monkeypatch.setattr(sweep, "FLUSH_ROWS", 3)
+    monkeypatch.setattr(sweep, "FLUSH_SECONDS", 1e6)
     assert cli.main(["run", str(study), "--quiet"]) == 0
     parts = sorted((output / parquet.RESULTS_DIR).glob("*.parquet"))
     assert len(parts) >= 3, parts

@@ -17,7 +17,7 @@ import pytest
 import sweep_test_pipeline
 from hypersweep.io import tracking, tracking_sync
 from hypersweep.io.parquet import read_results
-from hypersweep.orchestrator import driver
+from hypersweep.orchestrator import driver, sweep
 from hypersweep.orchestrator.cell import Cell, canonical_json
 
 pytestmark = pytest.mark.ray
@@ -37,7 +37,7 @@ def test_server_outage_then_sync_backfills_exactly_the_missing_cells(
         ray_session, mlflow_server, tmp_path, monkeypatch, caplog):
     from mlflow import MlflowClient
 
-    monkeypatch.setattr(driver, "FLUSH_SECONDS", 0.5)
+    monkeypatch.setattr(sweep, "FLUSH_SECONDS", 0.5)
     params = canonical_json({"sleep_s": 0.4})
     cells = [Cell(study="srv", pipeline="sweep_test", problem="toy", algorithm="probe",
                   backend="jax", t=t, K=None, seed=seed, pipeline_params=params)
