@@ -42,8 +42,7 @@ def run_cells(study: "StudySpec", cells: Iterable[Cell], *, total: int | None = 
     :func:`run_study` when none is initialized (and then left running). Returns the
     summary; ``summary["interrupted"]`` if ``stop_event`` was set."""
     load_plugins()
-    if total is None and hasattr(cells, "__len__"):
-        total = len(cells)  # type: ignore[arg-type]
+    cells, total = _study_cells(study, cells, total)
     sweep = Sweep(study, cells, total=total, quiet=quiet, retry_failed=retry_failed,
                    stop_event=stop_event or threading.Event(),
                    ensure_ray=lambda: init_ray(address), address=address, force=force)

@@ -99,10 +99,6 @@ def counts() -> tuple[int, int] | None:
     return _STATE["hits"], _STATE["lookups"]
 
 
-def active_dir() -> Path | None:
-    return _STATE["dir"]
-
-
 def _on_event(event: str, **_: object) -> None:
     if event == HIT_EVENT:
         _STATE["hits"] += 1
