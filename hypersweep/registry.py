@@ -78,6 +78,11 @@ class AlgorithmSpec:
     params_model: str | None = None
     warm_start_adjoint: bool = False
     consistent: bool = False
+    #: per backend, ``"module:function"`` of its t-grid form (optional): fn(problems,
+    #: lams, *, points, seed=0, **params) -> one list of Hypergrad per lane, lane i being
+    #: (problems[i], lams[i], points[i] = [(t, K), ...] in increasing t), equal to the
+    #: per-(t, K) calls to rounding but with one inner run per lane (JAX: lanes vmapped)
+    grid_impls: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         check_choice("algorithm kind", self.kind, ALGORITHM_KINDS)
@@ -115,6 +120,14 @@ class PipelineSpec:
     run: str
     algorithm_kinds: tuple[str, ...]
     params_model: str | None = None
+    #: ``"module:function"``, fn(cells) -> iterator of (cell, PipelineResult), one per cell
+    #: as soon as it is known, for cells of one ``Cell.batch_key()`` (None: the cells run
+    #: one by one through ``run``). If it raises, the cells it has not yielded run one by
+    #: one through ``run``, so each still gets its own status.
+    run_batch: str | None = None
+    #: ``"module:function"``, fn(cell) -> float: the cell's expected cost in oracle calls,
+    #: which caps how many cells share a task (None: t + K)
+    cost: str | None = None
 
     def __post_init__(self):
         for kind in self.algorithm_kinds:
