@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -298,3 +300,15 @@ def test_cost_axis_is_n_oracle_calls_with_a_fallback_for_old_outputs():
                            "n_oracle_calls": [301.0, 602.0], "best": [2.0, 1.0]})
     drawn = statistics.best_curves(curves, statistics.COST_AXIS, n_grid=5)
     assert drawn["x"].min() == pytest.approx(301.0) and drawn["x"].max() == pytest.approx(602.0)
+
+
+def test_the_report_imports_neither_torch_nor_jax(study_dir, tmp_path):
+    """q comes from the problems' numpy instances: a report imports no backend (each
+    import cost ~1.5 s of the demo's report)."""
+    code = ("import sys; from hypersweep.tools.report.main import build_report; "
+            f"build_report([{str(study_dir)!r}], {str(tmp_path / 'r')!r}); "
+            "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert (tmp_path / "r" / "rates.csv").exists()

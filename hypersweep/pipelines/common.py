@@ -84,14 +84,20 @@ def problem_for(cell):
                     default_device())
 
 
-def fixed_lam(problem, pipeline_params: dict) -> np.ndarray:
-    """λ from the study (``lam``: a scalar broadcast to λ's shape, or a full list) or λ₀."""
+def study_lam(lam0: np.ndarray, pipeline_params: dict) -> np.ndarray:
+    """λ from the study (``lam``: a scalar broadcast to λ₀'s shape, or a full list) or
+    λ₀, as float64 numpy (the shape of a list is checked by the caller's problem)."""
     if pipeline_params.get("lam") is None:
-        return problem.initial_hyperparams()
+        return np.array(lam0, dtype=np.float64, copy=True)
     lam = np.asarray(pipeline_params["lam"], dtype=np.float64)
     if lam.ndim == 0:
-        lam = np.full(problem.lam_shape, float(lam))
-    return problem.lam_numpy(lam)
+        lam = np.full(np.shape(lam0), float(lam))
+    return lam
+
+
+def fixed_lam(problem, pipeline_params: dict) -> np.ndarray:
+    """The study's λ (:func:`study_lam`) for ``problem``, shape checked."""
+    return problem.lam_numpy(study_lam(problem.initial_hyperparams(), pipeline_params))
 
 
 def oracle_key(problem, lam: np.ndarray) -> tuple:

@@ -33,17 +33,13 @@ def check_params(name: str, params: dict) -> dict:
     return merge_params(f"problem {name!r}", valid_params(name), params)
 
 
-def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
-         device: str | None = None, **params: Any) -> Problem:
-    """Build problem ``name`` for ``backend`` ("jax" or "torch") in ``dtype``.
+def build(name: str, *, seed: int = 0, **params: Any) -> tuple[Any, Any, ProblemData]:
+    """(spec, module, data) of problem ``name``: its numpy float64 instance, no backend.
 
-    Data are generated in numpy from ``seed`` (or read from ``data="path.npz|.parquet"``),
-    so both backends see the same arrays. ``device`` (e.g. "cpu", "cuda:0"; default
-    ``$HYPERSWEEP_DEVICE``, else the backend's choice): see :class:`~.base.Problem`.
-    """
+    What :func:`make` binds to a backend, and all that the float64 oracles and
+    :func:`~.base.contraction_factor` need (a report computes q without importing torch or
+    JAX)."""
     problem_spec = PROBLEMS.spec(name)
-    check_choice("backend", backend, BACKENDS)
-    check_choice("dtype", dtype, DTYPES)
     merged = check_params(name, params)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
@@ -57,9 +53,24 @@ def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
         built.inner_lr = lr
     if merged["w_init"] is not None:
         built.info["w_init"] = merged["w_init"]
+    return problem_spec, module, built
+
+
+def make(name: str, *, backend: str, seed: int = 0, dtype: str = "float32",
+         device: str | None = None, **params: Any) -> Problem:
+    """Build problem ``name`` for ``backend`` ("jax" or "torch") in ``dtype``.
+
+    Data are generated in numpy from ``seed`` (or read from ``data="path.npz|.parquet"``),
+    so both backends see the same arrays. ``device`` (e.g. "cpu", "cuda:0"; default
+    ``$HYPERSWEEP_DEVICE``, else the backend's choice): see :class:`~.base.Problem`.
+    """
+    PROBLEMS.spec(name)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("dtype", dtype, DTYPES)
+    problem_spec, module, built = build(name, seed=seed, **params)
     return Problem(problem_spec, module, built, backend=backend, dtype=dtype, seed=seed,
                    params=params, device=device)
 
 
-__all__ = ["make", "names", "spec", "valid_params", "check_params", "Problem",
+__all__ = ["make", "build", "names", "spec", "valid_params", "check_params", "Problem",
            "ProblemData", "PROBLEMS"]

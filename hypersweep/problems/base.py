@@ -107,6 +107,18 @@ def declared_hooks(module: ModuleType, spec: ProblemSpec) -> frozenset[str]:
     return hooks
 
 
+def contraction_factor(module: ModuleType, built: ProblemData, lam: np.ndarray, *,
+                       inner_lr: float | None = None) -> float:
+    """q = max |1 − η·eig(∇²_w L_in(w*(λ), λ))| of a problem module's numpy instance
+    ``built`` (η = ``inner_lr``, default the instance's), in float64 numpy only."""
+    static = dict(built.static)
+    w = module.exact_inner_solution(lam, built.arrays, static)
+    H = module.inner_hessian(w, lam, built.arrays, static)
+    eig = np.linalg.eigvalsh(0.5 * (H + H.T))
+    eta = built.inner_lr if inner_lr is None else inner_lr
+    return float(np.max(np.abs(1.0 - eta * eig)))
+
+
 class BackendOps:
     """A backend's ``ops`` module bound to one device: what code outside the problem math
     uses to make, read and wait for arrays (``problem.ops``).
@@ -337,10 +349,7 @@ class Problem:
     def contraction_factor(self, lam=None) -> float:
         """q = max |1 − η·eig(∇²_w L_in(w*, λ))|: the rate of Φ near w* (q < 1: contraction)."""
         lam_np = self.initial_hyperparams() if lam is None else self.lam_numpy(lam)
-        w = self.exact_inner_solution(lam_np)
-        H = self.module.inner_hessian(w, lam_np, self.arrays_np, self.static)
-        eig = np.linalg.eigvalsh(0.5 * (H + H.T))
-        return float(np.max(np.abs(1.0 - self.inner_lr * eig)))
+        return contraction_factor(self.module, self.built, lam_np, inner_lr=self.inner_lr)
 
     @property
     def identity(self) -> tuple:

@@ -10,12 +10,13 @@ import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
-from hypersweep.pipelines.common import fixed_lam, problem_for
+from hypersweep import problems
+from hypersweep.pipelines.common import study_lam
+from hypersweep.problems.base import contraction_factor as contraction_factor_of
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +69,23 @@ def fit_rate(t: Sequence[float], err: Sequence[float]) -> float | None:
 
 
 @functools.lru_cache(maxsize=256)
-def contraction_factor(problem: str, problem_params: str, seed: int, backend: str,
-                       dtype: str, pipeline_params: str = "{}") -> float | None:
+def contraction_factor(problem: str, problem_params: str, seed: int,
+                       pipeline_params: str = "{}") -> float | None:
     """q of Φ at the λ the hypergradient-error cell used.
 
-    The cell's instance comes from the pipelines' one builder
-    (:func:`hypersweep.pipelines.common.problem_for`), so its data are exactly the
-    cell's; ``Problem.contraction_factor`` itself only uses the float64 numpy oracles.
-    None, with a warning, when the instance cannot be built or has no Hessian; a missing
-    module is an error, not a warning.
+    The cell's instance is the one every backend builds from (problem, params, seed):
+    :func:`hypersweep.problems.build`'s float64 numpy data, so q needs neither torch nor
+    JAX (q is the same for every backend and dtype). None, with a warning, when the
+    instance cannot be built or has no Hessian; a missing module is an error, not a
+    warning.
     """
-    cell = SimpleNamespace(problem=problem, problem_params=problem_params or "{}",
-                           seed=int(seed), backend=backend, dtype=dtype)
     try:
-        instance = problem_for(cell)
-        lam = fixed_lam(instance, json.loads(pipeline_params or "{}"))
-        return float(instance.contraction_factor(lam))
+        _, module, built = problems.build(problem, seed=int(seed),
+                                          **json.loads(problem_params or "{}"))
+        lam = study_lam(built.lam0, json.loads(pipeline_params or "{}"))
+        if lam.shape != np.shape(built.lam0):
+            raise ValueError(f"lam has shape {lam.shape}, λ has {np.shape(built.lam0)}")
+        return contraction_factor_of(module, built, lam)
     except ImportError:
         raise
     except Exception as exc:  # a report must not die on one exotic problem
@@ -175,10 +177,10 @@ def rate_table(results: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     if not df.empty:
         df = df.assign(panel=problem_key(df))
         for panel, g in df.groupby("panel"):
-            keys = g[["problem", "problem_params", "seed", "backend", "dtype",
+            keys = g[["problem", "problem_params", "seed",
                       "pipeline_params"]].drop_duplicates()
             qs = [contraction_factor(r.problem, r.problem_params or "{}", int(r.seed),
-                                     r.backend, r.dtype, r.pipeline_params or "{}")
+                                     r.pipeline_params or "{}")
                   for r in keys.itertuples()]
             qs = [q for q in qs if q is not None]
             q_by_panel[panel] = float(np.median(qs)) if qs else None
