@@ -120,10 +120,11 @@ class PipelineSpec:
     run: str
     algorithm_kinds: tuple[str, ...]
     params_model: str | None = None
-    #: ``"module:function"``, fn(cells) -> iterator of (cell, PipelineResult), one per cell
-    #: as soon as it is known, for cells of one ``Cell.batch_key()`` (None: the cells run
-    #: one by one through ``run``). If it raises, the cells it has not yielded run one by
-    #: one through ``run``, so each still gets its own status.
+    #: ``"module:function"``, fn(cells) -> iterator of (cell, PipelineResult or the
+    #: exception that cell raised), one per cell as soon as it is known, for cells of one
+    #: ``Cell.batch_key()`` (None: the cells run one by one through ``run``). If it
+    #: raises, the cells it has not yielded run one by one through ``run``, so each still
+    #: gets its own status.
     run_batch: str | None = None
     #: ``"module:function"``, fn(cell) -> float: the cell's expected cost in oracle calls,
     #: which caps how many cells share a task (None: t + K)

@@ -1,6 +1,7 @@
 """A plugin of test-only pipelines: ``sweep_test``, the driver's tests' pipeline, whose
-behaviour is chosen per seed by pipeline_params, and ``env_probe``, a hypergradient_error
-cell that also reports what its actor saw (tests/test_gpu_placement.py).
+behaviour is chosen per seed by pipeline_params, its batched twin ``sweep_test_batch``
+(tests/test_batching.py), and ``env_probe``, a hypergradient_error cell that also reports
+what its actor saw (tests/test_gpu_placement.py).
 
 Registered at import: tests/conftest.py names this module in ``$HYPERSWEEP_PLUGINS``, so
 the test process and every actor (whose runtime_env carries the variable) import it
@@ -16,10 +17,23 @@ under. Keys of ``sweep_test``'s ``pipeline_params`` (all optional):
                        ``marker_dir`` remembers it)                  -> "ok" on attempt 2
 ``hang_seeds``         seeds whose cell sleeps ``hang_s`` (default 120) -> "timeout"
 ``done_dir``           a file named after the cell_id is created there when a cell ends
+``run_log``            a file that gets a line per cell started: its seed
 ``hog_seeds``          seeds whose cell allocates (and touches) ``hog_step_mb`` (default 50)
                        every ``hog_every_s`` (default 0.01) up to ``hog_max_mb`` (default
                        2000), then sleeps ``hang_s``; the RSS after each step goes to
                        ``hog_log`` if set        -> "crashed" (memory) under memory_mb
+
+``sweep_test_batch`` runs the same cells (``run`` for one cell) and has a ``run_batch``
+that runs them in order with every behaviour above per seed (a cell that raises is
+yielded as its exception), plus these keys:
+
+``batch_at_end``       compute every cell, then yield them all (like one vmapped call)
+``batch_raise_after``  ``run_batch`` raises after yielding this many cells
+``batch_skip_seeds``   seeds ``run_batch`` never yields
+``batch_repeat``       yield every cell twice
+``batch_no_wall``      leave ``wall_time_s`` out of the metrics
+``batch_pause_s``      seconds between one cell's yield and the next cell's start
+``batch_log``          a file that gets one line per ``run_batch`` call: pid, cell count
 """
 from __future__ import annotations
 
@@ -37,6 +51,14 @@ PIPELINES.register(PipelineSpec(
     name="sweep_test",
     summary="Test-only: sleeps, raises, diverges, crashes, hangs or hogs memory per seed.",
     run="sweep_test_pipeline:run",
+    algorithm_kinds=ALGORITHM_KINDS,
+))
+PIPELINES.register(PipelineSpec(
+    name="sweep_test_batch",
+    summary="Test-only: sweep_test's cells, several per task (run_batch).",
+    run="sweep_test_pipeline:run",
+    run_batch="sweep_test_pipeline:run_batch",
+    cost="sweep_test_pipeline:batch_cost",
     algorithm_kinds=ALGORITHM_KINDS,
 ))
 PIPELINES.register(PipelineSpec(
@@ -93,6 +115,9 @@ def _hog(params: dict) -> None:
 def run(cell) -> PipelineResult:
     params = cell.pipeline_kwargs
     seed = cell.seed
+    if params.get("run_log"):
+        with open(params["run_log"], "a") as handle:
+            handle.write(f"{seed}\n")
     if seed in params.get("crash_seeds", ()):
         os._exit(13)
     if seed in params.get("crash_once_seeds", ()):
@@ -116,6 +141,39 @@ def run(cell) -> PipelineResult:
     if params.get("done_dir"):
         Path(params["done_dir"], cell.cell_id).touch()
     return PipelineResult(metrics=metrics, device="cpu")
+
+
+def batch_cost(cell) -> float:
+    """``sweep_test_batch``'s cost of a cell: t (its K is free)."""
+    return float(cell.t)
+
+
+def run_batch(cells):
+    """``sweep_test_batch``: :func:`run` per cell, in order; see the module docstring."""
+    params = cells[0].pipeline_kwargs
+    if params.get("batch_log"):
+        with open(params["batch_log"], "a") as handle:
+            handle.write(f"{os.getpid()} {len(cells)}\n")
+    held = []
+    for index, cell in enumerate(cells):
+        if index:
+            time.sleep(params.get("batch_pause_s", 0))
+        if index == params.get("batch_raise_after"):
+            raise RuntimeError("injected run_batch failure")
+        try:
+            result = run(cell)
+        except Exception as exc:  # noqa: BLE001 - this cell's error, not the batch's
+            result = exc
+        if params.get("batch_no_wall") and not isinstance(result, Exception):
+            result.metrics.pop("wall_time_s")
+        if cell.seed in params.get("batch_skip_seeds", ()):
+            continue
+        for _ in range(2 if params.get("batch_repeat") else 1):
+            if params.get("batch_at_end"):
+                held.append((cell, result))
+            else:
+                yield cell, result
+    yield from held
 
 
 def env_probe(cell) -> PipelineResult:

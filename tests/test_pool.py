@@ -58,14 +58,20 @@ class _Remote:
         self.log.append((self.name, args, ref))
         return ref
 
+    def options(self, **options):  # run_batch's num_returns="streaming"
+        self.log.append((self.name, "options", options))
+        return self
+
 
 class _FakeActor:
-    """What the pool uses of a Ray actor handle: ``run.remote`` and ``ping.remote``."""
+    """What the pool uses of a Ray actor handle: ``run.remote``,
+    ``run_batch.options(...).remote`` and ``ping.remote``."""
 
     def __init__(self, number: int):
         self.number = number
         self.calls: list = []
         self.run = _Remote(self.calls, f"run{number}")
+        self.run_batch = _Remote(self.calls, f"batch{number}")
         self.ping = _Remote(self.calls, f"ping{number}")
 
 
@@ -122,3 +128,24 @@ def test_ping_due_re_pings_only_restarting_actors_whose_time_has_come():
     pool.ping_due(15.0)
     assert first.ping_at is None and first.ping in pool.pings
     assert second.ping_at == 20.0 and second.ping not in pool.pings
+
+
+def test_a_batch_is_one_streaming_task_whose_rows_restart_the_clock():
+    pool = _pool(1)
+    slot = pool.slots[0]
+    slot.ready = True
+    cells = [_cell(s, problem_params='{"n":4}') for s in range(3)]
+    task = pool.submit_batch(slot, cells, [1, 1, 1])
+    name, options, kwargs = slot.actor.calls[-2]
+    assert (name, options, kwargs) == ("batch0", "options", {"num_returns": "streaming"})
+    assert slot.actor.calls[-1][1] == (cells, [1, 1, 1])
+    assert task.batched and task.cells == tuple(cells) and pool.by_ref[task.ref] is task
+    assert list(task.pending) == [c.cell_id for c in cells]
+    assert slot.last_key == cells[0].shape_key() and slot.wants_more()  # one task queued
+    slot.head_since = 0.0
+    assert pool.received(slot, task, cells[1].cell_id) and slot.head_since > 0
+    assert not pool.received(slot, task, cells[1].cell_id)  # a duplicate: ignored
+    assert list(task.pending) == [cells[0].cell_id, cells[2].cell_id]
+    alone = pool.submit_batch(slot, cells[:1], [2])  # one cell: a plain run task
+    assert not alone.batched and slot.actor.calls[-1][0] == "run0"
+    assert alone.cell == cells[0] and alone.attempt == 2 and not slot.wants_more()

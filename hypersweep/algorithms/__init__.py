@@ -3,7 +3,8 @@
 Every estimator is called as ``fn(problem, lam, *, t, K, seed=0, **params)`` and returns a
 :class:`~hypersweep.algorithms.common.Hypergrad`. The estimators flagged
 ``warm_start_adjoint`` in the catalog (:func:`adjoint_warm_starts`: aid_cg, aid_fp) also
-take ``v0=``, an adjoint warm start.
+take ``v0=``, an adjoint warm start. ``get_grid(name, backend)`` returns an estimator's t-grid
+form (one inner run per lane, evaluated at every (t, K) of its grid; None when it has none).
 Importing this package never imports torch or jax; ``get`` imports the backend
 implementation lazily.
 """
@@ -16,7 +17,8 @@ import numpy as np
 
 from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.algorithms.common import Hypergrad, check_budget
-from hypersweep.registry import BACKENDS, check_choice, merge_params, resolve_impl
+from hypersweep.registry import (BACKENDS, check_choice, load_object, merge_params,
+                                 resolve_impl)
 
 
 def names(kind: str | None = None) -> list[str]:
@@ -78,6 +80,52 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
     return estimator
 
 
+@functools.lru_cache(maxsize=None)
+def get_grid(name: str, backend: str) -> Callable[..., list] | None:
+    """The t-grid form of estimator ``name`` for ``backend``, wrapped with argument checks;
+    None when the algorithm has none for that backend (``AlgorithmSpec.grid_impls``).
+
+    Called as ``fn(problems, lams, *, points, seed=0, **params)``: lane i is
+    (problems[i], lams[i], points[i]), points[i] a list of (t, K) pairs in increasing t
+    (K may be None when the algorithm ignores it). Returns one list of ``Hypergrad`` per
+    lane, in its points' order, each equal (to rounding; costs, ``solver_iters`` and
+    ``extras`` identical) to ``get(name, backend)(problems[i], lams[i], t=t, K=K,
+    seed=seed, **params)``, from one inner run per lane (lanes sharing a problem object
+    and λ share one). The wrapper checks what ``get`` checks, per lane (backend,
+    capabilities, t and K, λ's shape, ``params`` against the spec's defaults); the lanes
+    must share functions, shapes, dtype and device (``ValueError`` naming the mismatch).
+    There is no ``v0``: a grid evaluates cold solves.
+    """
+    algo = ALGORITHMS.spec(name)
+    check_choice("backend", backend, BACKENDS)
+    path = algo.grid_impls.get(backend)
+    if path is None:
+        return None
+    impl = load_object(path)
+
+    @functools.wraps(impl)
+    def grid(problems, lams, *, points, seed: int = 0, **params: Any) -> list:
+        problems, lams, points = list(problems), list(lams), [list(p) for p in points]
+        if not len(problems) == len(lams) == len(points):
+            raise ValueError(f"a grid call needs one lam and one points list per problem; "
+                             f"got {len(problems)} problems, {len(lams)} lams, "
+                             f"{len(points)} points")
+        for i, problem in enumerate(problems):
+            if problem.backend != backend:
+                raise ValueError(f"problems[{i}] is on backend {problem.backend!r}; "
+                                 f"algorithm {name!r} was requested for {backend!r}")
+            missing = algo.requires - frozenset(problem.capabilities)
+            if missing:
+                raise ValueError(f"algorithm {name!r} needs problem capabilities "
+                                 f"{sorted(missing)}, which {problem.name!r} lacks")
+        checked = [[check_budget(t, K, uses_K=algo.uses_K) for t, K in lane]
+                   for lane in points]
+        return impl(problems, [p.as_lam(lam) for p, lam in zip(problems, lams)],
+                    points=checked, seed=seed, **check_params(name, params))
+
+    return grid
+
+
 def _check_v0(name: str, problem, v0):
     """``v0`` as a backend array in the problem's dtype; ``ValueError`` when not allowed."""
     if not ALGORITHMS.spec(name).warm_start_adjoint:
@@ -90,5 +138,5 @@ def _check_v0(name: str, problem, v0):
     return problem.ops.asarray(v0, problem.dtype)
 
 
-__all__ = ["get", "names", "adjoint_warm_starts", "spec", "check_params", "applicable",
-           "Hypergrad", "ALGORITHMS"]
+__all__ = ["get", "get_grid", "names", "adjoint_warm_starts", "spec", "check_params",
+           "applicable", "Hypergrad", "ALGORITHMS"]

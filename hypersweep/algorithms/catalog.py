@@ -13,6 +13,11 @@ def _impls(module: str, fn: str) -> dict:
     return {b: f"hypersweep.algorithms.{b}.{module}:{fn}" for b in BACKENDS}
 
 
+def _grid(fn: str) -> dict:
+    """The t-grid form (``AlgorithmSpec.grid_impls``): ``algorithms/<backend>/grid.py``."""
+    return {b: f"hypersweep.algorithms.{b}.grid:{fn}" for b in BACKENDS}
+
+
 def _model(name: str) -> str:
     return f"hypersweep.algorithms.params:{name}"
 
@@ -21,38 +26,41 @@ ALGORITHMS.register(AlgorithmSpec(
     name="itd",
     summary="Iterative differentiation: reverse mode through the t inner steps.",
     reference="Maclaurin et al. 2015; Franceschi et al. 2017; Grazzi et al. 2020",
-    impls=_impls("itd", "itd"), consistent=True,
+    impls=_impls("itd", "itd"), grid_impls=_grid("itd"), consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="itd_forward",
     summary="Iterative differentiation in forward mode (cost grows with dim λ).",
     reference="Franceschi et al. 2017 (RTHO / forward-mode)",
-    impls=_impls("itd", "itd_forward"), consistent=True,
+    impls=_impls("itd", "itd_forward"), grid_impls=_grid("itd_forward"), consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="tbptt",
     summary="Truncated backprop: reverse mode through the last K of the t steps.",
     reference="Shaban et al. 2019",
-    impls=_impls("itd", "tbptt"), uses_K=True, consistent=True,
+    impls=_impls("itd", "tbptt"), grid_impls=_grid("tbptt"), uses_K=True, consistent=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_cg",
     summary="Approximate implicit differentiation; adjoint by ≤ K conjugate-gradient steps.",
     reference="Pedregosa 2016; Grazzi et al. 2020",
-    impls=_impls("aid", "aid_cg"), uses_K=True, consistent=True, warm_start_adjoint=True,
+    impls=_impls("aid", "aid_cg"), grid_impls=_grid("aid_cg"), uses_K=True, consistent=True,
+    warm_start_adjoint=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_fp",
     summary="Approximate implicit differentiation; adjoint by ≤ K fixed-point (Richardson) steps.",
     reference="Grazzi et al. 2020; Liao et al. 2018",
-    impls=_impls("aid", "aid_fp"), uses_K=True, consistent=True, warm_start_adjoint=True,
+    impls=_impls("aid", "aid_fp"), grid_impls=_grid("aid_fp"), uses_K=True, consistent=True,
+    warm_start_adjoint=True,
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="aid_neumann",
     summary="Approximate implicit differentiation; adjoint by a K-term Neumann series.",
     reference="Lorraine et al. 2020",
     # a Neumann series has no initial point: no adjoint warm start
-    impls=_impls("aid", "aid_neumann"), uses_K=True, consistent=True,
+    impls=_impls("aid", "aid_neumann"), grid_impls=_grid("aid_neumann"), uses_K=True,
+    consistent=True,
 ))
 
 ALGORITHMS.register(AlgorithmSpec(
@@ -73,13 +81,13 @@ ALGORITHMS.register(AlgorithmSpec(
     name="first_order",
     summary="First-order: ∇_λ L_out(w_t, λ) only (drops the implicit term).",
     reference="Finn et al. 2017 (FOMAML); Nichol et al. 2018",
-    impls=_impls("itd", "first_order"),
+    impls=_impls("itd", "first_order"), grid_impls=_grid("first_order"),
 ))
 ALGORITHMS.register(AlgorithmSpec(
     name="one_step",
     summary="One-step: differentiates only the last inner step.",
     reference="Luketina et al. 2016; Baydin et al. 2018",
-    impls=_impls("itd", "one_step"),
+    impls=_impls("itd", "one_step"), grid_impls=_grid("one_step"),
 ))
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Hypergrad:
@@ -130,3 +132,99 @@ def next_pow2(n: int) -> int:
     """Smallest power of two ≥ max(n, 1): JAX's static trajectory-buffer length for n steps,
     so t values compile in O(log t) buckets instead of one function per t."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+# -- the t-grid form (``algorithms/<backend>/grid.py``) ------------------------------------
+#: The largest trajectory buffer, in bytes over all lanes together, that one JAX grid call
+#: of a reverse-mode estimator (itd, tbptt, one_step) allocates: runs × next_pow2(largest
+#: reverse length) × dim w × itemsize. Above it the call falls back to per-point calls
+#: (each with its own, smaller buffer). 256 MiB: 8 lanes of t = 4096 at dim w = 1000 in
+#: float64.
+GRID_TRAJECTORY_CAP_BYTES = 256 * 2 ** 20
+
+
+class GridRun(NamedTuple):
+    """One inner trajectory of a grid call: the lanes that share a problem object and an
+    equal λ (e.g. the K = 10 and the K = t line of one seed), their points merged.
+
+    ``points``: (t, K) pairs sorted by t (stable: ties keep lane order). ``origin[j]``:
+    (lane, index in that lane's points) of ``points[j]``.
+    """
+
+    problem: Any
+    lam: Any
+    points: list
+    origin: list
+
+
+def _grid_signature(problem) -> dict:
+    """What every problem of one grid call must share (its lanes are stacked)."""
+    return {"backend": problem.backend, "dtype": problem.dtype, "fns": problem.fns,
+            "w_shape": tuple(problem.w_shape), "lam_shape": tuple(problem.lam_shape),
+            "w_init shape": tuple(problem.w_init.shape),
+            "array shapes": {k: (tuple(v.shape), str(v.dtype))
+                             for k, v in sorted(problem.arrays.items())},
+            "device": problem.ops.device_name()}
+
+
+def grid_runs(problems, lams, points, *, uses_K: bool) -> list[GridRun]:
+    """Check a grid call's lanes and merge those that share one inner trajectory.
+
+    Lane i is (problems[i], lams[i], points[i]); points[i] is a list of (t, K) pairs in
+    non-decreasing t (each checked by :func:`check_budget`; K may be None when the
+    algorithm ignores it). Every problem must have the same functions, shapes, dtype and
+    device as problems[0] (``ValueError`` naming the first difference). Lanes with the
+    same problem *object* and equal λ values become one run (one inner loop); a lane
+    without points gets no run. Raises ``ValueError`` on bad input.
+    """
+    problems, lams, points = list(problems), list(lams), list(points)
+    if not len(problems) == len(lams) == len(points):
+        raise ValueError(f"a grid call needs one lam and one points list per problem; got "
+                         f"{len(problems)} problems, {len(lams)} lams, {len(points)} points")
+    reference = _grid_signature(problems[0]) if problems else {}
+    runs: list[GridRun] = []
+    lam_values: list = []
+    for i, (problem, lam, lane) in enumerate(zip(problems, lams, points)):
+        signature = _grid_signature(problem)
+        for key, value in signature.items():
+            if value != reference[key]:
+                raise ValueError(f"problems[{i}] differs from problems[0] in {key}: "
+                                 f"{value!r} vs {reference[key]!r}; the lanes of one grid "
+                                 f"call must share functions, shapes, dtype and device")
+        checked = []
+        for j, point in enumerate(lane):
+            try:
+                t, K = point
+            except (TypeError, ValueError):
+                raise ValueError(f"points[{i}][{j}] must be a (t, K) pair; got "
+                                 f"{point!r}") from None
+            checked.append(check_budget(t, K, uses_K=uses_K))
+            if j and checked[-1][0] < checked[-2][0]:
+                raise ValueError(f"points[{i}] must be sorted by increasing t; got t={t} "
+                                 f"after t={checked[-2][0]}")
+        if not checked:
+            continue
+        lam_np = problem.lam_numpy(lam)
+        origin = [(i, j) for j in range(len(checked))]
+        for r, run in enumerate(runs):
+            if run.problem is problem and np.array_equal(lam_values[r], lam_np):
+                merged = sorted(zip(run.points + checked, run.origin + origin),
+                                key=lambda item: item[0][0])
+                runs[r] = run._replace(points=[p for p, _ in merged],
+                                       origin=[o for _, o in merged])
+                break
+        else:
+            runs.append(GridRun(problem, lam, checked, origin))
+            lam_values.append(lam_np)
+    return runs
+
+
+def grid_results(runs: list[GridRun], n_lanes: int, per_run: list[list]) -> list[list]:
+    """Per lane, its results in its points' order, from ``per_run[r][j]``, the result of
+    ``runs[r].points[j]`` (entries past a run's points, padding, are ignored)."""
+    out: list[list] = [[] for _ in range(n_lanes)]
+    slots = {origin: result for run, results in zip(runs, per_run)
+             for origin, result in zip(run.origin, results)}
+    for lane, index in sorted(slots):
+        out[lane].append(slots[(lane, index)])
+    return out

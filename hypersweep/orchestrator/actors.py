@@ -1,4 +1,5 @@
-"""The Ray actor that runs cells: a thin, long-lived shell around :func:`cell.run_cell`.
+"""The Ray actor that runs cells: a thin, long-lived shell around :func:`cell.run_cell`
+and, for a batch of cells sent as one task, :func:`cell.run_cells`.
 
 One ``CellRunner`` per resource slot lives for the whole study, so its process keeps the
 imported backend, the cached problem instances and the compiled functions between cells
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hypersweep.orchestrator import cell as cell_module
 from hypersweep.orchestrator import resources
@@ -106,14 +107,14 @@ class _MemoryWatchdog(threading.Thread):
 
 
 class _CellRunner:
-    """Runs one cell per call. At start it imports the plugins named in
-    ``$HYPERSWEEP_PLUGINS`` (their pipelines, problems and algorithms then exist here as in
-    the driver) and, for ``preload``, the backends' ops, so the first cell's clock (and its
-    ``cell_timeout_s``) does not include a 1–2 s torch/jax import; with JAX it turns the
-    persistent compilation cache on (``$HYPERSWEEP_CACHE_DIR``, see
-    :mod:`hypersweep.problems.jax.compile_cache`). Each JAX row's ``extra`` says how many
-    of the cell's compiles the cache served (``compile_cache_hits`` of
-    ``compile_cache_lookups``)."""
+    """Runs one cell per ``run`` call, or a batch per ``run_batch`` call. At start it
+    imports the plugins named in ``$HYPERSWEEP_PLUGINS`` (their pipelines, problems and
+    algorithms then exist here as in the driver) and, for ``preload``, the backends' ops,
+    so the first cell's clock (and its ``cell_timeout_s``) does not include a 1–2 s
+    torch/jax import; with JAX it turns the persistent compilation cache on
+    (``$HYPERSWEEP_CACHE_DIR``, see :mod:`hypersweep.problems.jax.compile_cache`). Each
+    JAX row's ``extra`` says how many of the cell's compiles the cache served
+    (``compile_cache_hits`` of ``compile_cache_lookups``)."""
 
     def __init__(self, preload: tuple[str, ...] = ()):
         self._running: tuple[str, int] | None = None
@@ -140,12 +141,39 @@ class _CellRunner:
             row, traces = cell_module.run_cell(cell, attempt)
         finally:
             self._running = None
-        after = compile_cache.counts()
-        if after is not None and cell.backend == "jax":
-            hits, lookups = (a - b for a, b in zip(after, before or (0, 0)))
-            row["extra"] = with_extra(row["extra"], compile_cache_hits=hits,
-                                      compile_cache_lookups=lookups)
+        _count_compiles(row, cell, before)
         return row, traces
+
+    def run_batch(self, cells: list, attempts: list) -> Iterator[tuple[dict, list[dict]]]:
+        """Yield (row, trace rows) per cell of a batch as each is known
+        (:func:`cell.run_cells`); a Ray streaming generator, called with
+        ``.options(num_returns="streaming")``. Each row's compile-cache counts are those
+        since the previous row, so their sum over the batch is the batch's. While it runs,
+        the memory watchdog names a cell the batch has not yielded yet."""
+        pending = {cell.cell_id: (cell.cell_id, int(attempt))
+                   for cell, attempt in zip(cells, attempts)}
+        self._running = next(iter(pending.values()), None)
+        before = compile_cache.counts()
+        try:
+            for row, traces in cell_module.run_cells(cells, attempts):
+                pending.pop(row["cell_id"], None)
+                before = _count_compiles(row, cells[0], before)
+                self._running = next(iter(pending.values()), None)
+                yield row, traces
+        finally:
+            self._running = None
+
+
+def _count_compiles(row: dict, cell: cell_module.Cell, before: tuple | None
+                    ) -> tuple | None:
+    """Put the compile-cache hits and lookups since ``before`` on a JAX ``row``'s
+    ``extra``; return the counts now (the next row's ``before``)."""
+    after = compile_cache.counts()
+    if after is not None and cell.backend == "jax":
+        hits, lookups = (a - b for a, b in zip(after, before or (0, 0)))
+        row["extra"] = with_extra(row["extra"], compile_cache_hits=hits,
+                                  compile_cache_lookups=lookups)
+    return after
 
 
 def with_extra(extra: str | None, **values: Any) -> str:

@@ -1,29 +1,35 @@
-"""A cell — (problem, algorithm, backend, K, t, seed) of a study — its result row, and
-``run_cell``.
+"""A cell — (problem, algorithm, backend, K, t, seed) of a study — its result row,
+``run_cell`` and ``run_cells``.
 
 ``run_cell`` is a plain function, runnable without Ray: it dispatches to the cell's
 pipeline (looked up in :data:`hypersweep.pipelines.catalog.PIPELINES`), times it, and turns
-exceptions and non-finite numbers into statuses. The Ray actor (``actors.py``) is a thin
-shell around it. :func:`cell_row` is the one place a result row is built, for the rows
-``run_cell`` returns and for those the driver writes for a cell that returned none.
+exceptions and non-finite numbers into statuses. ``run_cells`` does the same for cells of
+one :meth:`Cell.batch_key` through the pipeline's ``run_batch`` (one row per cell, yielded
+as each is known). The Ray actor (``actors.py``) is a thin shell around both.
+:func:`cell_row` is the one place a result row is started, for the rows these return and
+for those the driver writes for a cell that returned none; :func:`result_row` the one
+place a pipeline's result (or exception) becomes a row's outcome.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from hypersweep import __version__
 from hypersweep.io.schema import empty_row, empty_trace
 from hypersweep.pipelines.catalog import PIPELINES
 from hypersweep.registry import load_object
+
+log = logging.getLogger(__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -93,6 +99,12 @@ class Cell:
         """Cells with the same key reuse compiled functions inside an actor."""
         return (self.problem, self.problem_params, self.backend, self.dtype)
 
+    def batch_key(self) -> tuple:
+        """Cells with the same key may run as one task (the pipeline's ``run_batch``):
+        everything that identifies a cell but ``t``, ``K``, ``K_setting`` and ``seed``."""
+        return (self.study, self.pipeline, self.problem, self.problem_params, self.backend,
+                self.dtype, self.algorithm, self.algorithm_params, self.pipeline_params)
+
 
 def make_cell_id(cell: "Cell") -> str:
     """Readable and deterministic: ``problem-algorithm-backend-t-K-seed-<hash of params>``.
@@ -155,44 +167,129 @@ def failure_row(cell: Cell, attempt: int, status: str, message: str,
                     wall_time_s=wall_time_s)
 
 
-def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
-    """Run one cell; return (result row, trace rows). Never raises for cell failures."""
-    row = cell_row(cell, attempt, hostname=socket.gethostname(), started_at=_now())
-    t0 = time.perf_counter()
-    traces: list[dict] = []
-    try:
-        run = load_object(PIPELINES.spec(cell.pipeline).run)
-        result: PipelineResult = run(cell)
-        extra = {}
-        for key, value in result.metrics.items():
-            if key in row and key not in ("study", "cell_id"):
-                row[key] = value
-            else:
-                extra[key] = value
-        row["extra"] = canonical_json(extra) if extra else None
-        row["device"] = result.device
-        traces = []
-        for step_row in result.traces:
-            tr = empty_trace()
-            tr.update(study=cell.study, cell_id=cell.cell_id)
-            tr.update({k: v for k, v in step_row.items() if k in tr})
-            traces.append(tr)
-        watched = ("hypergrad_rel_error", "hypergrad_abs_error", "hypergrad_norm",
+#: the metrics whose non-finite value makes a cell ``diverged``
+WATCHED_METRICS = ("hypergrad_rel_error", "hypergrad_abs_error", "hypergrad_norm",
                    "val_loss", "inner_suboptimality")
-        bad = [k for k in watched if row[k] is not None and not _finite(float(row[k]))]
-        if bad:
-            row["status"] = "diverged"
-            row["error_message"] = f"non-finite {', '.join(bad)}"
+
+
+def _fill(row: dict, cell: Cell, result: PipelineResult, extra: dict) -> list[dict]:
+    """Put ``result`` in ``row`` (schema columns, the rest in ``extra``, device, status);
+    return its trace rows."""
+    columns, more = {}, dict(extra)
+    for key, value in result.metrics.items():
+        if key in row and key not in ("study", "cell_id"):
+            columns[key] = value
         else:
-            row["status"] = "ok"
-    except Exception as exc:  # a failing cell is recorded, never fatal for the sweep
+            more[key] = value
+    row.update(columns)
+    row["extra"] = canonical_json(more) if more else None
+    row["device"] = result.device
+    traces = []
+    for step_row in result.traces:
+        trace = empty_trace()
+        trace.update(study=cell.study, cell_id=cell.cell_id)
+        trace.update({k: v for k, v in step_row.items() if k in trace})
+        traces.append(trace)
+    bad = [k for k in WATCHED_METRICS if row[k] is not None and not _finite(float(row[k]))]
+    row["status"] = "diverged" if bad else "ok"
+    if bad:
+        row["error_message"] = f"non-finite {', '.join(bad)}"
+    return traces
+
+
+def result_row(cell: Cell, attempt: int, outcome: "PipelineResult | BaseException", *,
+               started_at: _dt.datetime, wall_time_s: float,
+               extra: dict | None = None) -> tuple[dict, list[dict]]:
+    """(row, trace rows) of ``cell``'s ``attempt`` from what its pipeline gave: a
+    :class:`PipelineResult` (status ``ok``, or ``diverged`` on a non-finite watched metric)
+    or the exception it raised (``error``, with the traceback in ``extra``). A result that
+    cannot be read is an ``error`` too. ``wall_time_s`` is used when the metrics carry
+    none; ``extra`` entries are added to the row's ``extra`` unless the metrics set them.
+    The one place a pipeline's outcome becomes a row (:func:`run_cell`, :func:`run_cells`).
+    """
+    row = cell_row(cell, attempt, hostname=socket.gethostname(), started_at=started_at)
+    traces: list[dict] = []
+    error = outcome if isinstance(outcome, BaseException) else None
+    if error is None:
+        try:
+            traces = _fill(row, cell, outcome, extra or {})
+        except Exception as exc:  # noqa: BLE001 - an unreadable result is the cell's error
+            error = exc
+    if error is not None:  # a failing cell is recorded, never fatal for the sweep
+        traces = []
         row["status"] = "error"
-        msg = f"{type(exc).__name__}: {exc}".strip()
-        row["error_message"] = msg[:2000]
-        row["extra"] = canonical_json({"traceback": traceback.format_exc(limit=8)[-4000:]})
-    row["wall_time_s"] = row["wall_time_s"] if row["wall_time_s"] is not None else (
-        time.perf_counter() - t0)
+        row["error_message"] = f"{type(error).__name__}: {error}".strip()[:2000]
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__,
+                                                  limit=8))
+        row["extra"] = canonical_json({**(extra or {}), "traceback": text[-4000:]})
+    if row["wall_time_s"] is None:
+        row["wall_time_s"] = wall_time_s
     row["finished_at"] = _now()
     if row["device"] is None:
         row["device"] = os.environ.get("HYPERSWEEP_DEVICE", "cpu")
     return row, traces
+
+
+def run_cell(cell: Cell, attempt: int = 1) -> tuple[dict, list[dict]]:
+    """Run one cell; return (result row, trace rows). Never raises for cell failures."""
+    started_at = _now()
+    t0 = time.perf_counter()
+    try:
+        outcome: PipelineResult | BaseException = load_object(
+            PIPELINES.spec(cell.pipeline).run)(cell)
+    except Exception as exc:  # noqa: BLE001 - recorded as the cell's error row
+        outcome = exc
+    return result_row(cell, attempt, outcome, started_at=started_at,
+                      wall_time_s=time.perf_counter() - t0)
+
+
+def run_cells(cells: Sequence[Cell], attempts: Sequence[int] | None = None
+              ) -> Iterator[tuple[dict, list[dict]]]:
+    """Run cells of one :meth:`Cell.batch_key`; yield (row, trace rows) per cell as each
+    is known, every cell exactly once. Never raises for cell failures.
+
+    ``attempts``: each cell's attempt number (default 1). Several cells of a pipeline with
+    ``run_batch`` go through it as one call: each yielded result becomes its cell's row
+    (:func:`result_row`), with ``extra.batch_size`` = the number of cells and, when the
+    pipeline gives no ``wall_time_s``, the batch's elapsed time so far / that number. A
+    result for a cell not asked for, or for one already yielded, is ignored; an exception
+    yielded instead of a result is that cell's ``error`` row. If
+    ``run_batch`` raises, or ends without yielding some cells, those run one by one
+    through :func:`run_cell` (their ``extra.batch_error`` says why, when it raised).
+    One cell, or a pipeline without ``run_batch``: :func:`run_cell` per cell.
+    """
+    cells = list(cells)
+    attempts = [1] * len(cells) if attempts is None else [int(a) for a in attempts]
+    if len(attempts) != len(cells):
+        raise ValueError(f"run_cells: {len(cells)} cells but {len(attempts)} attempts")
+    if len({cell.batch_key() for cell in cells}) > 1:
+        raise ValueError("run_cells: the cells must share one batch_key (study, pipeline, "
+                         "problem, backend, dtype, algorithm and their params)")
+    attempt_of = {cell.cell_id: attempt for cell, attempt in zip(cells, attempts)}
+    pending = {cell.cell_id: cell for cell in cells}
+    spec = PIPELINES.spec(cells[0].pipeline) if cells else None
+    batch_error = None
+    if len(pending) > 1 and spec.run_batch:
+        size = len(pending)
+        started_at = _now()
+        t0 = time.perf_counter()
+        try:
+            for cell, outcome in load_object(spec.run_batch)(list(pending.values())):
+                mine = pending.pop(getattr(cell, "cell_id", None), None)
+                if mine is None:  # a duplicate, or not one of ours
+                    continue
+                yield result_row(mine, attempt_of[mine.cell_id], outcome,
+                                 started_at=started_at,
+                                 wall_time_s=(time.perf_counter() - t0) / size,
+                                 extra={"batch_size": size})
+        except Exception as exc:  # noqa: BLE001 - the cells left run one by one below
+            batch_error = f"{type(exc).__name__}: {exc}".strip()[:500]
+            log.warning("run_batch of pipeline %r raised (%s); running its %d remaining "
+                        "cell(s) one by one", cells[0].pipeline, batch_error, len(pending))
+    for cell in list(pending.values()):
+        row, traces = run_cell(cell, attempt_of[cell.cell_id])
+        if batch_error is not None:
+            merged = json.loads(row["extra"]) if row["extra"] else {}
+            merged.setdefault("batch_error", batch_error)
+            row["extra"] = canonical_json(merged)
+        yield row, traces

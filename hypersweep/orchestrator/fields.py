@@ -349,3 +349,13 @@ class CompileCache(_Section):
         if value.startswith("~") or Path(value).is_absolute():
             return value
         return str(Path(value).absolute())
+
+
+class Batching(_Section):
+    """How many cells of one ``batch_key`` the driver may send as one task, for pipelines
+    with ``run_batch`` (others always send one cell per task): at most ``max_cells``
+    cells (1 turns batching off) whose expected costs in oracle calls (the pipeline's
+    ``cost``, else t + K) sum to at most ``max_cost``; a cell costing more runs alone."""
+
+    max_cells: Annotated[int, BeforeValidator(_int_at_least(1))] = 64
+    max_cost: Annotated[float, BeforeValidator(_float_field(strict=True))] = 200_000.0

@@ -1,11 +1,12 @@
-"""The pool of cell runners: one :class:`Slot` per actor, the cells queued on it, its
+"""The pool of cell runners: one :class:`Slot` per actor, the tasks queued on it, its
 pings and its restarts.
 
 Bookkeeping only: the actors come from ``new_actor`` (the driver's factory of
-:class:`~.actors.CellRunner` handles) and are used through ``actor.run.remote`` and
-``actor.ping.remote``, so everything but :meth:`Pool.on_ping` and killing runs (and is
-unit-tested) with fake actors and no Ray. What a dead actor or a timeout *means* for the
-cells (blame, retries, rows) is the driver's.
+:class:`~.actors.CellRunner` handles) and are used through ``actor.run.remote`` (one cell),
+``actor.run_batch.options(num_returns="streaming").remote`` (several cells, one row each
+as it is known) and ``actor.ping.remote``, so everything but :meth:`Pool.on_ping` and
+killing runs (and is unit-tested) with fake actors and no Ray. What a dead actor or a
+timeout *means* for the cells (blame, retries, rows) is the driver's.
 """
 from __future__ import annotations
 
@@ -13,31 +14,50 @@ import datetime as _dt
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from hypersweep.orchestrator.cell import Cell
 
 log = logging.getLogger(__name__)
 
-#: cells queued per actor (the head runs, the next waits in the actor's mailbox)
+#: tasks queued per actor (the head runs, the next waits in the actor's mailbox)
 IN_FLIGHT_PER_ACTOR = 2
 PING_FAILURES_BEFORE_REPLACE = 3
 PING_RETRY_S = 0.25
 
 
 class Task:
-    """One cell attempt sent to an actor; ``ref`` is the ObjectRef of its result."""
+    """One task sent to an actor: one cell attempt (``ref``: the ObjectRef of its row), or
+    a batch of cells (``ref``: the ObjectRefGenerator of their rows, ``batched``).
+    ``pending``: cell_id -> (cell, attempt) of the cells whose row has not arrived, in
+    the order sent."""
 
-    __slots__ = ("cell", "attempt", "ref", "started_at", "submitted")
+    __slots__ = ("cells", "attempts", "ref", "batched", "pending", "started_at",
+                 "submitted")
 
-    def __init__(self, cell: Cell, attempt: int, ref: Any):
-        self.cell, self.attempt, self.ref = cell, attempt, ref
+    def __init__(self, cells: Sequence[Cell], attempts: Sequence[int], ref: Any, *,
+                 batched: bool = False):
+        self.cells, self.attempts, self.ref = tuple(cells), tuple(attempts), ref
+        self.batched = batched
+        self.pending: dict[str, tuple[Cell, int]] = {
+            cell.cell_id: (cell, attempt)
+            for cell, attempt in zip(self.cells, self.attempts)}
         self.started_at = _dt.datetime.now(_dt.timezone.utc)
         self.submitted = time.monotonic()
 
+    @property
+    def cell(self) -> Cell:
+        """The first cell (the only one of a one-cell task)."""
+        return self.cells[0]
+
+    @property
+    def attempt(self) -> int:
+        return self.attempts[0]
+
 
 class Slot:
-    """One actor and the cells queued on it (the head is the one running)."""
+    """One actor and the tasks queued on it (the head is the one running). ``head_since``:
+    when the head started, or sent its latest row (a batch)."""
 
     def __init__(self, index: int, actor: Any):
         self.index = index
@@ -91,16 +111,38 @@ class Pool:
     def submit(self, slot: Slot, cell: Cell, attempt: int, *, isolate: bool) -> Task:
         """Send ``cell`` to ``slot``'s actor (``isolate``: nothing else until it is done)."""
         slot.isolated = isolate
-        task = Task(cell, attempt, slot.actor.run.remote(cell, attempt))
+        ref = slot.actor.run.remote(cell, attempt)
+        return self._queue(slot, Task((cell,), (attempt,), ref))
+
+    def submit_batch(self, slot: Slot, cells: Sequence[Cell], attempts: Sequence[int]
+                     ) -> Task:
+        """Send ``cells`` to ``slot``'s actor as one streaming task (one row per cell, as
+        each is known); a single cell goes as :meth:`submit`."""
+        if len(cells) == 1:
+            return self.submit(slot, cells[0], attempts[0], isolate=False)
+        ref = slot.actor.run_batch.options(num_returns="streaming").remote(
+            list(cells), list(attempts))
+        return self._queue(slot, Task(cells, attempts, ref, batched=True))
+
+    def _queue(self, slot: Slot, task: Task) -> Task:
         if not slot.queue:
             slot.head_since = time.monotonic()
         slot.queue.append(task)
-        slot.last_key = cell.shape_key()
+        slot.last_key = task.cells[-1].shape_key()
         self.by_ref[task.ref] = task
         return task
 
+    def received(self, slot: Slot, task: Task, cell_id: str) -> bool:
+        """A row of ``task`` arrived: the cell is no longer pending and the slot's clock
+        restarts (a batch's next cell starts now). False for a row not pending (a
+        duplicate or unknown cell: ignore it)."""
+        if task.pending.pop(cell_id, None) is None:
+            return False
+        slot.head_since = time.monotonic()
+        return True
+
     def pop(self, slot: Slot, task: Task) -> None:
-        """``task`` is done: the next queued cell (if any) starts its clock now."""
+        """``task`` is done: the next queued task (if any) starts its clock now."""
         slot.queue.remove(task)
         self.by_ref.pop(task.ref, None)
         slot.head_since = time.monotonic()
@@ -159,7 +201,7 @@ class Pool:
         return list(self.by_ref) + list(self.pings)
 
     def running(self) -> list[Slot]:
-        """Slots whose actor is ready and has a cell running (the queue's head)."""
+        """Slots whose actor is ready and has a task running (the queue's head)."""
         return [slot for slot in self.slots if slot.ready and slot.queue]
 
     def finished(self, ready: set) -> list[tuple[Slot, Task]]:

@@ -20,7 +20,8 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 
 from hypersweep import algorithms as algorithm_registry
 from hypersweep.orchestrator import checks
-from hypersweep.orchestrator.fields import (AlgorithmEntry, CompileCache, MlflowConfig,
+from hypersweep.orchestrator.fields import (AlgorithmEntry, Batching, CompileCache,
+                                            MlflowConfig,
                                             ProblemEntry, Resources, _algorithm_name, _as_list,
                                             _check_json, _choices, _entry, _fail,
                                             _float_field, _int_at_least, _is_int,
@@ -53,6 +54,11 @@ class StudySpec(_Section):
     absolute path (relative paths are taken from the working directory at load time) and
     ``mlflow.experiment`` to the study name when unset. ``source_text`` is the YAML as
     written, for the driver to log as an MLflow artifact.
+
+    ``batching: {max_cells: 64, max_cost: 200000}``: for a pipeline with ``run_batch``,
+    the driver sends up to ``max_cells`` cells that differ only in t, K and seed as one
+    task, while their expected costs (the pipeline's ``cost``, else t + K oracle calls)
+    sum to at most ``max_cost``; ``max_cells: 1`` sends every cell alone.
     """
 
     internal_fields: ClassVar[tuple[str, ...]] = ("source_text", "source_path")
@@ -81,6 +87,8 @@ class StudySpec(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     #: JAX's persistent compilation cache for the actors: ``{enabled: true, dir: null}``.
     compile_cache: CompileCache = Field(default_factory=CompileCache)
+    #: Cells sent as one task (pipelines with ``run_batch``): ``{max_cells, max_cost}``.
+    batching: Batching = Field(default_factory=Batching)
     source_text: str = Field(default="", repr=False, exclude=True)
     source_path: str | None = Field(default=None, repr=False, exclude=True)
 

@@ -99,6 +99,16 @@ def compile_cache_line(summary: dict) -> str | None:
             f"cache hits{share}")
 
 
+def batch_line(summary: dict) -> str | None:
+    """How many tasks carried the cells sent, when some carried several (batches), or
+    None."""
+    mean = summary.get("mean_batch_size")
+    if not mean or mean <= 1:
+        return None
+    return (f"batches: {summary['batches']} tasks sent, {mean:.1f} cells per task on "
+            "average")
+
+
 def _mlflow_line(mlflow: dict) -> str:
     state = f"unavailable ({mlflow['error']})" if mlflow["error"] else "ok"
     return (f"mlflow {state}: {mlflow['cells_logged']} cells logged to "
@@ -121,6 +131,8 @@ def format_summary(summary: dict) -> str:
                      "functions)")
         if compile_cache_line(summary):
             lines.append(f"cache    {compile_cache_line(summary)}")
+    if batch_line(summary):
+        lines.append(f"tasks    {batch_line(summary)}")
     if summary["per_pair"]:
         width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
         lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
@@ -170,6 +182,8 @@ def print_summary(summary: dict, console: Any = None) -> None:
         say(_compile_line(summary) + ")")
         if compile_cache_line(summary):
             say(compile_cache_line(summary))
+    if batch_line(summary):
+        say(batch_line(summary))
     warning = zero_hypergradient_warning(summary)
     if warning:
         say(warning)

@@ -3,11 +3,17 @@
 :class:`Sweep` streams a study's cells to a pool of long-lived
 :class:`~.actors.CellRunner` actors sized from ``resources``:
 
-* **Feeding** — at most ``pool.IN_FLIGHT_PER_ACTOR`` cells queued per actor, completions
+* **Feeding** — at most ``pool.IN_FLIGHT_PER_ACTOR`` tasks queued per actor, completions
   collected with ``ray.wait`` (timeout 0.2 s, so signals and flushes stay prompt); cells are
   pulled lazily from the ``expand`` generator through a small look-ahead window from which
   an actor preferably takes a cell with the ``shape_key`` it ran last (its process caches
   that problem instance and its compiled functions).
+* **Batches** — a new cell of a pipeline with ``run_batch`` takes along window cells of
+  its ``batch_key`` (the study's ``batching`` limits: ``max_cells``, ``max_cost``) as one
+  streaming task whose rows arrive, and are recorded, one by one. Its clock restarts at
+  each row, and it may run ``cell_timeout_s`` × its pending cells; a batch that overruns
+  it, or whose process dies, costs its pending cells nothing: each is re-sent alone (where
+  a hanging or crashing cell then meets the rules below), its received rows stay.
 * **Resume** — cells whose latest Parquet row is ``ok`` are skipped; so are failed ones
   unless ``retry_failed``.
 * **Faults** — a cell that raises or diverges is a row (``run_cell`` does it); a cell
@@ -41,7 +47,7 @@ from hypersweep.io.schema import STATUSES
 from hypersweep.orchestrator import resources as resources_mod
 from hypersweep.orchestrator import summary as summary_mod
 from hypersweep.orchestrator.cell import Cell, failure_row
-from hypersweep.orchestrator.feed import Feed, resume_filter
+from hypersweep.orchestrator.feed import BatchPolicy, Feed, resume_filter
 from hypersweep.orchestrator.pool import PING_RETRY_S, ActorKeeper, Pool, Slot, Task
 from hypersweep.orchestrator.progress import SweepProgress
 from hypersweep.orchestrator.sinks import Sinks
@@ -90,6 +96,8 @@ class Sweep:
         self.previous: dict[str, str] = {}
         self.cells = cells
         self.first_submit: float | None = None
+        self.tasks_sent = 0
+        self.cells_sent = 0
 
     # -- pool ------------------------------------------------------------------------------
     def _preload(self) -> tuple[str, ...]:
@@ -129,13 +137,17 @@ class Sweep:
                  self.name, size, len(reuse))
 
     def _submit(self, slot: Slot) -> bool:
-        item = self.feed.take(slot.last_key, idle=not slot.queue)
-        if item is None:
+        batch = self.feed.take_batch(slot.last_key, idle=not slot.queue)
+        if batch is None:
             return False
-        cell, attempt, isolate = item
         if self.first_submit is None:
             self.first_submit = time.perf_counter()
-        self.pool.submit(slot, cell, attempt, isolate=isolate)
+        if len(batch.cells) == 1:
+            self.pool.submit(slot, batch.cells[0], batch.attempts[0], isolate=batch.isolate)
+        else:
+            self.pool.submit_batch(slot, batch.cells, batch.attempts)
+        self.tasks_sent += 1
+        self.cells_sent += len(batch.cells)
         return True
 
     # -- outcomes --------------------------------------------------------------------------
@@ -143,11 +155,16 @@ class Sweep:
         self.sinks.add(row, traces)
         self.counts[row["status"]] += 1
         self.progress.record(row["status"])
+        if self.sinks.due():  # also within a batch's burst of rows: a part per FLUSH_ROWS
+            self.sinks.flush()
 
     def _finished(self, slot: Slot, task: Task) -> None:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
+        if task.batched:
+            self._stream(slot, task)
+            return
         try:
             row, traces = ray.get(task.ref)  # ready already: this does not wait
         except RayTaskError as exc:  # the actor shell itself raised: an error row
@@ -161,61 +178,141 @@ class Sweep:
         self.pool.pop(slot, task)
         self._record(row, traces)
 
+    def _take_rows(self, slot: Slot, task: Task) -> BaseException | None:
+        """Record the rows of the batch ``task`` that have arrived, without waiting; return
+        what ended its stream early, if anything: the error of its next row (a dead
+        process, or the actor's shell raised) or :class:`StopIteration` (it ended without
+        some cells)."""
+        import ray
+        from ray.exceptions import RayError
+
+        while task.pending:
+            if not ray.wait([task.ref], num_returns=1, timeout=0)[0]:
+                return None
+            try:
+                ref = next(task.ref)
+            except StopIteration as end:
+                return end
+            try:
+                row, traces = ray.get(ref)  # ready already: this does not wait
+            except RayError as exc:
+                return exc
+            if self.pool.received(slot, task, row["cell_id"]):
+                self._record(row, traces)
+        return None
+
+    def _stream(self, slot: Slot, task: Task) -> None:
+        """The batch ``task`` has rows (or its end) ready: record them; pop it when no
+        cell is pending; if its process died, see :meth:`_actor_died`; if it ended with
+        cells pending but its actor lives, re-send those alone, uncharged."""
+        from ray.exceptions import RayTaskError
+
+        ended = self._take_rows(slot, task)
+        if ended is None:
+            if not task.pending:
+                self.pool.pop(slot, task)
+            return
+        if not isinstance(ended, (StopIteration, RayTaskError)):
+            self._actor_died(slot, ended)
+            return
+        why = "its stream ended" if isinstance(ended, StopIteration) else \
+            f"its runner raised: {str(ended).splitlines()[0][:200]}"
+        log.warning("study %s: a batch of %d cells left %d without a row (%s); re-sending "
+                    "them one by one", self.name, len(task.cells), len(task.pending), why)
+        self.pool.pop(slot, task)
+        for cell, attempt in reversed(list(task.pending.values())):
+            self.feed.resend(cell, attempt, isolate=False)
+
     def _actor_died(self, slot: Slot, exc: BaseException) -> None:
         from hypersweep.orchestrator.actors import read_memory_report
 
-        for task in slot.queue:
-            reason = read_memory_report(task.cell.cell_id, task.attempt)
-            if reason is None:
-                continue
+        for task in list(slot.queue):  # rows sent before the death are kept
+            if task.batched:
+                self._take_rows(slot, task)
+                if not task.pending:
+                    self.pool.pop(slot, task)
+        # The cells that may have been running: every cell queued whose row is missing.
+        pending = [(task, cell, attempt) for task in slot.queue
+                   for cell, attempt in task.pending.values()]
+        culprit = None
+        for task, cell, attempt in pending:
+            reason = read_memory_report(cell.cell_id, attempt)  # read once: it is removed
+            # The watchdog names a cell of a batch that had not yielded; which cell of the
+            # batch grew is unknown, so only a cell running alone is certain.
+            if reason is not None and culprit is None and len(task.pending) == 1:
+                culprit = (task, cell, attempt, reason)
+        if culprit is not None:
             # Stopped by its memory watchdog: the culprit is certain and a retry would
             # only outgrow memory_mb again, so it is recorded now (``crashed``, the
             # message says memory) and the others re-sent uncharged.
-            for other in reversed(slot.queue):
-                if other is not task:
-                    self.feed.resend(other.cell, other.attempt, isolate=False)
-            self._record(failure_row(task.cell, task.attempt, "crashed", reason,
-                                     task.started_at), [])
+            task, cell, attempt, reason = culprit
+            for _, other, other_attempt in reversed(pending):
+                if other is not cell:
+                    self.feed.resend(other, other_attempt, isolate=False)
+            self._record(failure_row(cell, attempt, "crashed", reason, task.started_at), [])
             self.pool.restart(slot, kill=False)
             return
-        if len(slot.queue) > 1:
-            # Which of the queued cells killed it is uncertain: the reply of a cell that
-            # finished just before the crash can be lost with the process. Re-run each
-            # alone, uncharged; a culprit then dies alone and is charged below.
-            for task in reversed(slot.queue):
-                self.feed.resend(task.cell, task.attempt, isolate=True)
+        if len(pending) > 1:
+            # Which of the pending cells killed it is uncertain: the reply of a cell that
+            # finished just before the crash can be lost with the process, and the cells
+            # of a batch run together. Re-run each alone, uncharged; a culprit then dies
+            # alone and is charged below.
+            for _, cell, attempt in reversed(pending):
+                self.feed.resend(cell, attempt, isolate=True)
             self.pool.restart(slot, kill=False)
             return
-        blamed = slot.queue[0]
+        if not pending:  # it died after its last row: nothing to blame
+            self.pool.restart(slot, kill=False)
+            return
+        blamed, cell, attempt = pending[0]
         message = f"{type(exc).__name__}: {exc}".strip()
-        if blamed.attempt <= self.max_retries:
-            self.feed.resend(blamed.cell, blamed.attempt + 1, isolate=True)
+        if attempt <= self.max_retries:
+            self.feed.resend(cell, attempt + 1, isolate=True)
             self.retries += 1
             self.progress.retries += 1
-            log.info("cell %s: runner died (attempt %d), retrying", blamed.cell.cell_id,
-                     blamed.attempt)
+            log.info("cell %s: runner died (attempt %d), retrying", cell.cell_id, attempt)
         else:
             self._record(failure_row(
-                blamed.cell, blamed.attempt, "crashed",
-                f"worker process died on each of {blamed.attempt} attempts; last: {message}",
+                cell, attempt, "crashed",
+                f"worker process died on each of {attempt} attempts; last: {message}",
                 blamed.started_at), [])
         self.pool.restart(slot, kill=False)
+
+    def _allowed_s(self, slot: Slot) -> float:
+        """How long the head of ``slot`` may run since its clock started:
+        ``cell_timeout_s`` per cell it has not sent a row for."""
+        return self.cell_timeout_s * max(1, len(slot.queue[0].pending))
 
     def _check_timeouts(self) -> None:
         if self.cell_timeout_s is None:
             return
-        now = time.monotonic()
         for slot in self.pool.running():
-            running = now - slot.head_since
-            if running <= self.cell_timeout_s:
+            if time.monotonic() - slot.head_since <= self._allowed_s(slot):
                 continue
-            head, queued = slot.queue[0], list(slot.queue)[1:]
-            for task in reversed(queued):  # never started: re-sent as they were
-                self.feed.resend(task.cell, task.attempt, isolate=False)
-            self._record(failure_row(
-                head.cell, head.attempt, "timeout",
-                f"exceeded cell_timeout_s={self.cell_timeout_s:g} (stopped after "
-                f"{running:.1f} s); its runner was restarted", head.started_at, running), [])
+            head = slot.queue[0]
+            if head.batched:  # rows that arrived since the wait restart its clock
+                self._stream(slot, head)
+                if not (slot.ready and slot.queue and slot.queue[0] is head) or \
+                        time.monotonic() - slot.head_since <= self._allowed_s(slot):
+                    continue
+            running = time.monotonic() - slot.head_since
+            for task in reversed(list(slot.queue)[1:]):  # never started: re-sent as is
+                for cell, attempt in reversed(list(task.pending.values())):
+                    self.feed.resend(cell, attempt, isolate=False)
+            pending = list(head.pending.values())
+            if len(pending) == 1:
+                cell, attempt = pending[0]
+                message = (f"exceeded cell_timeout_s={self.cell_timeout_s:g} (stopped "
+                           f"after {running:.1f} s); its runner was restarted")
+                self._record(failure_row(cell, attempt, "timeout", message, head.started_at,
+                                         running), [])
+            else:
+                # Which cell of the batch hangs is unknown: each is re-sent alone,
+                # uncharged, where a hanging one times out with the plain cell_timeout_s.
+                log.info("study %s: a batch overran %d × cell_timeout_s; re-sending its "
+                         "pending cells one by one", self.name, len(pending))
+                for cell, attempt in reversed(pending):
+                    self.feed.resend(cell, attempt, isolate=False)
             self.pool.restart(slot, kill=True)
 
     # -- main loop -------------------------------------------------------------------------
@@ -238,7 +335,7 @@ class Sweep:
                 time.sleep(PING_RETRY_S / 5)
                 continue
             if self.cell_timeout_s is not None:
-                heads = [s.head_since + self.cell_timeout_s for s in self.pool.running()]
+                heads = [s.head_since + self._allowed_s(s) for s in self.pool.running()]
                 if heads:
                     timeout = max(0.0, min(timeout, min(heads) - time.monotonic() + 0.01))
             ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
@@ -270,7 +367,10 @@ class Sweep:
         table = parquet.read_results(self.output)
         self.previous = dict(zip(table.column("cell_id").to_pylist(),
                                  table.column("status").to_pylist()))
-        self.feed = Feed(self.cells, resume_filter(self.previous, self.retry_failed))
+        batching = self.study.batching
+        self.feed = Feed(self.cells, resume_filter(self.previous, self.retry_failed),
+                         batching=BatchPolicy.from_registry(batching.max_cells,
+                                                            batching.max_cost))
         self.progress = SweepProgress(None, quiet=self.quiet, label=self.name)
         completed = False
         interrupted = False
@@ -348,6 +448,9 @@ class Sweep:
             "actors": len(self.pool.slots),
             "actors_reused": self.actors_reused,
             "actor_replacements": self.pool.replacements,
+            "batches": self.tasks_sent,  # tasks sent, of one cell or more
+            "mean_batch_size": (self.cells_sent / self.tasks_sent) if self.tasks_sent
+            else None,
             "interrupted": interrupted,
             "per_pair": summary_mod.per_pair(table),
             **summary_mod.compute_totals(table),

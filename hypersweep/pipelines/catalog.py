@@ -7,6 +7,8 @@ PIPELINES.register(PipelineSpec(
     name="hypergradient_error",
     summary="Hypergradient error vs the float64 oracle, per (problem, algorithm, t, K, seed).",
     run="hypersweep.pipelines.hypergradient_error:run",
+    run_batch="hypersweep.pipelines.hypergradient_error:run_batch",
+    cost="hypersweep.pipelines.hypergradient_error:cost",
     algorithm_kinds=("estimator",),
     params_model="hypersweep.pipelines.params:HypergradientErrorParams",
 ))

@@ -40,14 +40,12 @@ from hypersweep.algorithms.common import Hypergrad, adjoint_hvps
 from hypersweep.algorithms.jax import _core
 
 
-@functools.partial(jax.jit, static_argnames=("fns", "method"))
-def _aid(fns, method, w0, lam, arrays, eta, t, K, v0):
-    grad_fn = _core.inner_grad_fn(fns, arrays)
-    tol = _core.tolerance(w0.dtype)
-    w_t = _core.run_inner(grad_fn, w0, lam, eta, t)
+def _adjoint(fns, method, grad_fn, w_t, lam, arrays, eta, K, v0=None):
+    """(hypergrad, SolveResult) at w_t: the adjoint solved by ``method`` with budget K
+    from v0 (None: cold, no warm-start product at all)."""
+    tol = _core.tolerance(w_t.dtype)
     rhs, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
     lin = _core.Linearization(grad_fn, w_t, lam)
-    warm = _core.is_nonzero(v0)  # the solvers skip the warm-start product when v0 = 0
     if method == "cg":
         res = _core.cg(lambda p: eta * lin.hvp(p), rhs, max_iter=K, tol=tol, x0=v0)
     elif method == "fp":
@@ -57,7 +55,26 @@ def _aid(fns, method, w0, lam, arrays, eta, t, K, v0):
         res = _core.neumann(lambda p: p - eta * lin.hvp(p), rhs, n_terms=K, tol=tol)
     else:  # pragma: no cover - internal
         raise ValueError(f"Unknown AID method {method!r}. Valid choices: cg, fp, neumann")
-    return grad_lam - eta * lin.cross(res.x), w_t, res, warm
+    return grad_lam - eta * lin.cross(res.x), res
+
+
+@functools.partial(jax.jit, static_argnames=("fns", "method"))
+def _aid(fns, method, w0, lam, arrays, eta, t, K, v0):
+    grad_fn = _core.inner_grad_fn(fns, arrays)
+    w_t = _core.run_inner(grad_fn, w0, lam, eta, t)
+    warm = _core.is_nonzero(v0)  # the solvers skip the warm-start product when v0 = 0
+    hypergrad, res = _adjoint(fns, method, grad_fn, w_t, lam, arrays, eta, K, v0)
+    return hypergrad, w_t, res, warm
+
+
+def _result(method: str, hypergrad, w_t, t: int, iters: int, warm: bool,
+            rel_residual: float, matvecs: int, v) -> Hypergrad:
+    """The per-point ``Hypergrad`` of an AID solve (shared with the t-grid form)."""
+    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
+                     n_hvp_evals=adjoint_hvps(method, iters, warm), n_cross_evals=1,
+                     solver_iters=iters,
+                     extras={"solver_rel_residual": rel_residual,
+                             "matvecs_computed": matvecs, "v": v})
 
 
 def _run(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
@@ -67,12 +84,8 @@ def _run(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
     out = _aid(fns, method, w0, lam, arrays, eta, jnp.asarray(t, jnp.int32),
                jnp.asarray(K, jnp.int32), v0)
     hypergrad, w_t, res, warm = jax.block_until_ready(out)
-    iters = int(res.iters)
-    return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t,
-                     n_hvp_evals=adjoint_hvps(method, iters, bool(warm)), n_cross_evals=1,
-                     solver_iters=iters,
-                     extras={"solver_rel_residual": float(res.rel_residual),
-                             "matvecs_computed": int(res.matvecs), "v": res.x})
+    return _result(method, hypergrad, w_t, t, int(res.iters), bool(warm),
+                   float(res.rel_residual), int(res.matvecs), res.x)
 
 
 def aid_cg(problem, lam, *, t: int, K: int, seed: int = 0, v0=None) -> Hypergrad:

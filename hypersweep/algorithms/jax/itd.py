@@ -40,17 +40,33 @@ from hypersweep.algorithms.common import Hypergrad, next_pow2
 from hypersweep.algorithms.jax import _core
 
 
-@functools.partial(jax.jit, static_argnames=("fns", "bucket"))
-def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
-    grad_fn = _core.inner_grad_fn(fns, arrays)
+def _record(grad_fn, lam, eta, bucket, w, trajectory, lo, hi, live=None):
+    """Φ steps s = lo, …, hi − 1 from w, each writing w_s into slot s mod ``bucket`` first.
 
-    def forward_step(s, carry):
+    ``live(s)`` (a traced bool; None: always): a step where it is False leaves w and the
+    buffer as they are. The t-grid form (``grid.py``) runs one loop over the lanes' union of
+    steps with each lane's own range as ``live``, so the loop bounds stay unbatched under
+    vmap: a loop with per-lane bounds would select over the whole buffer every step.
+    """
+    step = lambda w: _core.phi(grad_fn, w, lam, eta)  # noqa: E731
+
+    def body(s, carry):
         w, trajectory = carry
-        trajectory = lax.dynamic_update_index_in_dim(trajectory, w, s % bucket, 0)
-        return _core.phi(grad_fn, w, lam, eta), trajectory
+        slot = s % bucket
+        if live is None:
+            return step(w), lax.dynamic_update_index_in_dim(trajectory, w, slot, 0)
+        on = live(s)
+        kept = lax.dynamic_index_in_dim(trajectory, slot, 0, keepdims=False)
+        trajectory = lax.dynamic_update_index_in_dim(trajectory, jnp.where(on, w, kept),
+                                                     slot, 0)
+        return jnp.where(on, step(w), w), trajectory
 
-    trajectory = jnp.zeros((bucket,) + w0.shape, w0.dtype)
-    w_t, trajectory = lax.fori_loop(0, t, forward_step, (w0, trajectory))
+    return lax.fori_loop(lo, hi, body, (w, trajectory))
+
+
+def _reverse_pass(fns, grad_fn, arrays, lam, eta, bucket, trajectory, w_t, t, n_rev):
+    """h = ∇_λ L_out(w_t) + the vjps of Φ at w_{t−1}, …, w_{t−n_rev} (read from the ring
+    buffer, which must hold them) applied to ∇_w L_out(w_t)."""
     p, h = _core.outer_grads(fns, w_t, lam, arrays)
 
     def reverse_step(j, carry):
@@ -61,7 +77,16 @@ def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
         return p, h + d_lam
 
     _, h = lax.fori_loop(0, n_rev, reverse_step, (p, h))
-    return h, w_t
+    return h
+
+
+@functools.partial(jax.jit, static_argnames=("fns", "bucket"))
+def _reverse(fns, bucket, w0, lam, arrays, eta, t, n_rev):
+    grad_fn = _core.inner_grad_fn(fns, arrays)
+    trajectory = jnp.zeros((bucket,) + w0.shape, w0.dtype)
+    w_t, trajectory = _record(grad_fn, lam, eta, bucket, w0, trajectory, 0, t)
+    return _reverse_pass(fns, grad_fn, arrays, lam, eta, bucket, trajectory, w_t, t,
+                         n_rev), w_t
 
 
 def _run_reverse(problem, lam, t: int, n_rev: int) -> Hypergrad:
@@ -124,14 +149,15 @@ def first_order(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
     return Hypergrad(hypergrad=hypergrad, w_t=w_t, n_inner_grad_evals=t, n_hvp_evals=0)
 
 
-@functools.partial(jax.jit, static_argnames=("fns",))
-def _forward(fns, w0, lam, arrays, eta, t):
-    grad_fn = _core.inner_grad_fn(fns, arrays)
+def _forward_start(w0, lam):
+    """(directions, Z_0): the basis e_i of λ-space, one per vmapped tangent, and Z_0 = 0."""
     n_lam = lam.size
-    # Basis directions e_i of λ-space, one per vmapped tangent.
     directions = jnp.eye(n_lam, dtype=lam.dtype).reshape((n_lam,) + lam.shape)
-    Z0 = jnp.zeros((n_lam,) + w0.shape, w0.dtype)
+    return directions, jnp.zeros((n_lam,) + w0.shape, w0.dtype)
 
+
+def _forward_steps(grad_fn, lam, eta, directions, w, Z, n):
+    """n steps of (w, Z) ↦ (Φ(w), ∂_wΦ Z + ∂_λΦ e), n traced."""
     def step(s, carry):
         w, Z = carry
         # Z_{s+1} e = ∂_wΦ(w_s) Z_s e + ∂_λΦ(w_s) e, one linearization for all directions.
@@ -139,9 +165,21 @@ def _forward(fns, w0, lam, arrays, eta, t):
             lambda w_, lam_: _core.phi(grad_fn, w_, lam_, eta), w, lam)
         return w_next, jax.vmap(phi_jvp)(Z, directions)
 
-    w_t, Z = lax.fori_loop(0, t, step, (w0, Z0))
+    return lax.fori_loop(0, n, step, (w, Z))
+
+
+def _forward_readout(fns, arrays, lam, directions, w_t, Z):
+    """hypergrad_i = ∇_w L_out(w_t)·Z e_i + ∂_λ L_out(w_t)·e_i, λ's shape."""
     _, out_jvp = jax.linearize(lambda w_, lam_: fns.outer_loss(w_, lam_, arrays), w_t, lam)
-    return jax.vmap(out_jvp)(Z, directions).reshape(lam.shape), w_t
+    return jax.vmap(out_jvp)(Z, directions).reshape(lam.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("fns",))
+def _forward(fns, w0, lam, arrays, eta, t):
+    grad_fn = _core.inner_grad_fn(fns, arrays)
+    directions, Z = _forward_start(w0, lam)
+    w_t, Z = _forward_steps(grad_fn, lam, eta, directions, w0, Z, t)
+    return _forward_readout(fns, arrays, lam, directions, w_t, Z), w_t
 
 
 def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:

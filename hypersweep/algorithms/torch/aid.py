@@ -33,16 +33,29 @@ from hypersweep.algorithms.torch import _core
 
 def _adjoint_setup(problem, lam, t: int):
     fns, w0, arrays, eta = _core.problem_inputs(problem)
-    g = _core.inner_grad_fn(fns, arrays)
-    w_t = _core.run_inner(g, w0, lam, eta, t)
-    lin = _core.Linearization(g, w_t, lam)
+    w_t = _core.run_inner(_core.inner_grad_fn(fns, arrays), w0, lam, eta, t)
+    return (w_t, *_adjoint_at(problem, lam, w_t))
+
+
+def _adjoint_at(problem, lam, w_t):
+    """(Linearization of g at (w_t, λ), rhs = ∇_w L_out(w_t), ∇_λ L_out(w_t))."""
+    fns, _, arrays, _ = _core.problem_inputs(problem)
+    lin = _core.Linearization(_core.inner_grad_fn(fns, arrays), w_t, lam)
     rhs, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
-    return w_t, lin, rhs, grad_lam
+    return lin, rhs, grad_lam
 
 
 def _iterative(method: str, problem, lam, t: int, K: int, v0=None) -> Hypergrad:
     """Solve the adjoint with ``method`` ("cg", "fp", "neumann") from ``v0``."""
-    w_t, lin, rhs, grad_lam = _adjoint_setup(problem, lam, t)
+    fns, w0, arrays, eta = _core.problem_inputs(problem)
+    w_t = _core.run_inner(_core.inner_grad_fn(fns, arrays), w0, lam, eta, t)
+    return _solve_at(method, problem, lam, w_t, t, K, v0)
+
+
+def _solve_at(method: str, problem, lam, w_t, t: int, K: int, v0=None) -> Hypergrad:
+    """The AID estimate at a given w_t, costs counted as the t-step estimator's (shared
+    with the t-grid form)."""
+    lin, rhs, grad_lam = _adjoint_at(problem, lam, w_t)
     eta, tol = problem.inner_lr, _core.tolerance(problem.dtype)
     if method == "cg":
         res = _core.cg(lambda p: eta * lin.hvp(p), rhs, max_iter=K, tol=tol, x0=v0)

@@ -24,7 +24,13 @@ def _reverse_through_last(problem, lam, t: int, k: int) -> Hypergrad:
     memory O(k · dim w)), then one reverse pass."""
     fns, w0, arrays, eta = _core.problem_inputs(problem)
     g = _core.inner_grad_fn(fns, arrays)
-    w_start = _core.run_inner(g, w0, lam, eta, t - k)
+    return _reverse_from(problem, lam, g, _core.run_inner(g, w0, lam, eta, t - k), t, k)
+
+
+def _reverse_from(problem, lam, g, w_start, t: int, k: int) -> Hypergrad:
+    """k recorded steps from ``w_start`` = w_{t−k} (a constant in λ), then one reverse
+    pass; costs counted as the t-step estimator's (shared with the t-grid form)."""
+    fns, _, arrays, eta = _core.problem_inputs(problem)
     if k == 0:
         _, grad_lam = _core.outer_grads(fns, w_start, lam, arrays)
         return Hypergrad(hypergrad=grad_lam, w_t=w_start, n_inner_grad_evals=t,
@@ -86,7 +92,12 @@ def one_step(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad:
     """
     fns, w0, arrays, eta = _core.problem_inputs(problem)
     g = _core.inner_grad_fn(fns, arrays)
-    w_prev = _core.run_inner(g, w0, lam, eta, t - 1)
+    return _one_step_from(problem, lam, g, _core.run_inner(g, w0, lam, eta, t - 1), t)
+
+
+def _one_step_from(problem, lam, g, w_prev, t: int) -> Hypergrad:
+    """The one-step estimate at w_t = Φ(w_prev) (shared with the t-grid form)."""
+    fns, _, arrays, eta = _core.problem_inputs(problem)
     lin = _core.Linearization(g, w_prev, lam)
     w_t = (lin.w - eta * lin.g).detach()
     grad_w, grad_lam = _core.outer_grads(fns, w_t, lam, arrays)
@@ -108,6 +119,14 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
     Cost: t inner gradients, t · dim λ JVPs (batched), memory O(dim λ · dim w) — no growth
     with t. Reference: Franceschi et al. 2017 (forward-mode RTHO).
     """
+    step, tangents = _forward_start(problem, lam)
+    w, tangents = _forward_steps(step, problem.w_init.detach().clone(), tangents, t)
+    return _forward_result(problem, lam, w, tangents, t)
+
+
+def _forward_start(problem, lam):
+    """(step, Z_0): ``step(w, Z) = (Φ(w), ∂_wΦ Z + ∂_λΦ e)`` over the dim λ basis
+    directions e (stacked first), and Z_0 = 0."""
     fns, w0, arrays, eta = _core.problem_inputs(problem)
     # torch.func.grad, not autograd: the eager ∇ cannot run under jvp/vmap
     g = (_core.inner_grad_fn(fns, arrays) if fns.has_inner_grad else
@@ -123,15 +142,26 @@ def itd_forward(problem, lam, *, t: int, K: int = 0, seed: int = 0) -> Hypergrad
                                   (dw, dlam))
         return torch.func.vmap(push, out_dims=(None, 0))(tangents, directions)
 
-    w = w0.detach().clone()
-    tangents = torch.zeros((n_lam,) + tuple(w.shape), dtype=w.dtype, device=w.device)
+    tangents = torch.zeros((n_lam,) + tuple(w0.shape), dtype=w0.dtype, device=w0.device)
+    return step, tangents
+
+
+def _forward_steps(step, w, tangents, n: int):
+    """n forward-mode steps of (w, Z)."""
     with torch.no_grad(), warnings.catch_warnings():
         # torch's forward AD scripts its jvp decompositions on first use and warns that
         # torch.jit.script is deprecated: torch-internal, nothing for a caller to act on.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                                 category=DeprecationWarning)
-        for _ in range(t):
+        for _ in range(n):
             w, tangents = step(w, tangents)
+    return w, tangents
+
+
+def _forward_result(problem, lam, w, tangents, t: int) -> Hypergrad:
+    """∇F_j = ∇_λ L_out(w_t)_j + ⟨Z_t[j], ∇_w L_out(w_t)⟩, with the t-step costs."""
+    fns, _, arrays, _ = _core.problem_inputs(problem)
+    n_lam = lam.numel()
     grad_w, grad_lam = _core.outer_grads(fns, w, lam, arrays)
     implicit = tangents.reshape(n_lam, -1) @ grad_w.reshape(-1)
     hypergrad = grad_lam + implicit.reshape(lam.shape)
