@@ -137,27 +137,32 @@ class _CellRunner:
     def run(self, cell: cell_module.Cell, attempt: int) -> tuple[dict, list[dict]]:
         self._running = (cell.cell_id, attempt)
         before = compile_cache.counts()
+        start = time.perf_counter()
         try:
             row, traces = cell_module.run_cell(cell, attempt)
         finally:
             self._running = None
         _count_compiles(row, cell, before)
+        _count_busy(row, start)
         return row, traces
 
     def run_batch(self, cells: list, attempts: list) -> Iterator[tuple[dict, list[dict]]]:
         """Yield (row, trace rows) per cell of a batch as each is known
         (:func:`cell.run_cells`); a Ray streaming generator, called with
-        ``.options(num_returns="streaming")``. Each row's compile-cache counts are those
-        since the previous row, so their sum over the batch is the batch's. While it runs,
+        ``.options(num_returns="streaming")``. Each row's compile-cache counts and
+        ``actor_busy_s`` are those since the previous row, so their sums over the batch
+        are the batch's. While it runs,
         the memory watchdog names a cell the batch has not yielded yet."""
         pending = {cell.cell_id: (cell.cell_id, int(attempt))
                    for cell, attempt in zip(cells, attempts)}
         self._running = next(iter(pending.values()), None)
         before = compile_cache.counts()
+        since = time.perf_counter()
         try:
             for row, traces in cell_module.run_cells(cells, attempts):
                 pending.pop(row["cell_id"], None)
                 before = _count_compiles(row, cells[0], before)
+                since = _count_busy(row, since)
                 self._running = next(iter(pending.values()), None)
                 yield row, traces
         finally:
@@ -174,6 +179,16 @@ def _count_compiles(row: dict, cell: cell_module.Cell, before: tuple | None
         row["extra"] = with_extra(row["extra"], compile_cache_hits=hits,
                                   compile_cache_lookups=lookups)
     return after
+
+
+def _count_busy(row: dict, since: float) -> float:
+    """Put the runner's seconds since ``since`` (its task's start or its previous row) on
+    ``row``'s ``extra`` as ``actor_busy_s``: summed over rows, the time the runners spent
+    on cells, oracles, rows and compiles (the denominator of a compile share); returns
+    now."""
+    now = time.perf_counter()
+    row["extra"] = with_extra(row["extra"], actor_busy_s=round(now - since, 6))
+    return now
 
 
 def with_extra(extra: str | None, **values: Any) -> str:

@@ -118,8 +118,12 @@ def _grid_lanes(fns, method, bucket, shared, w0, lam, arrays, eta, ts, budgets, 
 
 # -- the host side ----------------------------------------------------------------------------
 def _rows(x) -> list[list]:
-    """[runs, points, ...] array → per run, per point arrays (two levels of unstacking)."""
-    return [list(row) for row in x]
+    """[runs, points, ...] array → per run, per point arrays (two levels of unstacking),
+    read back once and split on the host: slicing on the device would compile an unstack
+    per shape."""
+    device = next(iter(x.devices()))
+    host = np.asarray(jax.device_get(x))
+    return [[jax.device_put(point, device) for point in row] for row in host]
 
 
 def _call(method: str, runs, budget, bucket: int = 0):
@@ -145,11 +149,15 @@ def _call(method: str, runs, budget, bucket: int = 0):
     def put(x):
         return jax.device_put(x, first.device)
 
+    def stacked(arrays):  # on the host, then one copy: jnp.stack compiles per shape
+        return put(np.stack([np.asarray(jax.device_get(a)) for a in arrays]))
+
     # the problems' arrays already share one device (grid_runs checked it)
     out = _grid_lanes(
-        first.fns, method, bucket, shared, jnp.stack([p.w_init for p in problems]),
-        jnp.stack([jnp.asarray(run.lam) for run in runs]).astype(first.dtype),
-        {k: jnp.stack([p.arrays[k] for p in problems]) for k in first.arrays},
+        first.fns, method, bucket, shared, stacked([p.w_init for p in problems]),
+        put(np.stack([np.asarray(jax.device_get(run.lam), first.w_init.dtype)
+                      for run in runs])),
+        {k: stacked([p.arrays[k] for p in problems]) for k in first.arrays},
         put(np.array([p.inner_lr for p in problems], first.dtype)),
         put(ts), put(budgets), put(lo), put(hi))
     return jax.block_until_ready(out)

@@ -62,11 +62,15 @@ def _dtype(dtype: str):
 
 
 def asarray(x, dtype="float64", *, device):
-    return jnp.asarray(x, dtype=_dtype(dtype), device=device)
+    if isinstance(x, jax.Array):
+        return jnp.asarray(x, dtype=_dtype(dtype), device=device)
+    # Host data: converted in numpy and copied over. jnp.asarray would compile a small
+    # conversion per shape, a compile event per data array of every new instance.
+    return jax.device_put(np.asarray(x, dtype=_dtype(dtype)), device)
 
 
 def zeros(shape, dtype="float64", *, device):
-    return jnp.zeros(shape, dtype=_dtype(dtype), device=device)
+    return jax.device_put(np.zeros(shape, dtype=_dtype(dtype)), device)
 
 
 def to_numpy(x):
