@@ -82,7 +82,8 @@ def loop_study(path: str) -> dict:
     cells = 0
     for cell in expand(study):
         problem = problem_for(cell)
-        params = HypergradientErrorParams.parse(cell.pipeline_kwargs).as_dict()
+        params = HypergradientErrorParams.parse(cell.pipeline_kwargs,
+                                                 prefix="pipeline_params").as_dict()
         lam = fixed_lam(problem, params)
         result = algorithms.get(cell.algorithm, cell.backend)(
             problem, problem.as_lam(lam), t=cell.t, K=cell.K, seed=cell.seed,
