@@ -65,13 +65,7 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
     @functools.wraps(impl)
     def estimator(problem, lam, *, t: int, K: int | None = None, seed: int = 0,
                   v0: Any = None, **params: Any) -> Hypergrad:
-        if problem.backend != backend:
-            raise ValueError(f"problem is on backend {problem.backend!r}; "
-                             f"algorithm {name!r} was requested for {backend!r}")
-        missing = algo.requires - frozenset(problem.capabilities)
-        if missing:
-            raise ValueError(f"algorithm {name!r} needs problem capabilities "
-                             f"{sorted(missing)}, which {problem.name!r} lacks")
+        _check_problem(algo, backend, problem, "problem")
         t, K = check_budget(t, K, uses_K=algo.uses_K)
         call_time = {} if v0 is None else {"v0": _check_v0(name, problem, v0)}
         return impl(problem, problem.as_lam(lam), t=t, K=K, seed=seed,
@@ -111,19 +105,25 @@ def get_grid(name: str, backend: str) -> Callable[..., list] | None:
                              f"got {len(problems)} problems, {len(lams)} lams, "
                              f"{len(points)} points")
         for i, problem in enumerate(problems):
-            if problem.backend != backend:
-                raise ValueError(f"problems[{i}] is on backend {problem.backend!r}; "
-                                 f"algorithm {name!r} was requested for {backend!r}")
-            missing = algo.requires - frozenset(problem.capabilities)
-            if missing:
-                raise ValueError(f"algorithm {name!r} needs problem capabilities "
-                                 f"{sorted(missing)}, which {problem.name!r} lacks")
+            _check_problem(algo, backend, problem, f"problems[{i}]")
         checked = [[check_budget(t, K, uses_K=algo.uses_K) for t, K in lane]
                    for lane in points]
         return impl(problems, [p.as_lam(lam) for p, lam in zip(problems, lams)],
                     points=checked, seed=seed, **check_params(name, params))
 
     return grid
+
+
+def _check_problem(algo, backend: str, problem, label: str) -> None:
+    """``ValueError`` unless ``problem`` (called ``label`` in the message) is on ``backend``
+    and has the capabilities algorithm ``algo`` requires."""
+    if problem.backend != backend:
+        raise ValueError(f"{label} is on backend {problem.backend!r}; "
+                         f"algorithm {algo.name!r} was requested for {backend!r}")
+    missing = algo.requires - frozenset(problem.capabilities)
+    if missing:
+        raise ValueError(f"algorithm {algo.name!r} needs problem capabilities "
+                         f"{sorted(missing)}, which {problem.name!r} lacks")
 
 
 def _check_v0(name: str, problem, v0):
