@@ -79,12 +79,15 @@ problems:
     params: {{n_features: 20, n_train: 200, n_val: 50}}
   - quadratic
 algorithms: [itd, aid_fp, aid_cg]
-t: [100, 400, 1600]
+t: [400, 1600, 6400]
 K: [50]
 seeds: [0, 1, 2]
 resources: {{num_cpus: 1, num_gpus: 0}}
 max_retries: 2
 cell_timeout_s: 120
+# one cell per task, and t up to 6400: batched, or at t ≤ 1600, these 54 cells end before
+# the worker node can be killed mid-way (batches losing their runner: test_batching.py)
+batching: {{max_cells: 1}}
 output: {output}
 mlflow: {{enabled: false}}
 """
