@@ -68,12 +68,19 @@ def integer(minimum: int, *, nullable: bool = False, why: str = ""):
 
 
 def number(*, above: float | None = None, low: float | None = None,
-            high: float | None = None, nullable: bool = False):
-    """A finite number ``> above``, or in ``[low, high]``, or any finite number."""
+           high: float | None = None, nullable: bool = False):
+    """A finite number ``> above`` or ``>= low`` (either or neither), and ``<= high``."""
+    parts = []
     if above is not None:
-        what = f"a finite number > {above:g}"
-    elif low is not None:
+        parts.append(f"> {above:g}")
+    if low is not None:
+        parts.append(f">= {low:g}")
+    if high is not None:
+        parts.append(f"<= {high:g}")
+    if low is not None and high is not None and above is None:
         what = f"a number in [{low:g}, {high:g}]"
+    elif parts:
+        what = "a finite number " + " and ".join(parts)
     else:
         what = "a finite number"
 
@@ -81,7 +88,7 @@ def number(*, above: float | None = None, low: float | None = None,
         if value is None and nullable:
             return value
         ok = is_number(value) and (above is None or value > above) and (
-            low is None or low <= value <= high)
+            low is None or low <= value) and (high is None or value <= high)
         if not ok:
             raise bad(f"must be {what}{' or null' if nullable else ''}, got {value!r}")
         return value

@@ -125,6 +125,77 @@ ALGORITHMS.register(AlgorithmSpec(
     params_model=_model("GreedyParams"),
 ))
 
+# --- bilevel solvers (hpo pipeline) ---
+# kind="solver": ``get(name, backend)`` returns a ``Solver(init, step, samples, counts)``
+# (hypersweep/algorithms/solvers_common.py has the interface, the sampler and the
+# counting). Every hyperparameter is a ``params`` entry; the study's t and K are the
+# estimators' budgets and do not apply to solvers (their budgets are params here).
+# ``step_size`` None = the problem's η = 1/L; outer step = step_size / outer_ratio.
+_SOLVER = {"step_size": None, "outer_ratio": 1.0, "batch_size": 64}
+
+
+def _solver(family: str, name: str, summary: str, reference: str, model: str,
+            **params) -> AlgorithmSpec:
+    return AlgorithmSpec(
+        name=name, summary=summary, reference=reference,
+        impls=_impls(f"solvers_{family}", name), kind="solver",
+        requires=frozenset({"minibatch"}), params=params,
+        params_model=_model(model))
+
+
+for _spec in (
+    # single loop: w, v and λ move together, one step each per iteration
+    _solver("single", "soba", "SOBA: one SGD step each on w, on the linear system v, on λ.",
+            "Dagréou, Ablin, Vaiter & Moreau, NeurIPS 2022", "SobaParams", **_SOLVER),
+    _solver("single", "saba", "SABA: SOBA with SAGA memories on every direction.",
+            "Dagréou, Ablin, Vaiter & Moreau, NeurIPS 2022", "SabaParams", **_SOLVER),
+    _solver("single", "srba", "SRBA: SARAH-type recursive directions, full batch every period.",
+            "Dagréou, Moreau, Vaiter & Ablin, AISTATS 2024", "SrbaParams", **_SOLVER,
+            period=None),
+    _solver("momentum", "fsla", "FSLA: fully single loop, STORM-type outer direction.",
+            "Li, Gu & Huang, AAAI 2022", "FslaParams", **_SOLVER, momentum=0.5),
+    _solver("momentum", "mrbo", "MRBO: STORM momentum on w and λ, HIA Neumann adjoint.",
+            "Yang, Ji & Liang, NeurIPS 2021", "MrboParams", **_SOLVER, momentum=0.5,
+            n_hia_steps=10),
+    _solver("momentum", "sustain", "SUSTAIN: STORM momentum on w and λ, Neumann adjoint.",
+            "Khanduri et al., NeurIPS 2021", "SustainParams", **_SOLVER, momentum=0.5,
+            n_hia_steps=10),
+    _solver("single", "ttsa", "TTSA: two-timescale SA, stochastic Neumann adjoint.",
+            "Hong, Wai, Wang & Yang, SIAM J. Optim. 2023", "TtsaParams", **_SOLVER,
+            n_hia_steps=10),
+    _solver("single", "ma_soba", "MA-SOBA: SOBA with a moving average of the λ direction.",
+            "Chen, Xiao & Balasubramanian, ICML 2023", "MaSobaParams", **_SOLVER,
+            averaging=0.1),
+    # two loops: inner steps (and a linear-system solve) per λ update
+    _solver("double", "stocbio_solver", "stocBiO as a solver: warm SGD inner loop, "
+            "minibatch Neumann adjoint.", "Ji, Yang & Liang, ICML 2021", "StocbioSolverParams",
+            **_SOLVER, n_inner_steps=10, n_neumann_steps=10),
+    _solver("double", "bsa", "BSA: SGD inner loop, stochastic Neumann (HIA) adjoint.",
+            "Ghadimi & Wang 2018", "BsaParams", **_SOLVER, n_inner_steps=10, n_hia_steps=10),
+    _solver("double", "amigo", "AmIGO: SGD inner loop, warm-started SGD on the linear system.",
+            "Arbel & Mairal, ICLR 2022", "AmigoParams", **_SOLVER, n_inner_steps=10,
+            n_adjoint_steps=10),
+    _solver("double", "vrbo", "VRBO: SARAH-type variance reduction, full batch every period.",
+            "Yang, Ji & Liang, NeurIPS 2021", "VrboParams", **_SOLVER, n_inner_steps=3,
+            period=None),
+    _solver("double", "hoag", "HOAG: deterministic; inner and CG solves to tolerances that "
+            "decrease over the outer iterations.", "Pedregosa, ICML 2016", "HoagParams",
+            step_size=None, outer_ratio=1.0, tol0=0.1, tol_decay=0.9,
+            max_inner_steps=1000, max_cg_steps=100),
+    # first / zeroth order: no second-order products
+    _solver("first_order", "f2sa", "F2SA: fully first order, penalty with a growing "
+            "multiplier.", "Kwon, Kwon, Wright & Nowak, ICML 2023", "F2saParams", **_SOLVER,
+            n_inner_steps=10, multiplier0=1.0, multiplier_growth=0.01),
+    _solver("first_order", "bome", "BOME: value-function penalty, first order.",
+            "Liu, Ye, Wright, Stone & Liu, NeurIPS 2022", "BomeParams", **_SOLVER,
+            n_inner_steps=10, bome_eta=0.5),
+    _solver("first_order", "pzobo", "PZOBO: zeroth-order Jacobian by Gaussian smoothing.",
+            "Sow, Ji & Liang, 2022", "PzoboParams", **_SOLVER, n_inner_steps=10,
+            n_directions=10, smoothing=0.01),
+):
+    ALGORITHMS.register(_spec)
+
+
 # --- black-box searchers (Ray Tune) ---
 # kind="searcher": ``get(name, backend)`` returns a searcher factory
 # ``fn(space, *, num_samples, seed, max_t, **params) -> TuneSearch`` (backend-free: both

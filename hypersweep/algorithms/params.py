@@ -69,6 +69,112 @@ class AshaParams(Params):
         return []
 
 
+# --- bilevel solvers (kind="solver"): every hyperparameter, defaults in the catalog ---
+class SolverParams(Params):
+    """The settings every stochastic solver shares: α = ``step_size`` (null: the
+    problem's η = 1/L), β = α / ``outer_ratio``, rows per minibatch (a batch larger than a
+    split is clamped to the split: the deterministic limit)."""
+
+    owner: ClassVar[str] = "solver"
+    step_size: field(number(above=0, nullable=True))
+    outer_ratio: field(number(above=0))
+    batch_size: field(integer(1))
+
+
+class SobaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'soba'"
+
+
+class SabaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'saba'"
+
+
+class SrbaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'srba'"
+    period: field(integer(1, nullable=True))
+
+
+class FslaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'fsla'"
+    momentum: field(number(low=0, high=1))
+
+
+class MrboParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'mrbo'"
+    momentum: field(number(low=0, high=1))
+    n_hia_steps: field(integer(1))
+
+
+class SustainParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'sustain'"
+    momentum: field(number(low=0, high=1))
+    n_hia_steps: field(integer(1))
+
+
+class TtsaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'ttsa'"
+    n_hia_steps: field(integer(1))
+
+
+class MaSobaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'ma_soba'"
+    averaging: field(number(above=0, high=1))
+
+
+class StocbioSolverParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'stocbio_solver'"
+    n_inner_steps: field(integer(1))
+    n_neumann_steps: field(integer(0))
+
+
+class BsaParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'bsa'"
+    n_inner_steps: field(integer(1))
+    n_hia_steps: field(integer(1))
+
+
+class AmigoParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'amigo'"
+    n_inner_steps: field(integer(1))
+    n_adjoint_steps: field(integer(1))
+
+
+class VrboParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'vrbo'"
+    n_inner_steps: field(integer(1))
+    period: field(integer(1, nullable=True))
+
+
+class HoagParams(Params):
+    owner: ClassVar[str] = "algorithm 'hoag'"
+    step_size: field(number(above=0, nullable=True))
+    outer_ratio: field(number(above=0))
+    tol0: field(number(above=0))
+    tol_decay: field(number(above=0, high=1))
+    max_inner_steps: field(integer(1))
+    max_cg_steps: field(integer(1))
+
+
+class F2saParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'f2sa'"
+    n_inner_steps: field(integer(1))
+    multiplier0: field(number(above=0))
+    multiplier_growth: field(number(low=0))
+
+
+class BomeParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'bome'"
+    n_inner_steps: field(integer(1))
+    bome_eta: field(number(above=0))
+
+
+class PzoboParams(SolverParams):
+    owner: ClassVar[str] = "algorithm 'pzobo'"
+    n_inner_steps: field(integer(1))
+    n_directions: field(integer(1))
+    smoothing: field(number(above=0))
+
+
 def check_algorithm_params(name: str, params: Mapping[str, Any] | None, *,
                            prefix: str = "params") -> Params | None:
     """The algorithm's catalog defaults merged with ``params``, validated by its model

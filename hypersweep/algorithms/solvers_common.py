@@ -1,0 +1,186 @@
+"""Backend-free pieces of the bilevel solvers (``kind="solver"``): the interface, the
+settings, the one minibatch sampler and the counting convention.
+
+A solver is an optax-style pair of pure functions with an explicit NamedTuple state, the
+same names and signatures in ``hypersweep.algorithms.jax.solvers_*`` and
+``hypersweep.algorithms.torch.solvers_*``::
+
+    state = solver.init(oracles, w0, lam0, cfg)          # inner, adjoint, outer, memories
+    state = solver.step(oracles, state, draws, cfg)      # one outer iteration
+
+* ``oracles``: the backend's ``_solver_core.Oracles(fns, arrays)`` — minibatch gradients,
+  Hessian-vector and cross products of the problem's ``inner_loss_batch`` /
+  ``outer_loss_batch`` over row indices (the full split when ``idx`` is ``oracles.
+  all_train`` / ``all_val``).
+* ``cfg``: a :class:`SolverConfig` (hashable; a static argument of the JAX chunk runner).
+* ``draws``: a tuple of integer index arrays, one per entry of the solver's
+  ``samples(cfg)`` (``"train"`` or ``"val"``), each of ``cfg.b_train`` / ``cfg.b_val``
+  rows, drawn by :class:`Sampler` on the host. A step never draws its own randomness, so
+  the JAX and PyTorch trajectories see the same minibatch sequence (parity), and a step
+  costs O(batch) whatever n.
+
+The sampler: every minibatch is ``batch_size`` row indices drawn i.i.d. uniformly *with
+replacement* from its split (numpy's PCG64, seeded per (cell seed, stream, block of
+:data:`DRAW_BLOCK` steps) by :func:`~hypersweep.seeding.derive_seed`, so the sequence
+does not depend on how a run is cut into chunks). A split with at most ``batch_size`` rows
+is used whole, in order (no draw): the deterministic limit.
+
+Counting (``docs/costs.md``): each solver declares ``counts(cfg, k)``, the oracle calls of
+its outer iteration k (0-based; periodic full-batch refreshes make it depend on k), in
+the cost-column convention: ∇_w L_in, ∇²_ww L_in·v, ∇²_λw L_in·v, (∇_w L_out, ∇_λ L_out)
+— one unit per call whatever the batch — and the rows read. A ∇_λ L_in (first-order
+methods) counts as a cross product.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from hypersweep.algorithms.catalog import ALGORITHMS
+from hypersweep.algorithms.common import cost_columns
+from hypersweep.algorithms.params import check_algorithm_params
+from hypersweep.seeding import derive_seed
+
+#: draws are generated in blocks of this many outer iterations (one generator each)
+DRAW_BLOCK = 256
+SPLITS = ("train", "val")
+
+
+def solver_names() -> list[str]:
+    """The solvers of the catalog (``kind="solver"``), in registration order."""
+    return [s.name for s in ALGORITHMS if s.kind == "solver"]
+
+
+class Solver(NamedTuple):
+    """A bilevel solver: ``init``/``step`` (backend) + ``samples``/``counts`` (backend-free).
+
+    ``samples(cfg) -> tuple[str, ...]``: the minibatches one step reads, in order
+    (``"train"``/``"val"``). ``counts(cfg, k) -> dict``: the cost columns of outer
+    iteration k (:func:`step_costs` builds them).
+    """
+
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    samples: Callable[["SolverConfig"], tuple]
+    counts: Callable[["SolverConfig", int], dict]
+
+
+class SolverConfig(NamedTuple):
+    """The settings of one solver run (hashable: the JAX chunk runner's static argument).
+
+    ``inner_step`` α (step on w), ``outer_step`` β (step on λ), ``adjoint_step`` γ (step
+    on the linear-system variable v): from the solver's ``step_size`` (None: the problem's
+    η = 1/L), ``outer_ratio`` (β = α / outer_ratio) and ``adjoint_ratio`` where it has
+    them. ``n_train``/``n_val``: split sizes; ``b_train``/``b_val``: rows per minibatch
+    (min(batch_size, n)). ``params``: every solver param after merging, as sorted
+    (key, value) pairs; read one with :meth:`get`.
+    """
+
+    name: str
+    inner_step: float
+    outer_step: float
+    adjoint_step: float
+    n_train: int
+    n_val: int
+    b_train: int
+    b_val: int
+    params: tuple
+
+    def get(self, key: str) -> Any:
+        for k, v in self.params:
+            if k == key:
+                return v
+        raise KeyError(f"solver {self.name!r} has no parameter {key!r}. Valid choices: "
+                       f"{', '.join(k for k, _ in self.params)}")
+
+    @property
+    def full_batch(self) -> bool:
+        """Whether every minibatch is its whole split (the deterministic limit)."""
+        return self.b_train >= self.n_train and self.b_val >= self.n_val
+
+
+def make_config(name: str, params: Mapping[str, Any], *, inner_lr: float, n_train: int,
+                n_val: int) -> SolverConfig:
+    """Check ``params`` against the solver's catalog model and derive the step sizes.
+
+    ``inner_lr`` is the problem's η (the default α); ``n_train``/``n_val`` the split sizes.
+    A ``batch_size`` larger than a split is clamped to it (documented: the whole split,
+    i.e. the deterministic limit), never an error.
+    """
+    if name not in solver_names():
+        raise ValueError(f"Unknown solver {name!r}. Valid choices: {', '.join(solver_names())}")
+    checked = check_algorithm_params(name, params, prefix=f"algorithm_params[{name}]")
+    merged = {} if checked is None else checked.as_dict()
+    alpha = merged.get("step_size")
+    alpha = float(inner_lr) if alpha is None else float(alpha)
+    ratio = float(merged.get("outer_ratio", 1.0))
+    beta = alpha / ratio
+    gamma = alpha * float(merged.get("adjoint_ratio", 1.0))
+    batch = merged.get("batch_size")
+    b_train = n_train if batch is None else min(int(batch), n_train)
+    b_val = n_val if batch is None else min(int(batch), n_val)
+    return SolverConfig(name=name, inner_step=alpha, outer_step=beta, adjoint_step=gamma,
+                        n_train=int(n_train), n_val=int(n_val), b_train=b_train,
+                        b_val=b_val, params=tuple(sorted(merged.items())))
+
+
+def step_costs(cfg: SolverConfig, *, inner: int = 0, hvp: int = 0, cross: int = 0,
+               outer: int = 0, train_rows: int = 0, val_rows: int = 0) -> dict:
+    """Cost columns of one outer iteration: oracle calls by kind and rows read."""
+    return cost_columns(inner, hvp, cross, outer, train_rows + val_rows)
+
+
+class Sampler:
+    """The minibatch indices of one solver run, identical for both backends.
+
+    ``chunk(start, n_steps)`` returns one int64 array of shape (n_steps, b) per entry of
+    ``samples``: the rows step ``start + i`` reads. Rows are i.i.d. uniform with
+    replacement from their split (O(batch) per draw); a split with ≤ b rows is read whole
+    (``arange``). Draws for steps [j·DRAW_BLOCK, (j+1)·DRAW_BLOCK) come from one PCG64
+    seeded by (``seed``, stream, j), so they do not depend on the chunking.
+    """
+
+    def __init__(self, cfg: SolverConfig, samples: tuple, seed: int):
+        for s in samples:
+            if s not in SPLITS:
+                raise ValueError(f"solver {cfg.name!r} samples {s!r}. Valid choices: "
+                                 f"{', '.join(SPLITS)}")
+        self.samples = tuple(samples)
+        self.seed = int(seed)
+        self.sizes = {"train": (cfg.n_train, cfg.b_train), "val": (cfg.n_val, cfg.b_val)}
+        self.name = cfg.name
+
+    @functools.lru_cache(maxsize=4)
+    def _block(self, j: int) -> list[np.ndarray]:
+        out = []
+        for slot, split in enumerate(self.samples):
+            n, b = self.sizes[split]
+            if b >= n:
+                out.append(np.broadcast_to(np.arange(n, dtype=np.int64), (DRAW_BLOCK, n)))
+                continue
+            gen = np.random.Generator(np.random.PCG64(
+                derive_seed("solver-draws", self.seed, split, slot, j)))
+            out.append(gen.integers(0, n, size=(DRAW_BLOCK, b), dtype=np.int64))
+        return out
+
+    def chunk(self, start: int, n_steps: int) -> list[np.ndarray]:
+        if not self.samples:
+            return []
+        pieces: list[list[np.ndarray]] = [[] for _ in self.samples]
+        step, end = start, start + n_steps
+        while step < end:
+            j, offset = divmod(step, DRAW_BLOCK)
+            take = min(DRAW_BLOCK - offset, end - step)
+            for slot, arr in enumerate(self._block(j)):
+                pieces[slot].append(arr[offset:offset + take])
+            step += take
+        return [np.ascontiguousarray(np.concatenate(p, axis=0)) for p in pieces]
+
+
+def first_occurrence(idx: np.ndarray) -> np.ndarray:
+    """Reference (numpy) for the SAGA-type memory update: True where idx[i] did not occur
+    before i in the batch (a with-replacement batch may repeat a row)."""
+    idx = np.asarray(idx)
+    return np.array([idx[i] not in idx[:i] for i in range(idx.size)], dtype=bool)
