@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hypersweep import problems
+from hypersweep.algorithms.common import minibatch_sizes
 from hypersweep.problems import numpy_ops
 
 jax = pytest.importorskip("jax")
@@ -139,13 +140,21 @@ def test_jax_torch_numpy_evaluate_the_same_losses(name):
 def test_minibatch_losses_match_full_losses_on_the_rows(name):
     p = make(name, backend="torch")
     w, lam = random_point(p, seed=8)
-    n_train = p.arrays_np["X_train"].shape[0]
-    n_val = p.arrays_np["X_val"].shape[0]
+    n_train, n_val = minibatch_sizes(p)
     idx_train = np.random.default_rng(0).choice(n_train, size=n_train // 3, replace=False)
     idx_val = np.arange(n_val)[::2]
 
     def restrict(split, idx):
-        return {k: (v[idx] if k.endswith(f"_{split}") else v) for k, v in p.arrays_np.items()}
+        # rows of X_<split>/y_<split>; quadratic_sum: per-sample "inner_*"/"outer_*" arrays
+        # and their means (the full losses read the means)
+        side = {"train": "inner_", "val": "outer_"}[split]
+        out = {k: (v[idx] if k.endswith(f"_{split}") or (k.startswith(side) and
+                                                          not k.endswith("_mean")) else v)
+               for k, v in p.arrays_np.items()}
+        for k in list(out):
+            if k.startswith(side) and k.endswith("_mean"):
+                out[k] = out[k.removesuffix("_mean")].mean(axis=0)
+        return out
 
     # λ is per training example only for data_cleaning; there the batch takes λ[idx] too.
     per_example = p.lam_shape == (n_train,)

@@ -228,3 +228,21 @@ def grid_results(runs: list[GridRun], n_lanes: int, per_run: list[list]) -> list
     for lane, index in sorted(slots):
         out[lane].append(slots[(lane, index)])
     return out
+
+
+def minibatch_sizes(problem) -> tuple[int, int]:
+    """(n_train, n_val): the rows a problem's minibatch losses index — the rows of its
+    ``X_train``/``X_val`` arrays, else ``info["n_train"]``/``info["n_val"]`` (problems whose
+    samples are not rows of an X, e.g. ``quadratic_sum``). ``ValueError`` when neither."""
+    out = []
+    for split in ("train", "val"):
+        key = f"X_{split}"
+        if key in problem.arrays_np:
+            out.append(int(problem.arrays_np[key].shape[0]))
+            continue
+        n = problem.built.info.get(f"n_{split}")
+        if n is None:
+            raise ValueError(f"problem {problem.name!r} has neither array {key!r} nor "
+                             f"info['n_{split}']: minibatches cannot be sized")
+        out.append(int(n))
+    return out[0], out[1]

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from hypersweep.algorithms.common import add_costs, cost_columns
+from hypersweep.algorithms.common import add_costs, cost_columns, minibatch_sizes
 from hypersweep.algorithms.solvers_common import Sampler, make_config
 
 
@@ -39,22 +39,6 @@ class Snapshot(NamedTuple):
     v: Any
     costs: dict
     seconds: float
-
-
-def _sizes(problem) -> tuple[int, int]:
-    """(n_train, n_val): the rows the minibatch losses index."""
-    out = []
-    for split in ("train", "val"):
-        key = f"X_{split}"
-        if key in problem.arrays_np:
-            out.append(int(problem.arrays_np[key].shape[0]))
-            continue
-        n = problem.built.info.get(f"n_{split}")
-        if n is None:
-            raise ValueError(f"problem {problem.name!r} has neither array {key!r} nor "
-                             f"info['n_{split}']: a solver cannot size its minibatches")
-        out.append(int(n))
-    return out[0], out[1]
 
 
 class SolverRun:
@@ -73,7 +57,7 @@ class SolverRun:
             raise ValueError(f"solver {name!r} needs problem capabilities "
                              f"{sorted(missing)}, which {problem.name!r} lacks")
         self.problem, self.name = problem, name
-        n_train, n_val = _sizes(problem)
+        n_train, n_val = minibatch_sizes(problem)
         self.cfg = make_config(name, params or {}, inner_lr=problem.inner_lr,
                                n_train=n_train, n_val=n_val)
         self.solver = algorithms.get(name, problem.backend)

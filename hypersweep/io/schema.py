@@ -41,6 +41,8 @@ RESULT_SCHEMA = pa.schema([
     ("hypergrad_rel_error", pa.float64()),
     ("hypergrad_abs_error", pa.float64()),
     ("hypergrad_norm", pa.float64()),
+    ("outer_grad_norm", pa.float64()),      # hpo: ‖∇F(λ_final)‖, float64 oracle
+    ("outer_grad_norm_rel", pa.float64()),  # hpo: ÷ ‖∇F(λ₀)‖
     ("inner_suboptimality", pa.float64()),
     ("val_loss", pa.float64()),
     ("test_loss", pa.float64()),
@@ -74,6 +76,8 @@ TRACE_SCHEMA = pa.schema([
     ("lam_min", pa.float64()),
     ("lam_max", pa.float64()),
     ("hypergrad_norm", pa.float64()),
+    ("outer_grad_norm", pa.float64()),      # ‖∇F(λ_k)‖, float64 oracle
+    ("inner_distance", pa.float64()),       # ‖w_k − w*(λ_k)‖
     *COST_FIELDS,
     ("extra", pa.string()),
 ])

@@ -14,9 +14,9 @@ PIPELINES.register(PipelineSpec(
 ))
 PIPELINES.register(PipelineSpec(
     name="hpo",
-    summary="Gradient-based HPO: an estimator or online method drives λ over outer steps.",
+    summary="Gradient-based HPO: an estimator, online method or bilevel solver drives λ.",
     run="hypersweep.pipelines.hpo:run",
-    algorithm_kinds=("estimator", "online"),
+    algorithm_kinds=("estimator", "online", "solver"),
     params_model="hypersweep.pipelines.params:HpoParams",
 ))
 PIPELINES.register(PipelineSpec(

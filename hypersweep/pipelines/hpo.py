@@ -110,6 +110,19 @@ def _lam_summary(lam: np.ndarray, prefix: str = "lam") -> dict:
             f"{prefix}_max": float(np.max(lam))}
 
 
+def _oracle_grad_norm(problem, lam) -> float | None:
+    """‖∇F(λ)‖ from the problem's float64 oracle (None when it is not finite)."""
+    value = float(np.linalg.norm(problem.exact_hypergradient(lam)))
+    return value if math.isfinite(value) else None
+
+
+def _inner_distance(problem, w, lam) -> float | None:
+    """‖w − w*(λ)‖ in float64."""
+    value = float(np.linalg.norm(np.asarray(w, dtype=np.float64)
+                                 - problem.exact_inner_solution(lam)))
+    return value if math.isfinite(value) else None
+
+
 def _backend_online(backend: str):
     return importlib.import_module(f"hypersweep.algorithms.{backend}.online")
 
@@ -207,6 +220,42 @@ class _OnlineLoop:
                     extras=dict(info.extras))
 
 
+class _SolverLoop:
+    """Outer loop for ``kind="solver"``: a :class:`~hypersweep.algorithms.solver_run.
+    SolverRun`; one ``step`` is a chunk of outer iterations up to the next evaluation
+    (one compiled ``lax.scan`` in JAX). The solver's own step sizes and batch are its
+    algorithm params; ``optimizer``/``outer_lr``/``warm_start_*``/``cap_inner_lr`` and the
+    cell's t and K do not apply (see the catalog)."""
+
+    def __init__(self, cell, problem, params, lam0):
+        from hypersweep.algorithms.solver_run import SolverRun
+
+        self.run = SolverRun(problem, cell.algorithm, seed=cell.seed,
+                             params=dict(cell.algorithm_kwargs), lam0=lam0)
+        self.problem = problem
+        self.chunk = int(params["eval_every"])
+        self.total = int(params["outer_steps"])
+
+    @property
+    def lam(self):
+        return self.run.state.outer
+
+    def warm_up(self):
+        self.run.warm_up(min(self.chunk, self.total))
+        rest = self.total % self.chunk
+        if rest and self.total > self.chunk:
+            self.run.warm_up(rest)  # the last, shorter chunk compiles its own scan
+
+    def step(self):
+        before = dict(self.run.costs)
+        n = min(self.chunk, self.total - self.run.k)
+        snap = self.run.advance(n)
+        costs = {k: (None if snap.costs[k] is None else snap.costs[k] - (before[k] or 0))
+                 for k in snap.costs}
+        return dict(lam=snap.lam, w=snap.w, hypergrad=None, costs=costs, extras={},
+                    n_steps=n)
+
+
 def run(cell) -> PipelineResult:
     # A diverging run overflows in its float64 evaluations on the way to inf/NaN; that is
     # recorded (the row becomes "diverged"), not warned about.
@@ -217,17 +266,21 @@ def run(cell) -> PipelineResult:
 def _run(cell) -> PipelineResult:
     params = check_params(cell.pipeline_kwargs)
     spec = algorithms.spec(cell.algorithm)
-    if spec.kind not in ("estimator", "online"):
-        valid = algorithms.names("estimator") + algorithms.names("online")
-        raise ValueError(f"pipeline 'hpo' runs hypergradient or online algorithms; "
+    kinds = ("estimator", "online", "solver")
+    if spec.kind not in kinds:
+        valid = [n for kind in kinds for n in algorithms.names(kind)]
+        raise ValueError(f"pipeline 'hpo' runs hypergradient, online or solver algorithms; "
                          f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
                          f"{', '.join(valid)}")
-    check_budget(cell.t, cell.K, uses_K=spec.uses_K)
+    if spec.kind != "solver":
+        check_budget(cell.t, cell.K, uses_K=spec.uses_K)
     check_warm_start_v(params, cell.algorithm)
     problem = problem_for(cell)
     lam0 = initial_lam(problem, params["lam0"])
-    loop_cls = _OnlineLoop if spec.kind == "online" else _HypergradientLoop
+    loop_cls = {"online": _OnlineLoop, "solver": _SolverLoop}.get(spec.kind,
+                                                                  _HypergradientLoop)
     loop = loop_cls(cell, problem, params, lam0)
+    grad0_norm = _oracle_grad_norm(problem, lam0)
     ops = problem.ops
     closed_form = "closed_form" in problem.capabilities
 
@@ -243,22 +296,35 @@ def _run(cell) -> PipelineResult:
     stop_reason = "outer_steps"
     last = None
     steps_done = 0
-    for k in range(params["outer_steps"]):
+    total = params["outer_steps"]
+    solver = spec.kind == "solver"
+    if solver:  # curves start at λ₀ (a solver's trace step counts iterations done)
+        w0 = ops.to_numpy(problem.w_init)
+        m0 = problem.metrics(w0, lam0)
+        traces.append(dict(
+            step=0, wall_time_s=0.0, val_loss=m0["val_loss"], test_loss=m0["test_loss"],
+            test_accuracy=m0["test_accuracy"], best_val_loss=None, hypergrad_norm=None,
+            **costs, outer_grad_norm=grad0_norm,
+            inner_distance=_inner_distance(problem, w0, lam0),
+            extra=canonical_json({"value": problem.value(lam0)} if closed_form else {}),
+            **_lam_summary(lam0)))
+    while steps_done < total:
         t0 = time.perf_counter()
         out = loop.step()
         elapsed = time.perf_counter() - t0
         wall += elapsed
         costs = add_costs(costs, out["costs"])
+        k = steps_done + out.get("n_steps", 1) - 1  # the last outer step this call ran
         steps_done = k + 1
         last = out
         lam_k = ops.to_numpy(out["lam"])
-        g = ops.to_numpy(out["hypergrad"])
+        g = None if out["hypergrad"] is None else ops.to_numpy(out["hypergrad"])
         w = ops.to_numpy(out["w"])
-        finite = bool(np.all(np.isfinite(g)) and np.all(np.isfinite(w))
+        finite = bool((g is None or np.all(np.isfinite(g))) and np.all(np.isfinite(w))
                       and np.all(np.isfinite(ops.to_numpy(loop.lam))))
-        is_last = (k + 1 == params["outer_steps"] or not finite or (
+        is_last = (steps_done == total or not finite or (
             params["time_budget_s"] is not None and wall >= params["time_budget_s"]))
-        if k % params["eval_every"] == 0 or is_last:
+        if k % params["eval_every"] == 0 or is_last or "n_steps" in out:
             if finite:
                 m = problem.metrics(w, lam_k)
             else:
@@ -268,11 +334,14 @@ def _run(cell) -> PipelineResult:
             extra = dict(out["extras"])
             if closed_form and finite:
                 extra["value"] = problem.value(lam_k)
+            grad_norm = _oracle_grad_norm(problem, lam_k) if finite else None
             traces.append(dict(
-                step=k, wall_time_s=wall, val_loss=m["val_loss"], test_loss=m["test_loss"],
+                step=steps_done if solver else k, wall_time_s=wall, val_loss=m["val_loss"], test_loss=m["test_loss"],
                 test_accuracy=m["test_accuracy"],
                 best_val_loss=best if math.isfinite(best) else None,
-                hypergrad_norm=float(np.linalg.norm(g)), **costs,
+                hypergrad_norm=None if g is None else float(np.linalg.norm(g)), **costs,
+                outer_grad_norm=grad_norm,
+                inner_distance=_inner_distance(problem, w, lam_k) if finite else None,
                 extra=canonical_json(extra), **_lam_summary(lam_k)))
         if not finite:
             stop_reason = "diverged"
@@ -290,8 +359,8 @@ def _run(cell) -> PipelineResult:
         **_lam_summary(lam_final, "lam_final"))
     if lam_final.size <= MAX_LAM_IN_EXTRA:
         metrics["lam_final"] = lam_final.reshape(-1).tolist()
-    g_last = ops.to_numpy(last["hypergrad"])
-    metrics["hypergrad_norm"] = float(np.linalg.norm(g_last))
+    if last["hypergrad"] is not None:
+        metrics["hypergrad_norm"] = float(np.linalg.norm(ops.to_numpy(last["hypergrad"])))
     if stop_reason == "diverged" or not np.all(np.isfinite(lam_final)):
         metrics["val_loss"] = float("nan")  # the row becomes "diverged"
     else:
@@ -303,6 +372,9 @@ def _run(cell) -> PipelineResult:
             w_last - problem.exact_inner_solution(lam_last)))
         metrics["last_iterate_val_loss"] = problem.outer_loss_np(last["w"], lam_last)
         metrics["best_val_loss"] = best if math.isfinite(best) else None
+        metrics["outer_grad_norm"] = _oracle_grad_norm(problem, lam_final)
+        if grad0_norm:
+            metrics["outer_grad_norm_rel"] = metrics["outer_grad_norm"] / grad0_norm
     return PipelineResult(metrics=metrics, traces=traces, device=ops.device_name())
 
 

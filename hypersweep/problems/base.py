@@ -253,7 +253,7 @@ class Problem:
         w0 = built.info.get("w_init")
         #: where the inner iterations start (:meth:`with_w_init` for a warm start)
         self.w_init = (self.ops.zeros(self.w_shape, dtype) if w0 is None else
-                       self.ops.asarray(np.broadcast_to(w0, self.w_shape), dtype))
+                       self.ops.asarray(np.array(np.broadcast_to(w0, self.w_shape)), dtype))
 
     def with_inner_lr(self, eta: float) -> "Problem":
         """A shallow copy with inner step η = ``eta`` (data, arrays and ``fns`` shared, so

@@ -87,3 +87,14 @@ PROBLEMS.register(ProblemSpec(
     params=dict(dim_inner=20, dim_outer=5, cond=10.0, mu=1.0, rho=0.01),
     small=dict(dim_inner=8, dim_outer=3),
 ))
+PROBLEMS.register(ProblemSpec(
+    name="quadratic_sum",
+    summary="Finite-sum quadratic bilevel problem (benchmark_bilevel's simulated data).",
+    reference="Dagréou et al. 2022 (benchopt/benchmark_bilevel, 'simulated')",
+    impl="hypersweep.problems.quadratic_sum",
+    lam_parametrization="λ = x ∈ R^d, the outer variable, no transform",
+    capabilities=frozenset({"minibatch", "closed_form"}),
+    params=dict(n_samples=1024, n_samples_outer=1024, dim_inner=10, dim_outer=10,
+                mu_inner=0.1, l_cross=0.1, lam0=-2.0),
+    small=dict(n_samples=40, n_samples_outer=30, dim_inner=4, dim_outer=3, mu_inner=0.5),
+))

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.common import Hypergrad, minibatch_sizes
 from hypersweep.algorithms.jax import _core
 
 
@@ -109,8 +109,7 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
     fns, w0, arrays, eta = _core.problem_inputs(problem)
-    n_train = int(arrays["X_train"].shape[0])
-    n_val = int(arrays["X_val"].shape[0])
+    n_train, n_val = minibatch_sizes(problem)
     hypergrad, w_t = jax.block_until_ready(_stocbio(
         fns, n_train, n_val, batch_size, w0, lam, arrays, eta,
         jnp.asarray(eta_n, problem.dtype), jnp.asarray(t, jnp.int32),

@@ -8,21 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from hypersweep.algorithms.common import Hypergrad
+from hypersweep.algorithms.common import Hypergrad, minibatch_sizes
 from hypersweep.algorithms.torch import _core
 from hypersweep.seeding import seed_from_text
-
-
-def _n_rows(problem, split: str) -> int:
-    """Rows of the ``split`` ("train"/"val") set that the minibatch losses index."""
-    key = f"X_{split}"
-    if key in problem.arrays_np:
-        return int(problem.arrays_np[key].shape[0])
-    n = problem.built.info.get(f"n_{split}")
-    if n is None:
-        raise ValueError(f"problem {problem.name!r} has neither array {key!r} nor "
-                         f"info['n_{split}']; stocbio cannot size its minibatches")
-    return int(n)
 
 
 def _stream_seed(seed: int, stream: str) -> int:
@@ -105,7 +93,7 @@ def stocbio(problem, lam, *, t: int, K: int, seed: int = 0, batch_size: int = 64
     eta = problem.inner_lr
     eta_n = eta if neumann_lr is None else float(neumann_lr)
     device = lam.device
-    n_train, n_val = _n_rows(problem, "train"), _n_rows(problem, "val")
+    n_train, n_val = minibatch_sizes(problem)
     inner, hessian, cross = (_Batches(n_train, batch_size, seed, stream, device)
                              for stream in ("inner", "hessian", "cross"))
     val = _Batches(n_val, batch_size, seed, "val", device)

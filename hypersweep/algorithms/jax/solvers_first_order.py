@@ -1,0 +1,252 @@
+"""First- and zeroth-order stochastic bilevel solvers in JAX (mirrors
+``torch/solvers_first_order.py``): F2SA, BOME, PZOBO — no Hessian-vector or cross product
+of second order.
+
+Each solver is a :class:`~hypersweep.algorithms.solvers_common.Solver`: ``init``/``step``
+here, ``samples``/``counts`` in :mod:`hypersweep.algorithms.plans_first_order`
+(backend-free). The pieces and conventions (oracles, draws, cfg, counting) are in
+:mod:`hypersweep.algorithms.solvers_common`. A ∇_λ L_in (from ``oracles.inner_grads``)
+counts as one inner gradient and one cross product, by the package's convention.
+
+The three are biased by design: F2SA by O(1/ν) (the penalty), BOME and PZOBO by the
+truncated inner loop ((I − αH)^T on the implicit term) and, for BOME, by its finite
+barrier, for PZOBO by the smoothing μ. Their deterministic limit stalls near, not at, a
+stationary point of F.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hypersweep.algorithms import plans_first_order as plans
+from hypersweep.algorithms.solvers_common import Solver
+
+
+def _dot(a, b):
+    return jnp.sum(a * b)
+
+
+# --- F2SA ---------------------------------------------------------------------------------
+class F2saState(NamedTuple):
+    """F2SA's state: inner w (the penalized problem's iterate, y in the paper), ``lower``
+    z (the lower-level iterate, z ≈ w*(λ)), outer λ, iteration count k."""
+
+    inner: Any
+    lower: Any
+    outer: Any
+    k: Any
+
+
+def f2sa_init(oracles, w0, lam0, cfg) -> F2saState:
+    """w₀, z₀ = w₀, λ₀, k = 0."""
+    return F2saState(inner=w0, lower=w0, outer=lam0, k=jnp.asarray(0, jnp.int32))
+
+
+def f2sa_step(oracles, state, draws, cfg) -> F2saState:
+    """One F2SA iteration (Kwon, Kwon, Wright & Nowak, ICML 2023, Algorithm 1).
+
+    F2SA minimizes the penalty L_ν(λ, w) = L_out(w, λ) + ν (L_in(w, λ) − min_z L_in(z, λ))
+    with first-order oracles only: w tracks argmin_w L_ν, z tracks w*(λ), and as ν → ∞
+    ∇_λ L_ν at those points → ∇F(λ) (bias O(1/ν)). With ν = ν_k, α = ``inner_step``,
+    β = ``outer_step``, T = ``n_inner_steps`` and, at inner step t, a train batch B_t and a
+    validation batch B'_t (``draws``)::
+
+        z ← z − α ∇_w L_in^{B_t}(z, λ)
+        w ← w − α (∇_w L_in^{B_t}(w, λ) + ∇_w L_out^{B'_t}(w, λ) / ν)      (t < T)
+        λ ← λ − β (∇_λ L_out^{B'}(w, λ) + ν (∇_λ L_in^B(w, λ) − ∇_λ L_in^B(z, λ)))
+
+    The w step is the paper's step α_k on ∇_w L_out + ν ∇_w L_in with α_k ν_k fixed to α
+    (its coupling α_k λ_k ≍ γ_k), so it stays stable as ν grows. Multiplier schedule
+    (:func:`~hypersweep.algorithms.plans_first_order.f2sa_multiplier`): linear,
+    ν_k = ``multiplier0`` + ``multiplier_growth``·k; the paper grows it polynomially with
+    decaying α_k, β_k — here α, β are the benchmark's fixed steps. The λ step uses one
+    train batch for both ∇_λ L_in, so their difference keeps its O(1/ν) size.
+
+    Cost: 2T + 2 inner gradients, 2 cross products (the ∇_λ L_in), T + 1 outer-gradient
+    pairs, no HVP.
+    """
+    T = cfg.get("n_inner_steps")
+    alpha, beta = cfg.inner_step, cfg.outer_step
+    lam = state.outer
+    nu = plans.f2sa_multiplier(cfg, state.k.astype(lam.dtype))
+    idx_train = jnp.stack(draws[0:2 * T:2])
+    idx_val = jnp.stack(draws[1:2 * T:2])
+
+    def body(carry, idx):
+        w, z = carry
+        i_in, i_out = idx
+        gz = oracles.inner_grad(z, lam, i_in)
+        gw = oracles.inner_grad(w, lam, i_in)
+        fw, _ = oracles.outer_grads(w, lam, i_out)
+        return (w - alpha * (gw + fw / nu), z - alpha * gz), None
+
+    (w, z), _ = lax.scan(body, (state.inner, state.lower), (idx_train, idx_val))
+    i_in, i_out = draws[2 * T], draws[2 * T + 1]
+    _, f_lam = oracles.outer_grads(w, lam, i_out)
+    _, g_lam_w = oracles.inner_grads(w, lam, i_in)
+    _, g_lam_z = oracles.inner_grads(z, lam, i_in)
+    return F2saState(inner=w, lower=z, outer=lam - beta * (f_lam + nu * (g_lam_w - g_lam_z)),
+                     k=state.k + 1)
+
+
+f2sa = Solver(init=f2sa_init, step=f2sa_step, samples=plans.f2sa_samples,
+              counts=plans.f2sa_counts)
+
+
+# --- BOME ---------------------------------------------------------------------------------
+class BomeState(NamedTuple):
+    """BOME's state: inner w, outer λ, iteration count k."""
+
+    inner: Any
+    outer: Any
+    k: Any
+
+
+def bome_init(oracles, w0, lam0, cfg) -> BomeState:
+    """w₀, λ₀, k = 0."""
+    return BomeState(inner=w0, outer=lam0, k=jnp.asarray(0, jnp.int32))
+
+
+def bome_step(oracles, state, draws, cfg) -> BomeState:
+    """One BOME iteration (Liu, Ye, Wright, Stone & Liu, NeurIPS 2022, Algorithm 1).
+
+    BOME solves min L_out s.t. q(w, λ) = L_in(w, λ) − min_θ L_in(θ, λ) ≤ 0 by a dynamic
+    barrier. With α = ``inner_step``, β = ``outer_step``, T = ``n_inner_steps``,
+    η = ``bome_eta``, train batches B_1..B_T, B and a validation batch B' (``draws``)::
+
+        θ_0 = w,  θ_{t+1} = θ_t − α ∇_w L_in^{B_{t+1}}(θ_t, λ)          (t < T)
+        ∇q̂ = (∇_w L_in^B(w, λ),  ∇_λ L_in^B(w, λ) − ∇_λ L_in^B(θ_T, λ))  (θ_T held fixed)
+        ∇f = (∇_w L_out^{B'}(w, λ),  ∇_λ L_out^{B'}(w, λ))
+        φ = η ‖∇q̂‖²,   μ = max((φ − ⟨∇f, ∇q̂⟩) / ‖∇q̂‖², 0)   (μ = 0 when ∇q̂ = 0)
+        w ← w − α (∇_w f + μ ∇_w q̂),   λ ← λ − β (∇_λ f + μ ∇_λ q̂)
+
+    (the paper moves (w, λ) with one step ξ; here w takes α and λ takes β; ⟨·,·⟩ and ‖·‖
+    are over the joint (w, λ) vector, as in the paper). μ is the smallest multiplier that
+    makes the step decrease q̂ at rate φ.
+
+    Cost: T + 2 inner gradients (T on θ, the (∇_w, ∇_λ) L_in pairs at w and θ_T),
+    2 cross products (those ∇_λ L_in), 1 outer-gradient pair, no HVP.
+    """
+    T = cfg.get("n_inner_steps")
+    eta = cfg.get("bome_eta")
+    alpha, beta = cfg.inner_step, cfg.outer_step
+    w, lam = state.inner, state.outer
+
+    def body(theta, idx):
+        return theta - alpha * oracles.inner_grad(theta, lam, idx), None
+
+    theta, _ = lax.scan(body, w, jnp.stack(draws[:T]))
+    i_in, i_out = draws[T], draws[T + 1]
+    f_w, f_lam = oracles.outer_grads(w, lam, i_out)
+    q_w, g_lam_w = oracles.inner_grads(w, lam, i_in)
+    _, g_lam_theta = oracles.inner_grads(theta, lam, i_in)
+    q_lam = g_lam_w - g_lam_theta
+    sq = _dot(q_w, q_w) + _dot(q_lam, q_lam)
+    inner_prod = _dot(f_w, q_w) + _dot(f_lam, q_lam)
+    positive = sq > 0
+    mult = jnp.where(positive,
+                     jnp.maximum(eta - inner_prod / jnp.where(positive, sq, 1.0), 0.0), 0.0)
+    return BomeState(inner=w - alpha * (f_w + mult * q_w),
+                     outer=lam - beta * (f_lam + mult * q_lam), k=state.k + 1)
+
+
+bome = Solver(init=bome_init, step=bome_step, samples=plans.bome_samples,
+              counts=plans.bome_counts)
+
+
+# --- PZOBO --------------------------------------------------------------------------------
+def mix32(x):
+    """lowbias32 (C. Wellons' 32-bit integer hash) on a uint32 array (wrapping products)."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(plans.MIX_MUL[0])
+    x = x ^ (x >> jnp.uint32(15))
+    x = x * jnp.uint32(plans.MIX_MUL[1])
+    return x ^ (x >> jnp.uint32(16))
+
+
+def draw_salt(idx):
+    """Σ_i mix32(idx_i + i·GOLDEN) mod 2³² (uint32): entropy folded out of one minibatch,
+    so the directions depend on the run's seed (O(batch))."""
+    i = jnp.arange(idx.shape[0], dtype=jnp.uint32)
+    words = idx.astype(jnp.uint32) + i * jnp.uint32(plans.GOLDEN)
+    return jnp.sum(mix32(words), dtype=jnp.uint32)
+
+
+def counter_normals(salt, k, shape, dtype):
+    """Standard normals of ``shape`` from the counter (salt, k), identical in both backends
+    (the integer words bit for bit; numpy reference and equations:
+    :func:`hypersweep.algorithms.plans_first_order.counter_normals`)."""
+    m = 1
+    for s in shape:
+        m *= int(s)
+    key = mix32(jnp.asarray(salt).astype(jnp.uint32) ^ mix32(jnp.asarray(k).astype(jnp.uint32)))
+    ctr = jnp.arange(2 * m, dtype=jnp.uint32) * jnp.uint32(plans.GOLDEN) + key
+    words = mix32(mix32(ctr) ^ key)
+    u = ((words >> jnp.uint32(8)).astype(dtype) + 0.5) * 2.0 ** -24
+    return (jnp.sqrt(-2.0 * jnp.log(u[:m])) * jnp.cos(2.0 * jnp.pi * u[m:])).reshape(shape)
+
+
+class PzoboState(NamedTuple):
+    """PZOBO's state: inner w, outer λ, iteration count k."""
+
+    inner: Any
+    outer: Any
+    k: Any
+
+
+def pzobo_init(oracles, w0, lam0, cfg) -> PzoboState:
+    """w₀, λ₀, k = 0."""
+    return PzoboState(inner=w0, outer=lam0, k=jnp.asarray(0, jnp.int32))
+
+
+def pzobo_step(oracles, state, draws, cfg) -> PzoboState:
+    """One PZOBO iteration (Sow, Ji & Liang 2022, Algorithm 1: partial zeroth-order
+    Jacobian estimate by Gaussian smoothing).
+
+    With α = ``inner_step``, β = ``outer_step``, T = ``n_inner_steps``,
+    Q = ``n_directions``, μ = ``smoothing``, train batches B_1..B_T and a validation batch
+    B' (``draws``); w_T(λ') denotes T GD steps θ ← θ − α ∇_w L_in^{B_t}(θ, λ') from the
+    warm start θ_0 = w (the same batches for every λ')::
+
+        u_1..u_Q ~ N(0, I_dim λ)
+        δ_j = (w_T(λ + μ u_j) − w_T(λ)) / μ          (≈ (∂w_T/∂λ) u_j)
+        D_λ = ∇_λ L_out^{B'}(w_T, λ) + (1/Q) Σ_j u_j ⟨δ_j, ∇_w L_out^{B'}(w_T, λ)⟩
+        w ← w_T(λ),   λ ← λ − β D_λ
+
+    E[u uᵀ] = I makes (1/Q) Σ u_j δ_jᵀ an estimate of (∂w_T/∂λ)ᵀ: D_λ estimates the
+    hypergradient of the T-step unrolled problem, with a bias O(μ) and (I − αH)^T.
+
+    Directions: a step may not draw randomness, and both backends must see the same u_j,
+    so they come from a counter-based generator written identically in both
+    (:func:`counter_normals`: a 32-bit integer hash of (salt, k, index), Box–Muller):
+    salt = :func:`draw_salt` of the first train batch (so they change with the run's seed;
+    in the deterministic limit that batch is the whole split and u depends on k only).
+
+    Cost: T·(Q + 1) inner gradients, 1 outer-gradient pair; no HVP, no cross product.
+    """
+    T, Q, mu = cfg.get("n_inner_steps"), cfg.get("n_directions"), cfg.get("smoothing")
+    alpha, beta = cfg.inner_step, cfg.outer_step
+    w0, lam = state.inner, state.outer
+    idx_train = jnp.stack(draws[:T])
+    u = counter_normals(draw_salt(draws[0]), state.k, (Q,) + tuple(lam.shape), lam.dtype)
+
+    def unroll(lam_):
+        def body(w, idx):
+            return w - alpha * oracles.inner_grad(w, lam_, idx), None
+
+        return lax.scan(body, w0, idx_train)[0]
+
+    w_T = unroll(lam)
+    w_pert = jax.vmap(unroll)(lam[None] + mu * u)
+    f_w, f_lam = oracles.outer_grads(w_T, lam, draws[T])
+    # ⟨δ_j, ∇_w L_out⟩ for each j, then (1/Q) Σ_j u_j ⟨δ_j, ∇_w L_out⟩
+    coef = jnp.tensordot(w_pert - w_T[None], f_w, axes=w_T.ndim) / mu
+    d_lam = f_lam + jnp.tensordot(coef, u, axes=1) / Q
+    return PzoboState(inner=w_T, outer=lam - beta * d_lam, k=state.k + 1)
+
+
+pzobo = Solver(init=pzobo_init, step=pzobo_step, samples=plans.pzobo_samples,
+               counts=plans.pzobo_counts)
