@@ -33,8 +33,10 @@ ERR_T = (5, 40)
 HPO_T, HPO_K, HPO_STEPS, HPO_SEEDS = 50, 10, 20, (0, 1)
 BB_T, BB_TRIALS, BB_BOX = 50, 15, (-6.0, 3.0)
 # tutorial_table.txt: the studies run HPO and black-box cells on ridge (the tutorial's table)
+# grad_norm_vs_cost.png / solver_table.csv: the hpo and blackbox rows carry outer_grad_norm
 REPORT_FILES = {"error_vs_t.png", "best_val_vs_cost.png", "rates.csv", "comparison.csv",
-                "report.html", "tutorial_table.txt"}
+                "report.html", "tutorial_table.txt", "grad_norm_vs_cost.png",
+                "solver_table.csv"}
 
 COMMON = """\
 backend: jax
@@ -339,7 +341,7 @@ def test_report_shows_the_parquet_numbers_and_is_logged_to_every_parent(e2e):
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
     page = (e2e.report / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     for method in ("itd", "aid_cg K=t", f"aid_cg K={HPO_K}", "random", "tpe"):
         assert method in page, method
     hpo, hpo_traces = _results(e2e, "hpo"), _traces(e2e, "hpo")

@@ -25,6 +25,14 @@ search (after a warm-up call), ``compile_time_s`` = the compile it paid,
 cumulative ``wall_time_s`` and cost columns, the trial's ``val_loss`` as measured,
 ``best_val_loss`` so far, ``lam_mean/min/max``), so budgets compare with gradient-based HPO
 in trials, oracle calls and seconds.
+
+Stationarity, as the ``hpo`` pipeline measures it: each trace row's ``outer_grad_norm`` is
+‖∇F(λ)‖ from the problem's float64 oracle (``exact_hypergradient``) at the λ of the best
+trial so far (None before the first finite trial, or where the oracle is not finite); the
+result row's ``outer_grad_norm`` is that at the best trial's λ, and ``outer_grad_norm_rel``
+divides it by ‖∇F(λ₀)‖ with λ₀ = ``problem.initial_hyperparams()``, the hpo pipeline's
+default start. These oracle calls are evaluation: they run after the search, outside
+``wall_time_s``, and are not counted in the cost columns.
 """
 from __future__ import annotations
 
@@ -60,6 +68,25 @@ def _lam_summary(lam: np.ndarray) -> dict:
             "lam_max": float(np.max(lam))}
 
 
+def _oracle_grad_norm(problem, lam) -> float | None:
+    """‖∇F(λ)‖ from the problem's float64 oracle (None when it is not finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a wild λ is recorded, not warned
+        value = float(np.linalg.norm(problem.exact_hypergradient(lam)))
+    return value if math.isfinite(value) else None
+
+
+def _best_grad_norms(problem, records) -> list[float | None]:
+    """‖∇F‖ at the λ of the best finite trial so far, per record (one oracle call each
+    time the best trial changes; ties keep the earlier trial, as :func:`min` does)."""
+    out, best, norm = [], None, None
+    for rec in records:
+        if not rec.nonfinite and (best is None or rec.val_loss < best.val_loss):
+            best = rec
+            norm = _oracle_grad_norm(problem, rec.lam)
+        out.append(norm)
+    return out
+
+
 def run(cell) -> PipelineResult:
     if cell.K is not None:
         raise ValueError(f"K must be null for black-box searcher {cell.algorithm!r} (t is "
@@ -93,12 +120,16 @@ def run(cell) -> PipelineResult:
         time_budget_s=params["time_budget_s"])
     wall = time.perf_counter() - t0
 
+    # evaluation, after the clock stopped: ‖∇F‖ at the best λ so far and at λ₀
     best = trials.best_so_far([r.val_loss for r in records])
+    grad_norms = _best_grad_norms(problem, records)
+    grad0_norm = _oracle_grad_norm(problem, problem.initial_hyperparams())
     traces = []
-    for rec, best_val in zip(records, best):
+    for rec, best_val, grad_norm in zip(records, best, grad_norms):
         traces.append(dict(
             step=rec.index, wall_time_s=rec.elapsed_s, val_loss=rec.val_loss,
-            best_val_loss=best_val, **cost_columns(rec.total_evals, 0, 0, 0),
+            best_val_loss=best_val, outer_grad_norm=grad_norm,
+            **cost_columns(rec.total_evals, 0, 0, 0),
             **_lam_summary(rec.lam),
             extra=canonical_json({"trial_id": rec.trial_id, "inner_steps": rec.steps,
                                   "objective": rec.objective, "nonfinite": rec.nonfinite,
@@ -120,6 +151,9 @@ def run(cell) -> PipelineResult:
                        **{f"best_{k}": v for k, v in _lam_summary(top.lam).items()})
         if top.lam.size <= MAX_LAM_IN_EXTRA:
             metrics["best_lam"] = top.lam.reshape(-1).tolist()
+        metrics["outer_grad_norm"] = grad_norms[top.index]
+        if grad0_norm and metrics["outer_grad_norm"] is not None:
+            metrics["outer_grad_norm_rel"] = metrics["outer_grad_norm"] / grad0_norm
         if not math.isclose(metrics["val_loss"], top.val_loss, rel_tol=1e-12, abs_tol=0.0):
             raise RuntimeError(f"val loss of the best trial re-evaluated as "
                                f"{metrics['val_loss']!r}, recorded {top.val_loss!r}")

@@ -1,10 +1,12 @@
-"""The report's two matplotlib figures (Agg backend, nothing shown on screen).
+"""The report's three matplotlib figures (Agg backend, nothing shown on screen).
 
 Figure 1, :func:`plot_error_vs_t`: hypergradient error vs t, one panel per problem (log y),
 one line per (algorithm, K-setting), median over seeds with a 20–80 % band, each line's
 fitted rate r beside the problem's contraction factor q — the panels of Grazzi et al. 2020.
 Figure 2, :func:`plot_best_val`: best validation loss so far vs wall time and vs oracle
 calls, gradient HPO (solid) against black-box search (dashed).
+Figure 3, :func:`plot_grad_norm`: ‖∇F(λ)‖² (float64 oracle) vs wall time and vs oracle
+calls, benchmark_bilevel's stationarity plot (Dagréou et al. 2022), same line styles.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from hypersweep.tools.report.statistics import (
     COST_AXIS,
     best_curves,
     error_curves,
+    grad_norm_curves,
     method_frame,
     problem_order,
     rate_table,
@@ -24,6 +27,7 @@ from hypersweep.tools.report.statistics import (
 from hypersweep.tools.report.tables import fmt
 
 COST_LABEL = "oracle calls (gradients + Hessian-vector + cross products)"
+GRAD_LABEL = "‖∇F(λ)‖²"
 
 
 def _pyplot():
@@ -68,18 +72,18 @@ def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"
     return fig, rates
 
 
-def plot_best_val(results: pd.DataFrame, traces: pd.DataFrame):
-    """Figure 2: rows = problems, columns = (vs wall time, vs oracle calls).
-    Returns the figure, or None when there are no hpo/blackbox traces."""
-    plt = _pyplot()
-    curves = trace_curves(method_frame(results), traces)
-    if curves.empty:
-        return None
-    by_time = best_curves(curves, "wall_time_s")
-    by_evals = best_curves(curves, COST_AXIS)
-    panels = problem_order(curves["panel"].unique())
-    methods = sorted(curves["method"].unique())
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+def _method_colors(plt, methods) -> dict:
+    """One color per method; tab20 once tab10's ten run out (solvers alone are 16)."""
+    methods = sorted(methods)
+    cmap, n = (plt.cm.tab10, 10) if len(methods) <= 10 else (plt.cm.tab20, 20)
+    return {m: cmap(i % n) for i, m in enumerate(methods)}
+
+
+def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,
+                 log_y: bool | None):
+    """Rows = ``panels``, columns = (vs wall time, vs oracle calls), log x; one line per
+    (method, kind), gradient solid and black-box dashed, with its 20–80 % band. ``log_y``
+    None: log y when the band is positive and spans more than a decade."""
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
         for col, (data, xlabel) in enumerate(((by_time, "wall time (s)"),
@@ -93,17 +97,58 @@ def plot_best_val(results: pd.DataFrame, traces: pd.DataFrame):
                 ax.fill_between(g["x"], g["low"], g["high"], color=colors[method],
                                 alpha=0.15, linewidth=0)
             ax.set_xscale("log")
-            if len(sub) and (sub["low"] > 0).all() and sub["high"].max() > 10 * sub[
-                    "low"].min():
+            if len(sub) and sub["x"].max() >= 10 * sub["x"].min():
+                # decades carry labels; labelled minor ticks (2×10¹, 3×10¹, …) overlap
+                from matplotlib.ticker import NullFormatter
+
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if log_y or (log_y is None and len(sub) and (sub["low"] > 0).all()
+                         and sub["high"].max() > 10 * sub["low"].min()):
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("best val loss so far")
+            ax.set_ylabel(ylabel)
             ax.set_title(panel, fontsize=10)
             ax.grid(True, alpha=0.3)
             if len(sub):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_best_val(results: pd.DataFrame, traces: pd.DataFrame):
+    """Figure 2: rows = problems, columns = (vs wall time, vs oracle calls).
+    Returns the figure, or None when there are no hpo/blackbox traces."""
+    plt = _pyplot()
+    curves = trace_curves(method_frame(results), traces)
+    if curves.empty:
+        return None
+    by_time = best_curves(curves, "wall_time_s")
+    by_evals = best_curves(curves, COST_AXIS)
+    panels = problem_order(curves["panel"].unique())
+    colors = _method_colors(plt, curves["method"].unique())
+    return _cost_panels(plt, panels, by_time, by_evals, colors,
+                        ylabel="best val loss so far", log_y=None)
+
+
+def plot_grad_norm(results: pd.DataFrame, traces: pd.DataFrame):
+    """Figure 3: ‖∇F(λ)‖² (log y) vs wall time (left) and oracle calls (right), one row
+    per problem, one line per method — every hpo method (solvers, estimators, online;
+    solid: ‖∇F‖ at the evaluated λ_k) and black-box searcher (dashed: at the best λ so
+    far) — median over seeds with a 20–80 % band. Rows at x ≤ 0 are left out (log x).
+    Returns the figure, or None when no trace row carries ``outer_grad_norm``."""
+    curves = trace_curves(method_frame(results), traces)
+    if curves.empty:
+        return None
+    curves = curves[curves["grad_sq"].astype(float).notna()]
+    by_time = grad_norm_curves(curves, "wall_time_s")
+    by_evals = grad_norm_curves(curves, COST_AXIS)
+    if by_time.empty and by_evals.empty:
+        return None
+    plt = _pyplot()
+    panels = problem_order(set(by_time["panel"]) | set(by_evals["panel"]))
+    colors = _method_colors(plt, curves["method"].unique())
+    return _cost_panels(plt, panels, by_time, by_evals, colors, ylabel=GRAD_LABEL,
+                        log_y=True)
 
 
 def png(fig) -> bytes:

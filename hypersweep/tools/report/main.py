@@ -11,14 +11,22 @@ directories and writes to ``DIR``:
     best validation loss so far vs wall time and vs oracle calls, gradient
     HPO (``hpo`` traces, solid) against black-box search (``blackbox`` traces, dashed),
     median over seeds with a 20–80 % band.
-``comparison.csv`` / ``rates.csv``
-    the tables below, machine-readable.
+``grad_norm_vs_cost.png``
+    ‖∇F(λ)‖² (the float64 oracle's, log y) vs wall time and vs oracle calls, one row of
+    panels per problem, one line per method: every hpo method (solvers, double-loop
+    estimators, online; solid) and black-box searcher (at its best λ so far; dashed),
+    median over seeds with a 20–80 % band — when the traces carry ``outer_grad_norm``.
+``comparison.csv`` / ``rates.csv`` / ``solver_table.csv``
+    the tables below, machine-readable. ``solver_table.csv``: per problem and method,
+    the median wall time and oracle calls to first reach ‖∇F(λ_k)‖² ≤ 1e-3·‖∇F(λ₀)‖²
+    (over the seeds that reached it, NaN when none; ``seeds_reached`` says how many of
+    the ok seeds), the median final ‖∇F‖², and the seeds (written with the figure).
 ``tutorial_table.txt``
     the ridge tutorial's table, when the results hold HPO or black-box cells on ridge.
 ``report.html``
     everything above, images embedded (base64), plus per problem: method, final best val
     loss, test metric, time and oracle calls to reach within 1 % of the best val loss any
-    method found (per seed), and the summary table.
+    method found (per seed), the solver table, and the summary table.
 
 The files are logged as artifacts of each study's MLflow parent run (tag
 ``hypersweep.study``) when its tracking store is reachable; otherwise a warning.
@@ -38,6 +46,7 @@ from hypersweep.tools.report.page import render_html
 from hypersweep.tools.report.reading import read_outputs
 from hypersweep.tools.report.tables import (
     comparison_table,
+    solver_table,
     summary_table,
     tutorial_summary,
 )
@@ -50,15 +59,17 @@ _SQLITE = "sqlite:///"
 def build_report(dirs: Sequence[str | Path], out: str | Path, *,
                  error: str = "hypergrad_rel_error") -> dict:
     """Read ``dirs``, write the figures, CSVs and ``report.html`` to ``out``; return
-    ``{"files": [...], "figures": {name: Figure}, "rates", "comparison", "summary",
-    "results", "tutorial"}``."""
+    ``{"files": [...], "figures": {name: Figure}, "rates", "comparison", "solver",
+    "summary", "results", "tutorial"}``."""
     results, traces = read_outputs(dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found, images, files = {}, {}, []
     fig1, rates = figures.plot_error_vs_t(results, error=error)
     fig2 = figures.plot_best_val(results, traces)
-    for name, fig in (("error_vs_t.png", fig1), ("best_val_vs_cost.png", fig2)):
+    fig3 = figures.plot_grad_norm(results, traces)
+    for name, fig in (("error_vs_t.png", fig1), ("best_val_vs_cost.png", fig2),
+                      ("grad_norm_vs_cost.png", fig3)):
         if fig is None:
             continue
         found[name] = fig
@@ -67,8 +78,10 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
         files.append(out / name)
         figures.close(fig)
     comparison = comparison_table(results, traces)
+    solver = solver_table(results, traces)
     summary = summary_table(results)
-    for name, df in (("rates.csv", rates), ("comparison.csv", comparison)):
+    for name, df in (("rates.csv", rates), ("comparison.csv", comparison),
+                     ("solver_table.csv", solver)):
         if len(df):
             df.to_csv(out / name, index=False)
             files.append(out / name)
@@ -77,11 +90,13 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
         (out / "tutorial_table.txt").write_text(tutorial, encoding="utf-8")
         files.append(out / "tutorial_table.txt")
     page = render_html(sources=[str(d) for d in dirs], summary=summary, images=images,
-                       rates=rates, comparison=comparison, tutorial=tutorial)
+                       rates=rates, comparison=comparison, solver=solver,
+                       tutorial=tutorial)
     (out / "report.html").write_text(page, encoding="utf-8")
     files.append(out / "report.html")
     return {"files": files, "figures": found, "rates": rates, "comparison": comparison,
-            "summary": summary, "results": results, "tutorial": tutorial}
+            "solver": solver, "summary": summary, "results": results,
+            "tutorial": tutorial}
 
 
 def _study_tracking(output_dir: Path, override: str | None) -> tuple[str | None, str, str]:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 
 import pandas as pd
 
-from hypersweep.tools.report.statistics import TARGET_REL
-from hypersweep.tools.report.tables import fmt
+from hypersweep.tools.report.statistics import GRAD_SQ_TARGET, TARGET_REL
+from hypersweep.tools.report.tables import CALLS_TO_GRAD, TIME_TO_GRAD, fmt
 
 _CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto}"
         "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
@@ -34,10 +35,11 @@ def _img(data: bytes, alt: str) -> str:
 
 def render_html(*, sources: Sequence[str], summary: str, images: dict[str, bytes],
                 rates: pd.DataFrame, comparison: pd.DataFrame,
-                tutorial: str | None = None) -> str:
+                solver: pd.DataFrame | None = None, tutorial: str | None = None) -> str:
     """The page: sources, the summary table, the tutorial table (if any), figure 1 with
-    the rates, figure 2, and the comparison table per problem. ``images``: PNG bytes by
-    file name (``error_vs_t.png``, ``best_val_vs_cost.png``), each optional."""
+    the rates, figure 2, the comparison table per problem, figure 3 and the solver
+    table. ``images``: PNG bytes by file name (``error_vs_t.png``,
+    ``best_val_vs_cost.png``, ``grad_norm_vs_cost.png``), each optional."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hypersweep report"
              f"</title><style>{_CSS}</style></head><body><h1>hypersweep report</h1>",
              "<p>Results: " + ", ".join(html.escape(s) for s in sources) + "</p>",
@@ -64,5 +66,24 @@ def render_html(*, sources: Sequence[str], summary: str, images: dict[str, bytes
         for problem, g in comparison.groupby("problem", sort=False):
             parts.append(f"<h3>{html.escape(problem)}</h3>")
             parts.append(_html_table(g.drop(columns="problem")))
+    if "grad_norm_vs_cost.png" in images:
+        parts.append("<h2>Stationarity ‖∇F(λ)‖² vs cost</h2><p>‖∇F‖ from the float64 "
+                     "oracle at the evaluated λ (hpo methods, solid) or at the best λ so "
+                     "far (black-box search, dashed); median over seeds, band 20–80 %.</p>")
+        parts.append(_img(images["grad_norm_vs_cost.png"], "grad norm vs cost"))
+    if solver is not None and len(solver):
+        parts.append(f"<h2>Time to ‖∇F(λ)‖² ≤ {GRAD_SQ_TARGET:g}·‖∇F(λ₀)‖²</h2><p>"
+                     f"{TIME_TO_GRAD} / {CALLS_TO_GRAD}: median over the seeds that "
+                     f"reached it (seeds_reached) of the wall time / oracle calls at the "
+                     f"first evaluation at or below the target; final_grad_norm_sq: median "
+                     f"over ok seeds of ‖∇F‖² at the final λ (hpo) or the best trial's λ "
+                     f"(black-box).</p>")
+        shown = solver.astype(object)
+        for col in (TIME_TO_GRAD, CALLS_TO_GRAD):
+            shown[col] = [("not reached" if not isinstance(v, float) or math.isnan(v)
+                           else v) for v in solver[col]]
+        # one table, problem first (as the rates table): a row never starts with a
+        # method's name, which is the comparison table's row key
+        parts.append(_html_table(shown))
     parts.append("</body></html>")
     return "\n".join(parts)

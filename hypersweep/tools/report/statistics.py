@@ -1,5 +1,5 @@
 """The numbers behind the report: error curves and their rates, contraction factors, the
-best-val-loss-vs-cost curves of HPO and black-box cells.
+best-val-loss-vs-cost and ‖∇F‖²-vs-cost curves of HPO and black-box cells.
 
 Everything here works on the result and trace DataFrames of :mod:`.reading` and
 returns DataFrames or numbers; nothing draws or writes.
@@ -28,6 +28,8 @@ TARGET_REL = 0.01
 GRADIENT_PIPELINE, BLACKBOX_PIPELINE, ERROR_PIPELINE = "hpo", "blackbox", "hypergradient_error"
 #: the cost axis of the figures and tables: every oracle call (docs/costs.md)
 COST_AXIS = "n_oracle_calls"
+#: the stationarity target of the solver table: ‖∇F(λ_k)‖² ≤ GRAD_SQ_TARGET·‖∇F(λ₀)‖²
+GRAD_SQ_TARGET = 1e-3
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,16 +219,20 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 def trace_curves(methods: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
     """Trace rows of the method cells, with best_val_loss filled as the running minimum
-    of the finite val losses where a pipeline left it empty."""
+    of the finite val losses where a pipeline left it empty, and ``grad_sq`` =
+    ``outer_grad_norm``² (NaN where a row has none: outputs from before that column, a
+    non-finite λ)."""
     if methods.empty or traces.empty:
         return pd.DataFrame(columns=["cell_id", "step", "wall_time_s", COST_AXIS,
-                                     "best", "panel", "method", "kind", "seed"])
+                                     "best", "grad_sq", "panel", "method", "kind", "seed"])
     tr = traces[traces["cell_id"].isin(methods["cell_id"])].copy()
     tr = tr.sort_values(["cell_id", "step"])
     val = tr["val_loss"].astype(float).where(np.isfinite(tr["val_loss"].astype(float)))
     running = val.groupby(tr["cell_id"]).cummin()
     best = tr["best_val_loss"].astype(float)
     tr["best"] = best.where(np.isfinite(best), running)
+    tr["grad_sq"] = (tr["outer_grad_norm"].astype(float) ** 2 if "outer_grad_norm" in tr
+                     else np.nan)
     tr[COST_AXIS] = oracle_calls(tr)
     meta = methods[["cell_id", "panel", "method", "kind", "seed"]]
     return tr.merge(meta, on="cell_id", how="inner")
@@ -254,13 +260,34 @@ def best_curves(curves: pd.DataFrame, x: str, n_grid: int = 120) -> pd.DataFrame
     """Median and 20–80 % band over seeds of best val loss vs ``x`` (wall_time_s or
     n_oracle_calls) per (panel, method), on a log grid; a point is drawn where at
     least half of the seeds have started."""
+    return quantile_curves(curves, x, "best", n_grid=n_grid)
+
+
+def grad_norm_curves(curves: pd.DataFrame, x: str, n_grid: int = 120) -> pd.DataFrame:
+    """Median and 20–80 % band over seeds of ‖∇F(λ)‖² (``grad_sq``) vs ``x`` per (panel,
+    method), on a log grid. Rows at x ≤ 0 are dropped (a solver's step 0 at λ₀ costs
+    nothing and has no place on a log axis; an estimator's first row already paid its
+    first step), so each cell's curve starts at its first evaluation with x > 0."""
+    return quantile_curves(curves, x, "grad_sq", n_grid=n_grid, positive_x=True)
+
+
+def quantile_curves(curves: pd.DataFrame, x: str, y: str, *, n_grid: int = 120,
+                    positive_x: bool = False) -> pd.DataFrame:
+    """Median and 20–80 % band over a (panel, method)'s cells of the step function "``y``
+    of the cell's last row with ``x`` ≤ g" on a log grid g of ``x`` spanning every
+    cell's rows; a grid point is drawn where at least half of the cells have a value
+    (each cell's last value holds to the grid's end). Rows with a non-finite x or y are
+    dropped, and with ``positive_x`` those with x ≤ 0 too."""
     rows = []
     for (panel, method, kind), g in curves.groupby(["panel", "method", "kind"]):
         per_cell = []
         for _, c in g.groupby("cell_id"):
-            c = c[np.isfinite(c[x].astype(float)) & np.isfinite(c["best"].astype(float))]
-            if len(c):
-                per_cell.append((c[x].to_numpy(float), c["best"].to_numpy(float)))
+            cx = c[x].to_numpy(float)
+            cy = c[y].to_numpy(float)
+            keep = np.isfinite(cx) & np.isfinite(cy) & ((cx > 0) if positive_x else True)
+            if keep.any():
+                order = np.argsort(cx[keep], kind="stable")
+                per_cell.append((cx[keep][order], cy[keep][order]))
         if not per_cell:
             continue
         lo = min(cx[cx > 0].min() if (cx > 0).any() else 1e-9 for cx, _ in per_cell)

@@ -1,5 +1,6 @@
-"""The report's tables: methods compared per problem, the ridge tutorial's table, and
-:func:`summary_table`, the short per-(problem, algorithm) text table of a study."""
+"""The report's tables: methods compared per problem, stationarity reached per problem
+(:func:`solver_table`), the ridge tutorial's table, and :func:`summary_table`, the short
+per-(problem, algorithm) text table of a study."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,8 @@ from hypersweep.tools.report.reading import as_frame
 from hypersweep.tools.report.statistics import (
     COST_AXIS,
     ERROR_PIPELINE,
+    GRAD_SQ_TARGET,
+    GRADIENT_PIPELINE,
     TARGET_REL,
     method_frame,
     oracle_calls,
@@ -82,6 +85,99 @@ def comparison_table(results: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFram
         out["problem"]))})
     return out.sort_values(["_order", "final_val_loss"]).drop(columns="_order").reset_index(
         drop=True)
+
+
+#: the solver table's columns named after GRAD_SQ_TARGET (1e-3)
+TIME_TO_GRAD, CALLS_TO_GRAD = "time_to_1e-3_s", "oracle_calls_to_1e-3"
+SOLVER_COLUMNS = ["problem", "method", "kind", "family", "seeds", "failed", "seeds_reached",
+                  TIME_TO_GRAD, CALLS_TO_GRAD, "final_grad_norm_sq"]
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def reference_grad_norm(row, cell_traces: pd.DataFrame) -> float:
+    """‖∇F(λ₀)‖ of a cell: its result row's ``outer_grad_norm`` ÷ ``outer_grad_norm_rel``
+    (every pipeline that writes them divides by the oracle at the cell's λ₀); else, for an
+    ``hpo`` cell (a diverged one has no ratio), its step-0 trace row, which is at λ₀ for
+    every kind. NaN when neither is known."""
+    g, rel = _float(row.get("outer_grad_norm")), _float(row.get("outer_grad_norm_rel"))
+    if math.isfinite(g) and math.isfinite(rel) and rel > 0:
+        return g / rel
+    if row.get("pipeline") == GRADIENT_PIPELINE and len(cell_traces):
+        first = cell_traces[cell_traces["step"] == 0]
+        if len(first):
+            return _float(first["outer_grad_norm"].iloc[0])
+    return math.nan
+
+
+def _family(algorithm: str) -> str | None:
+    """The catalog kind (solver, estimator, online, searcher); None when unregistered."""
+    from hypersweep import algorithms  # the catalog only: pure data, no backend
+
+    try:
+        return algorithms.spec(algorithm).kind
+    except ValueError:
+        return None
+
+
+def solver_table(results: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
+    """Per (problem, method) of the hpo and blackbox cells: how fast ‖∇F(λ_k)‖² falls to
+    :data:`GRAD_SQ_TARGET`·‖∇F(λ₀)‖² = 1e-3·‖∇F(λ₀)‖² (λ₀ and ‖∇F‖ from each cell's float64 oracle, see
+    :func:`reference_grad_norm`).
+
+    ``seeds``: ok cells; ``failed``: the others. ``seeds_reached``: "k/seeds", the ok
+    cells with a trace row at or below the target; ``time_to_1e-3_s`` /
+    ``oracle_calls_to_1e-3``: the median, over those k cells, of the cumulative wall time
+    / oracle calls of their first such row (NaN when k = 0); the resolution is the
+    pipeline's evaluation interval (hpo ``eval_every``, one blackbox trial).
+    ``final_grad_norm_sq``: median over ok cells of the result row's ``outer_grad_norm``²
+    (hpo: at λ_final; blackbox: at the best trial's λ). Rows by problem, then fastest
+    first. Empty when no cell carries ``outer_grad_norm`` (outputs from before it).
+    """
+    methods = method_frame(results)
+    if methods.empty:
+        return pd.DataFrame(columns=SOLVER_COLUMNS)
+    if "outer_grad_norm" not in methods:
+        methods = methods.assign(outer_grad_norm=np.nan)
+    curves = trace_curves(methods, traces)
+    has_grad = bool(np.isfinite(curves["grad_sq"].astype(float)).any()) or bool(
+        np.isfinite(methods["outer_grad_norm"].astype(float)).any())
+    if not has_grad:
+        return pd.DataFrame(columns=SOLVER_COLUMNS)
+    by_cell = dict(tuple(curves.groupby("cell_id"))) if len(curves) else {}
+    rows = []
+    for (panel, method, kind), g in methods.groupby(["panel", "method", "kind"]):
+        ok = g[g["status"] == "ok"]
+        times, calls = [], []
+        for _, row in ok.iterrows():
+            c = by_cell.get(row["cell_id"], curves.iloc[0:0])
+            g0 = reference_grad_norm(row, c)
+            if not (math.isfinite(g0) and g0 > 0) or c.empty:
+                continue
+            hit = c[c["grad_sq"].astype(float) <= GRAD_SQ_TARGET * g0 ** 2].sort_values("step")
+            if len(hit):
+                times.append(float(hit["wall_time_s"].iloc[0]))
+                calls.append(float(hit[COST_AXIS].iloc[0]))
+        final = ok["outer_grad_norm"].astype(float) ** 2
+        final = final[np.isfinite(final)]
+        rows.append({
+            "problem": panel, "method": method, "kind": kind,
+            "family": _family(str(g["algorithm"].iloc[0])),
+            "seeds": len(ok), "failed": len(g) - len(ok),
+            "seeds_reached": f"{len(times)}/{len(ok)}",
+            TIME_TO_GRAD: float(np.median(times)) if times else math.nan,
+            CALLS_TO_GRAD: float(np.median(calls)) if calls else math.nan,
+            "final_grad_norm_sq": float(final.median()) if len(final) else math.nan})
+    out = pd.DataFrame(rows, columns=SOLVER_COLUMNS)
+    out["_order"] = out["problem"].map({p: i for i, p in enumerate(problem_order(
+        out["problem"]))})
+    return out.sort_values(["_order", TIME_TO_GRAD, "final_grad_norm_sq"],
+                           na_position="last").drop(columns="_order").reset_index(drop=True)
 
 
 def tutorial_summary(results: pd.DataFrame) -> str | None:
