@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from hypersweep.algorithms import plans_single
+from hypersweep.algorithms.jax._solver_core import scatter_rows
 from hypersweep.algorithms.solvers_common import Solver
 
 
@@ -56,3 +59,348 @@ def soba_step(oracles, state, draws, cfg) -> SobaState:
 
 soba = Solver(init=soba_init, step=soba_step, samples=plans_single.soba_samples,
               counts=plans_single.soba_counts)
+
+
+# --- SABA ------------------------------------------------------------------------------------
+
+class SabaState(NamedTuple):
+    """SABA's state: w, v, λ, k and the SAGA memories, one row per sample —
+    ``memory_train`` (n_train rows): the last [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v],
+    ``memory_val`` (n_val rows): the last [∇_w f_j | ∇_λ f_j] (flattened, concatenated),
+    ``mean_train``/``mean_val`` their means over the rows, and ``count_train``/
+    ``count_val`` (all zero between steps) the scratch that counts the repeats of a batch's
+    rows in O(b)."""
+
+    inner: Any
+    adjoint: Any
+    outer: Any
+    k: Any
+    memory_train: Any
+    memory_val: Any
+    mean_train: Any
+    mean_val: Any
+    count_train: Any
+    count_val: Any
+
+
+def _row_losses(loss, oracles, idx):
+    """(W, Λ) ↦ Σ_r loss(W_r, Λ_r, [idx_r]): one copy of (w, λ) per row, so that its
+    gradient in W (in Λ) stacks the per-row gradients."""
+    def total(W, L):
+        return jnp.sum(jax.vmap(lambda w, lam, i: loss(w, lam, oracles.arrays, i[None]))(
+            W, L, idx))
+    return total
+
+
+def _per_sample_train(oracles, w, lam, idx, v=None):
+    """Per train row i of ``idx``: [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v] flattened, shape
+    (b, 2·dim w + dim λ) — the values of ``oracles.per_sample(oracles.inner_vjp, …)``,
+    computed as the gradient of Σ_i ℓ_i over one copy of (w, λ) per row and its vjp (2.5x
+    faster on the CPU than a vmap of per-row vjps: fewer tiny batched products); ``v``
+    None: [∇_w ℓ_i] only."""
+    b = idx.shape[0]
+    W = jnp.broadcast_to(w, (b,) + w.shape)
+    L = jnp.broadcast_to(lam, (b,) + lam.shape)
+    grad_rows = jax.grad(_row_losses(oracles.fns.inner_loss_batch, oracles, idx))
+    if v is None:
+        return grad_rows(W, L).reshape(b, -1)
+    g, pullback = jax.vjp(grad_rows, W, L)
+    hv, cv = pullback(jnp.broadcast_to(v, g.shape))
+    return jnp.concatenate([x.reshape(b, -1) for x in (g, hv, cv)], axis=1)
+
+
+def _per_sample_val(oracles, w, lam, idx):
+    """Per validation row j of ``idx``: [∇_w f_j | ∇_λ f_j] flattened (as
+    :func:`_per_sample_train`)."""
+    b = idx.shape[0]
+    W = jnp.broadcast_to(w, (b,) + w.shape)
+    L = jnp.broadcast_to(lam, (b,) + lam.shape)
+    gw, gl = jax.grad(_row_losses(oracles.fns.outer_loss_batch, oracles, idx),
+                      argnums=(0, 1))(W, L)
+    return jnp.concatenate([gw.reshape(b, -1), gl.reshape(b, -1)], axis=1)
+
+
+def _split(flat, *likes):
+    """``flat`` cut into arrays shaped as ``likes``."""
+    out, start = [], 0
+    for like in likes:
+        out.append(flat[start:start + like.size].reshape(like.shape))
+        start += like.size
+    return out
+
+
+def saba_init(oracles, w0, lam0, cfg) -> SabaState:
+    """w₀, v₀ = 0, λ₀, k = 0 and the memories filled at (w₀, λ₀, v₀) by one full pass:
+    per-sample ∇_w ℓ_i over the train split and (∇_w f_j, ∇_λ f_j) over the validation
+    split; H_i v₀ and (∂_λ ∇_w ℓ_i)ᵀ v₀ are 0 (counted on iteration 0, see
+    :func:`~hypersweep.algorithms.plans_single.saba_counts`)."""
+    g = _per_sample_train(oracles, w0, lam0, oracles.all_train)
+    memory_train = jnp.concatenate(
+        [g, jnp.zeros_like(g), jnp.zeros((cfg.n_train, lam0.size), lam0.dtype)], axis=1)
+    memory_val = _per_sample_val(oracles, w0, lam0, oracles.all_val)
+    return SabaState(inner=w0, adjoint=jnp.zeros_like(w0), outer=lam0,
+                     k=jnp.asarray(0, jnp.int32), memory_train=memory_train,
+                     memory_val=memory_val, mean_train=memory_train.mean(axis=0),
+                     mean_val=memory_val.mean(axis=0),
+                     count_train=jnp.zeros(cfg.n_train, jnp.int32),
+                     count_val=jnp.zeros(cfg.n_val, jnp.int32))
+
+
+def _saga(memory, mean, count, idx, rows, n):
+    """One SAGA estimate in O(b): (m̄ + 1/b Σ_r (rows_r − m[idx_r]), m with rows idx set to
+    rows, m̄ + 1/n Σ over the distinct rows of the change, the scratch back to 0). A row
+    drawn c times adds its (equal) change c times with weight 1/c."""
+    old = memory[idx]
+    delta = rows - old
+    count = count.at[idx].add(1)
+    repeats = count[idx]
+    new_mean = mean + jnp.sum(delta / repeats[:, None].astype(delta.dtype), axis=0) / n
+    # `+ 0·old`, `0·repeats`: the writes depend on the reads, so XLA orders them after and
+    # updates the buffers in place (else it copies the whole memory every step, 3x slower)
+    return (mean + delta.mean(axis=0), scatter_rows(memory, idx, rows + 0 * old), new_mean,
+            count.at[idx].set(0 * repeats))
+
+
+def saba_step(oracles, state, draws, cfg) -> SabaState:
+    """One SABA iteration (Dagréou et al. 2022, Algorithm 2: SOBA with SAGA).
+
+    Per-sample values at the current (w, v, λ) on the train batch B (rows i) and the
+    validation batch B' (rows j): (∇_w ℓ_i, H_i v, (∂_λ ∇_w ℓ_i)ᵀ v) and (∇_w f_j,
+    ∇_λ f_j). Each of the five quantities q gets its SAGA estimate with memory m (per row)
+    and its mean m̄::
+
+        S[q] = m̄ + 1/|B| Σ_{i∈B} (q_i − m_i),   then m_i ← q_i (i ∈ B),
+        m̄ ← m̄ + 1/n Σ_{distinct i∈B} (q_i − m_i^old)                (O(b))
+        D_w = S[∇_w ℓ],  D_v = S[H v] + S[∇_w f],  D_λ = S[∇_λ f] + S[(∂_λ ∇_w ℓ)ᵀ v]
+        w ← w − α D_w,  v ← v − γ D_v,  λ ← λ − β D_λ
+
+    The estimates are unbiased (rows drawn with replacement) and their variance vanishes
+    as the iterates converge, so constant steps reach the stationary point; with whole
+    splits (the deterministic limit) S[q] is the full-batch q, SABA is SOBA. Cost: SOBA's
+    oracles, each per sample over its batch (1 inner gradient, 1 HVP, 1 cross product,
+    1 outer-gradient pair; b_train + b_val rows), constant steps α, γ, β; memory
+    n_train·(2 dim w + dim λ) + n_val·(dim w + dim λ).
+    """
+    idx_in, idx_out = draws
+    w, v, lam = state.inner, state.adjoint, state.outer
+    d_train, memory_train, mean_train, count_train = _saga(
+        state.memory_train, state.mean_train, state.count_train, idx_in,
+        _per_sample_train(oracles, w, lam, idx_in, v), cfg.n_train)
+    d_val, memory_val, mean_val, count_val = _saga(
+        state.memory_val, state.mean_val, state.count_val, idx_out,
+        _per_sample_val(oracles, w, lam, idx_out), cfg.n_val)
+    d_g, d_hv, d_cv = _split(d_train, w, w, lam)
+    d_gw, d_gl = _split(d_val, w, lam)
+    return SabaState(inner=w - cfg.inner_step * d_g,
+                     adjoint=v - cfg.adjoint_step * (d_hv + d_gw),
+                     outer=lam - cfg.outer_step * (d_gl + d_cv),
+                     k=state.k + 1, memory_train=memory_train, memory_val=memory_val,
+                     mean_train=mean_train, mean_val=mean_val, count_train=count_train,
+                     count_val=count_val)
+
+
+saba = Solver(init=saba_init, step=saba_step, samples=plans_single.saba_samples,
+              counts=plans_single.saba_counts)
+
+
+# --- SRBA ------------------------------------------------------------------------------------
+
+class SrbaState(NamedTuple):
+    """SRBA's state: w, v, λ, k, the point of the previous iteration (``previous``: (w, v,
+    λ)) and the recursive directions (``directions``: (D_w, D_v, D_λ))."""
+
+    inner: Any
+    adjoint: Any
+    outer: Any
+    k: Any
+    previous: Any
+    directions: Any
+
+
+def srba_init(oracles, w0, lam0, cfg) -> SrbaState:
+    """w₀, v₀ = 0, λ₀, k = 0; previous point = the start, directions 0 (iteration 0 is a
+    full-batch refresh)."""
+    v0 = jnp.zeros_like(w0)
+    return SrbaState(inner=w0, adjoint=v0, outer=lam0, k=jnp.asarray(0, jnp.int32),
+                     previous=(w0, v0, lam0),
+                     directions=(jnp.zeros_like(w0), v0, jnp.zeros_like(lam0)))
+
+
+def _directions(oracles, w, v, lam, idx_in, idx_out):
+    """(D_w, D_v, D_λ) = (g, H v + ∇_w L_out, ∇_λ L_out + (∂_λ g)ᵀ v) on the given rows."""
+    g, hv, cv = oracles.inner_vjp(w, lam, idx_in, v)
+    gw, gl = oracles.outer_grads(w, lam, idx_out)
+    return g, hv + gw, gl + cv
+
+
+def srba_step(oracles, state, draws, cfg) -> SrbaState:
+    """One SRBA iteration (Dagréou, Moreau, Vaiter & Ablin 2024, Algorithm 1).
+
+    With q = ``period`` (None: ⌈n_train / b_train⌉), D(w, v, λ) = SOBA's three directions
+    and (w⁻, v⁻, λ⁻) the previous iterate::
+
+        k ≡ 0 mod q:  D^k = D(w, v, λ) on the whole splits                  (refresh)
+        otherwise:    D^k = D^{k−1} + D^{B,B'}(w, v, λ) − D^{B,B'}(w⁻, v⁻, λ⁻)   (SARAH)
+        w ← w − α D^k_w,  v ← v − γ D^k_v,  λ ← λ − β D^k_λ
+
+    Both minibatch evaluations read the same batches B, B'. The paper's projection of v
+    on a ball is omitted (its radius needs unknown constants; benchmark practice). Cost:
+    a refresh is 1 inner gradient, 1 HVP, 1 cross product, 1 outer-gradient pair over
+    n_train + n_val rows; another iteration twice each on the minibatches. Constant
+    steps α, γ, β.
+    """
+    idx_in, idx_out = draws
+    w, v, lam = state.inner, state.adjoint, state.outer
+    period = plans_single.srba_period(cfg)
+
+    def refresh(_):
+        return _directions(oracles, w, v, lam, oracles.all_train, oracles.all_val)
+
+    def recursive(_):
+        new = _directions(oracles, w, v, lam, idx_in, idx_out)
+        old = _directions(oracles, *state.previous, idx_in, idx_out)
+        return tuple(d + a - b for d, a, b in zip(state.directions, new, old))
+
+    d_w, d_v, d_lam = lax.cond(state.k % period == 0, refresh, recursive, None)
+    return SrbaState(inner=w - cfg.inner_step * d_w,
+                     adjoint=v - cfg.adjoint_step * d_v,
+                     outer=lam - cfg.outer_step * d_lam,
+                     k=state.k + 1, previous=(w, v, lam), directions=(d_w, d_v, d_lam))
+
+
+srba = Solver(init=srba_init, step=srba_step, samples=plans_single.srba_samples,
+              counts=plans_single.srba_counts)
+
+
+# --- TTSA ------------------------------------------------------------------------------------
+
+class TtsaState(NamedTuple):
+    """TTSA's state: w, the last Neumann adjoint estimate v, λ, k."""
+
+    inner: Any
+    adjoint: Any
+    outer: Any
+    k: Any
+
+
+def ttsa_init(oracles, w0, lam0, cfg) -> TtsaState:
+    """w₀, v₀ = 0, λ₀, k = 0."""
+    return TtsaState(inner=w0, adjoint=jnp.zeros_like(w0), outer=lam0,
+                     k=jnp.asarray(0, jnp.int32))
+
+
+def _truncation(k, n_terms):
+    """:func:`~hypersweep.algorithms.plans_single.ttsa_truncation` (stochastic case) in
+    uint32 arithmetic: ``mix32(k + salt) mod n_terms``."""
+    x = k.astype(jnp.uint32) + jnp.uint32(plans_single.TRUNCATION_SALT)
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> jnp.uint32(15))
+    x = x * jnp.uint32(0x846CA68B)
+    x = x ^ (x >> jnp.uint32(16))
+    return (x % jnp.uint32(n_terms)).astype(jnp.int32)
+
+
+def ttsa_step(oracles, state, draws, cfg) -> TtsaState:
+    """One TTSA iteration (Hong, Wai, Wang & Yang 2023, Algorithm 1, with Ghadimi & Wang's
+    stochastic Neumann hypergradient).
+
+    Draws: B₀ (step on w), B_c (cross product), B₁ … B_{K−1} (HVPs), B' (validation);
+    K = ``n_hia_steps``, η = γ (``adjoint_step``, a bound on 1/L), p_k ∈ {0, …, K−1}
+    uniform (:func:`~hypersweep.algorithms.plans_single.ttsa_truncation`)::
+
+        w ← w − α_k ∇_w L_in^{B₀}(w, λ)                    (the inner step comes first)
+        v = −K η (I − η H^{B_p}) ⋯ (I − η H^{B₁}) ∇_w L_out^{B'}(w, λ)    (at the new w)
+        λ ← λ − β_k (∇_λ L_out^{B'}(w, λ) + (∂_λ ∇_w L_in^{B_c}(w, λ))ᵀ v)
+
+    E_p[v] = −η Σ_{i<K} (I − ηH)^i ∇_w L_out, the K-term Neumann approximation of
+    −H⁻¹ ∇_w L_out. In the deterministic limit (train split read whole) the random
+    truncation would be the only noise left, so v is that expectation (K − 1 HVPs).
+    Steps (:func:`~hypersweep.algorithms.plans_single.ttsa_schedule`, the paper's
+    nonconvex rates as schedules in k): α_k = α (1 + k/m)^(−2/5) on w, β_k = β (1 +
+    k/m)^(−3/5) on λ (the slower time scale), m = ``decay_offset`` (None: constant); η
+    constant. Cost: 1 inner gradient, p_k HVPs, 1 cross product, 1 outer-gradient pair.
+    """
+    w, lam, k = state.inner, state.outer, state.k
+    idx_w, idx_cross, idx_hvp, idx_out = draws[0], draws[1], draws[2:-1], draws[-1]
+    n_terms, eta = int(cfg.get("n_hia_steps")), cfg.adjoint_step
+    alpha_k, beta_k = plans_single.ttsa_schedule(cfg, k.astype(w.dtype))
+    w = w - alpha_k * oracles.inner_grad(w, lam, idx_w)
+    gw, gl = oracles.outer_grads(w, lam, idx_out)
+    if cfg.b_train >= cfg.n_train:
+        # one linearization of the full-batch g serves the K − 1 HVPs and the cross product
+        _, pullback = jax.vjp(lambda w_, lam_: oracles.inner_grad(w_, lam_, oracles.all_train),
+                              w, lam)
+
+        def neumann(_, carry):
+            term, total = carry
+            term = term - eta * pullback(term)[0]
+            return term, total + term
+
+        v = -eta * lax.fori_loop(0, n_terms - 1, neumann, (gw, gw))[1]
+        cv = pullback(v)[1]
+    else:
+        if n_terms > 1:
+            batches = jnp.stack(idx_hvp)
+
+            def product(i, term):
+                return term - eta * oracles.hvp(w, lam, batches[i], term)
+
+            term = lax.fori_loop(0, _truncation(k, n_terms), product, gw)
+        else:
+            term = gw
+        v = -n_terms * eta * term
+        cv = oracles.cross(w, lam, idx_cross, v)
+    return TtsaState(inner=w, adjoint=v, outer=lam - beta_k * (gl + cv), k=k + 1)
+
+
+ttsa = Solver(init=ttsa_init, step=ttsa_step, samples=plans_single.ttsa_samples,
+              counts=plans_single.ttsa_counts)
+
+
+# --- MA-SOBA ---------------------------------------------------------------------------------
+
+class MaSobaState(NamedTuple):
+    """MA-SOBA's state: w, v, λ, k and h, the moving average of the λ direction."""
+
+    inner: Any
+    adjoint: Any
+    outer: Any
+    k: Any
+    average: Any
+
+
+def ma_soba_init(oracles, w0, lam0, cfg) -> MaSobaState:
+    """w₀, v₀ = 0, λ₀, k = 0, h₀ = 0."""
+    return MaSobaState(inner=w0, adjoint=jnp.zeros_like(w0), outer=lam0,
+                       k=jnp.asarray(0, jnp.int32), average=jnp.zeros_like(lam0))
+
+
+def ma_soba_step(oracles, state, draws, cfg) -> MaSobaState:
+    """One MA-SOBA iteration (Chen, Xiao & Balasubramanian 2023, Algorithm 1).
+
+    SOBA's directions D_w, D_v, D_λ at the current (w, v, λ) (see :func:`soba_step`),
+    θ = ``averaging``::
+
+        w ← w − α D_w,  v ← v − γ D_v,  λ ← λ − β h,  h ← h + θ (D_λ − h)
+
+    λ moves along the average h of the past directions (the paper's order: the step
+    uses h_k, then h absorbs D_λ^k), which averages out the noise of D_λ. The paper's
+    projection of v on a ball is omitted (its radius needs unknown constants). Cost: as
+    SOBA (1 inner gradient, 1 HVP, 1 cross product, 1 outer-gradient pair); constant
+    steps α, γ, β and weight θ.
+    """
+    idx_in, idx_out = draws
+    w, v, lam, h = state.inner, state.adjoint, state.outer, state.average
+    g, hv, cv = oracles.inner_vjp(w, lam, idx_in, v)
+    gw_out, glam_out = oracles.outer_grads(w, lam, idx_out)
+    theta = cfg.get("averaging")
+    return MaSobaState(inner=w - cfg.inner_step * g,
+                       adjoint=v - cfg.adjoint_step * (hv + gw_out),
+                       outer=lam - cfg.outer_step * h,
+                       k=state.k + 1,
+                       average=h + theta * (glam_out + cv - h))
+
+
+ma_soba = Solver(init=ma_soba_init, step=ma_soba_step, samples=plans_single.ma_soba_samples,
+                 counts=plans_single.ma_soba_counts)
