@@ -138,6 +138,9 @@ def test_jax_torch_numpy_evaluate_the_same_losses(name):
 
 @pytest.mark.parametrize("name", MINIBATCH)
 def test_minibatch_losses_match_full_losses_on_the_rows(name):
+    if name == "sparse_logreg":  # CSR arrays are not cut by row with v[idx]
+        pytest.skip("checked on its CSR rows by tests/test_sparse_logreg.py::"
+                    "test_minibatch_product_equals_the_dense_rows")
     p = make(name, backend="torch")
     w, lam = random_point(p, seed=8)
     n_train, n_val = minibatch_sizes(p)

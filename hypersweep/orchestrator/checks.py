@@ -81,22 +81,40 @@ def check_params(study: "StudySpec") -> None:
 def check_data_files(study: "StudySpec") -> None:
     """Build each problem that names a ``data:`` file once, in numpy, with the problem's own
     ``build`` (what every cell does before it runs), so that a missing, corrupt or
-    ill-shaped file is one error here rather than an error row per cell. Cost: one read of
-    each file and one numpy build; never torch, jax or Ray."""
+    ill-shaped file is one error here rather than an error row per cell: a malformed
+    svmlight file is named with its bad line (:mod:`hypersweep.problems.datasets`).
+    ``data`` is a path (a file, or a directory such as MNIST's IDX files) or a mapping of
+    split names to svmlight paths. Cost: one read of each file and one numpy build; never
+    torch, jax or Ray."""
     for index, entry in enumerate(study.problems):
         path = entry.params.get("data")
         if path is None:
             continue
         where = f"problems[{index}].params.data"
-        if not isinstance(path, str) or not path.strip():
-            raise _fail(f"must be the path of a .npz or .parquet file, got {path!r}", where)
-        if not Path(path).is_file():
+        if isinstance(path, dict):
+            # svmlight {train: …, val: …[, test: …]} (or another mapping a problem reads)
+            if not path or not all(isinstance(p, str) and p.strip() for p in path.values()):
+                raise _fail("a mapping must map split names to file paths, got "
+                            f"{path!r}", where)
+            for key, one in path.items():
+                if not Path(one).exists():
+                    raise _fail(f"data file {one!r} ({key}) of problem {entry.name!r} does "
+                                f"not exist (relative paths are read from {Path.cwd()})",
+                                where)
+            what = "data files " + ", ".join(f"{k}={v!r}" for k, v in path.items())
+        elif not isinstance(path, str) or not path.strip():
+            raise _fail("must be the path of a data file (.npz, .parquet, svmlight .svm/"
+                        ".libsvm/.svmlight/.txt[.bz2]) or a mapping of svmlight files "
+                        f"(train, val[, test]), got {path!r}", where)
+        elif not Path(path).exists():
             raise _fail(f"data file {path!r} of problem {entry.name!r} does not exist "
                         f"(relative paths are read from {Path.cwd()})", where)
-        if path.endswith(".npz") and not zipfile.is_zipfile(path):
+        elif path.endswith(".npz") and not zipfile.is_zipfile(path):
             # numpy would blame pickled data (its guess for any file that is not a zip)
             raise _fail(f"problem {entry.name!r} cannot use data file {path!r}: it is not "
                         "an .npz archive (not a readable zip file)", where)
+        else:
+            what = f"data file {path!r}"
         merged = problem_registry.check_params(entry.name, entry.params)
         # as problems.make does: inner_lr and w_init are applied after build
         own = {k: v for k, v in merged.items() if k not in ("inner_lr", "w_init")}
@@ -105,11 +123,14 @@ def check_data_files(study: "StudySpec") -> None:
             module.build(seed=study.seeds[0], **own)
         except Exception as exc:  # noqa: BLE001 - whatever a user's file breaks is bad input
             reason = str(exc)
-            for prefix in (f"data file {path!r}: ", f"{path}: "):
+            # the spec is named once; a mapping's one bad file stays named in the reason
+            prefixes = ((f"data file {path!r}: ", f"{path}: ") if isinstance(path, str) else
+                        (", ".join(f"{k}={v}" for k, v in path.items()) + ": ",))
+            for prefix in prefixes:
                 reason = reason.removeprefix(prefix)
             if not isinstance(exc, ValueError):
                 reason = f"{type(exc).__name__}: {reason}"
-            raise _fail(f"problem {entry.name!r} cannot use data file {path!r}: {reason}",
+            raise _fail(f"problem {entry.name!r} cannot use {what}: {reason}",
                         where) from None
 
 

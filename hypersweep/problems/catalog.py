@@ -98,3 +98,19 @@ PROBLEMS.register(ProblemSpec(
                 mu_inner=0.1, l_cross=0.1, lam0=-2.0),
     small=dict(n_samples=40, n_samples_outer=30, dim_inner=4, dim_outer=3, mu_inner=0.5),
 ))
+PROBLEMS.register(ProblemSpec(
+    name="sparse_logreg",
+    summary="ℓ2 logistic regression on sparse features (CSR, kept sparse), one penalty per "
+            "feature.",
+    reference="Ji, Yang & Liang 2021 (stocBiO, 20 Newsgroups); Pedregosa 2016",
+    impl="hypersweep.problems.sparse_logreg",
+    lam_parametrization="h = log λ, one per feature (penalty ½ Σ exp(h_i) w_i²)",
+    capabilities=frozenset({"minibatch"}),
+    # a moderate 20-news-shaped corpus, small enough (d = 4000) for the dense Hessian that
+    # contraction factors need; studies pass the published shape (n ≈ 11k, d ≈ 130k,
+    # density 1e-3) or data= an svmlight file
+    params=dict(dataset="news20_shaped", n_train=2000, n_val=1000, n_test=1000,
+                n_features=4000, density=5e-3, lam0=-2.0),
+    small=dict(n_train=60, n_val=40, n_test=20, n_features=80, density=0.05),
+    search_box=(-6.0, 3.0),  # log penalty per feature
+))

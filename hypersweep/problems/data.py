@@ -1,7 +1,9 @@
-"""Data for problems: synthetic generators, sklearn's bundled sets, user files. numpy only."""
+"""Data for problems: synthetic generators, sklearn's bundled sets, user files. numpy only
+(svmlight files and the generators at real scale: :mod:`hypersweep.problems.datasets`)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,13 +21,46 @@ def rng(seed: int, *salt: str) -> np.random.Generator:
     return np.random.default_rng(seed_from_text(repr((int(seed),) + salt), bits=64))
 
 
-def load_user_data(path: str) -> dict[str, np.ndarray]:
-    """Read ``X_train, y_train, X_val, y_val[, X_test, y_test]`` from ``.npz`` or ``.parquet``.
+#: svmlight/libsvm text files (each may end in .bz2 or .gz as well)
+SVMLIGHT_SUFFIXES = (".svm", ".libsvm", ".svmlight", ".txt")
+COMPRESSED_SUFFIXES = (".bz2", ".gz")
+#: densifying svmlight data beyond this many bytes (all splits) is refused
+DENSE_LIMIT_BYTES = 1 << 30
+
+
+def is_svmlight(spec) -> bool:
+    """Whether ``spec`` names svmlight data: a path ending in .svm, .libsvm, .svmlight or
+    .txt (optionally .bz2/.gz), or a mapping from split names to such paths."""
+    if isinstance(spec, Mapping):
+        return bool(spec) and all(is_svmlight(p) for p in spec.values())
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    name = os.fspath(spec).lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.endswith(SVMLIGHT_SUFFIXES)
+
+
+def load_user_data(path, *, densify: bool = False, **svmlight) -> dict[str, np.ndarray]:
+    """Read ``X_train, y_train, X_val, y_val[, X_test, y_test]`` from ``.npz`` or ``.parquet``,
+    or, when the caller asks with ``densify=True``, from svmlight data (:func:`is_svmlight`).
 
     Parquet: one row per example, with a ``split`` column (train/val/test), a ``y``
     column and feature columns (every other column). Raises ``ValueError`` on a malformed
     file, naming the missing array or the mismatched shapes.
+
+    svmlight: ``svmlight`` are the keywords of
+    :func:`hypersweep.problems.datasets.load_svmlight_data` (n_train, n_val, n_test, seed,
+    labels, ...); the CSR splits are densified (refused above ``DENSE_LIMIT_BYTES``).
+    Without ``densify=True`` an svmlight spec is refused in one line: sparse data are never
+    densified behind a problem's back; problems that keep them sparse call
+    ``load_svmlight_data`` themselves. The keywords are ignored for .npz and .parquet.
     """
+    if is_svmlight(path):
+        return _densified_svmlight(path, densify=densify, **svmlight)
+    if isinstance(path, Mapping):
+        raise ValueError(f"data {path!r}: a mapping must name svmlight files (.svm, .libsvm, "
+                         ".svmlight, .txt, optionally .bz2/.gz) for train, val[, test]")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"data file {path!r} does not exist")
@@ -48,8 +83,30 @@ def load_user_data(path: str) -> dict[str, np.ndarray]:
                 arrays[f"X_{split}"] = part[feats].to_numpy(np.float64)
                 arrays[f"y_{split}"] = part["y"].to_numpy()
     else:
-        raise ValueError(f"data file {path!r}: unsupported format. Valid choices: .npz, .parquet")
+        raise ValueError(f"data file {path!r}: unsupported format. Valid choices: .npz, "
+                         f".parquet, {', '.join(SVMLIGHT_SUFFIXES)} (svmlight, for the "
+                         "problems that read it)")
     return validate_arrays(arrays, source=path)
+
+
+def _densified_svmlight(spec, *, densify: bool, **options) -> dict[str, np.ndarray]:
+    source = os.fspath(spec) if not isinstance(spec, Mapping) else \
+        ", ".join(f"{k}={os.fspath(v)}" for k, v in spec.items())
+    if not densify:
+        raise ValueError(f"{source}: svmlight data are read sparse, and this problem reads "
+                         "dense arrays only (see docs/data.md for the problems that read "
+                         "svmlight files)")
+    from hypersweep.problems.datasets import load_svmlight_data
+
+    arrays = load_svmlight_data(spec, **options)
+    cells = sum(arrays[k].shape[0] * arrays[k].shape[1] for k in arrays if k[0] == "X")
+    if 8 * cells > DENSE_LIMIT_BYTES:
+        raise ValueError(f"{source}: densifying {cells} float64 entries "
+                         f"({8 * cells / 2**30:.1f} GiB) exceeds the "
+                         f"{DENSE_LIMIT_BYTES / 2**30:g} GiB limit; use a problem that keeps "
+                         "svmlight data sparse")
+    return validate_arrays({k: (v.toarray() if k[0] == "X" else v) for k, v in arrays.items()},
+                           source=source)
 
 
 def validate_arrays(arrays: dict, *, source: str = "data") -> dict[str, np.ndarray]:

@@ -39,6 +39,18 @@ def vdot(a, b):
     return (a * b).sum()
 
 
+def segment_sum(x, segment_ids, num_segments):
+    """out[s] = Σ_{i: segment_ids[i] = s} x[i] for s < ``num_segments`` (1-D ``x``): the
+    sparse products of :mod:`hypersweep.problems.sparse_logreg` (X w and Xᵀ r)."""
+    out = np.bincount(segment_ids, weights=x, minlength=num_segments)
+    return out.astype(np.result_type(x), copy=False)
+
+
+def arange(n, like):
+    """0, 1, …, n − 1 as integers, where ``like`` lives (numpy: the host)."""
+    return np.arange(n)
+
+
 def sqdist(a, b):
     """Squared Euclidean distances between the rows of a and b."""
     aa = np.sum(a * a, axis=1)[:, None]

@@ -89,6 +89,18 @@ def take_rows(x, idx):
     return x[idx]
 
 
+def segment_sum(x, segment_ids, num_segments):
+    """out[s] = Σ_{i: segment_ids[i] = s} x[i] (``num_segments`` a Python int). Its
+    transpose is a gather, so reverse mode through it stays O(len(x)), never dense."""
+    return jax.ops.segment_sum(x, segment_ids, num_segments=num_segments)
+
+
+def arange(n, like):
+    """0, 1, …, n − 1 as integers. Uncommitted, so JAX computes it where the committed
+    arrays it meets (``like``, the problem's data) live; inside ``jit`` nothing moves."""
+    return jnp.arange(n)
+
+
 softplus = jax.nn.softplus
 sigmoid = jax.nn.sigmoid
 exp = jnp.exp

@@ -83,6 +83,18 @@ def take_rows(x, idx):
     return x[idx]
 
 
+def segment_sum(x, segment_ids, num_segments):
+    """out[s] = Σ_{i: segment_ids[i] = s} x[i]. Out-of-place ``index_add`` on fresh zeros,
+    so autograd differentiates it (to any order) and ``x`` is never written."""
+    zeros = torch.zeros(num_segments, dtype=x.dtype, device=x.device)
+    return zeros.index_add(0, segment_ids, x)
+
+
+def arange(n, like):
+    """0, 1, …, n − 1 (int64) on ``like``'s device."""
+    return torch.arange(n, device=like.device)
+
+
 sigmoid = torch.sigmoid
 exp = torch.exp
 log = torch.log
