@@ -103,17 +103,20 @@ class MrboParams(SolverParams):
     owner: ClassVar[str] = "algorithm 'mrbo'"
     momentum: field(number(low=0, high=1))
     n_hia_steps: field(integer(1))
+    decay_offset: field(number(above=0, nullable=True))
 
 
 class SustainParams(SolverParams):
     owner: ClassVar[str] = "algorithm 'sustain'"
     momentum: field(number(low=0, high=1))
     n_hia_steps: field(integer(1))
+    decay_offset: field(number(above=0, nullable=True))
 
 
 class TtsaParams(SolverParams):
     owner: ClassVar[str] = "algorithm 'ttsa'"
     n_hia_steps: field(integer(1))
+    decay_offset: field(number(above=0, nullable=True))
 
 
 class MaSobaParams(SolverParams):
@@ -131,6 +134,7 @@ class BsaParams(SolverParams):
     owner: ClassVar[str] = "algorithm 'bsa'"
     n_inner_steps: field(integer(1))
     n_hia_steps: field(integer(1))
+    decay_exponent: field(number(low=0, high=1))
 
 
 class AmigoParams(SolverParams):
@@ -142,6 +146,7 @@ class AmigoParams(SolverParams):
 class VrboParams(SolverParams):
     owner: ClassVar[str] = "algorithm 'vrbo'"
     n_inner_steps: field(integer(1))
+    n_neumann_steps: field(integer(0))
     period: field(integer(1, nullable=True))
 
 

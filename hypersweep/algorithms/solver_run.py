@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hypersweep.algorithms.common import add_costs, cost_columns, minibatch_sizes
-from hypersweep.algorithms.solvers_common import Sampler, make_config
+from hypersweep.algorithms.solvers_common import Sampler, calls_costs, make_config
 
 
 class Snapshot(NamedTuple):
@@ -87,14 +87,29 @@ class SolverRun:
         chunk runner for that length here, not inside a timed ``advance``."""
         self.problem.ops.block(self._run(self.state, self.k, n_steps).outer)
 
+    def _calls(self, state):
+        """The state's cumulative data-dependent calls (None when it keeps none)."""
+        calls = getattr(state, "calls", None)
+        if calls is None:
+            return None
+        return np.rint(np.asarray(self.problem.ops.to_numpy(calls), dtype=np.float64)
+                       ).astype(np.int64)
+
     def advance(self, n_steps: int) -> Snapshot:
-        """``n_steps`` outer iterations from the current state (timed, blocked)."""
+        """``n_steps`` outer iterations from the current state (timed, blocked).
+
+        Costs: ``counts(cfg, k)`` of each iteration, plus the increase of the state's
+        ``calls`` where it keeps one (data-dependent calls; ``solvers_common.CALLS``)."""
+        before = self._calls(self.state)
         t0 = time.perf_counter()
         state = self._run(self.state, self.k, n_steps)
         self.problem.ops.block(state.outer)
         seconds = time.perf_counter() - t0
         for k in range(self.k, self.k + n_steps):
             self.costs = add_costs(self.costs, self.solver.counts(self.cfg, k))
+        if before is not None:
+            self.costs = add_costs(self.costs, calls_costs(self.cfg,
+                                                           self._calls(state) - before))
         self.state, self.k = state, self.k + n_steps
         return self.snapshot(seconds)
 

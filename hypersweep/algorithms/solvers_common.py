@@ -132,6 +132,22 @@ def step_costs(cfg: SolverConfig, *, inner: int = 0, hvp: int = 0, cross: int = 
     return cost_columns(inner, hvp, cross, outer, train_rows + val_rows)
 
 
+#: the entries of a state's optional ``calls`` vector: cumulative *data-dependent* calls
+#: (a while loop to a tolerance, a random truncation), which ``counts(cfg, k)`` cannot know;
+#: ``counts`` then gives the fixed part of an iteration and :class:`~hypersweep.algorithms.
+#: solver_run.SolverRun` adds the increase of ``calls`` (:func:`calls_costs`)
+CALLS = ("inner", "hvp", "cross", "outer", "train_batches", "val_batches")
+
+
+def calls_costs(cfg: SolverConfig, calls) -> dict:
+    """Cost columns of ``calls`` (an increase of a state's ``calls``, ordered as
+    :data:`CALLS`): oracle calls by kind, rows = batches × rows per batch."""
+    inner, hvp, cross, outer, train_batches, val_batches = (int(c) for c in calls)
+    return step_costs(cfg, inner=inner, hvp=hvp, cross=cross, outer=outer,
+                      train_rows=train_batches * cfg.b_train,
+                      val_rows=val_batches * cfg.b_val)
+
+
 class Sampler:
     """The minibatch indices of one solver run, identical for both backends.
 

@@ -122,7 +122,12 @@ def _loss(w, lam, A, B, C, a, b, ops):
 
 
 def _mean_terms(arrays, side, ops, idx=None):
-    if idx is None:
+    # A batch of as many rows as the split is the whole split (the samplers never draw n
+    # rows with replacement: a batch ≥ n is the split, in order), so it reads the stored
+    # means — equal to the mean of the gathered rows up to rounding, without an O(n)
+    # gather (and its O(n) scatter-add in the backward pass) per call. Shapes are static
+    # in both backends, so this is a trace-time choice in JAX.
+    if idx is None or idx.shape[0] == arrays[f"{side}_linear_inner"].shape[0]:
         return [arrays[f"{side}_{t}_mean"] for t in _TERMS]
     return [ops.mean(ops.take_rows(arrays[f"{side}_{t}"], idx), axis=0) for t in _TERMS]
 
