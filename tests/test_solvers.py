@@ -143,6 +143,34 @@ def test_torch_and_jax_trajectories_agree_over_50_steps(name):
     assert sj.costs == st.costs
 
 
+FULL_BATCH_PROBLEMS = {
+    "ridge": RIDGE,
+    "logreg": dict(n_train=40, n_val=40, n_test=10, n_features=5),
+    "quadratic_sum": dict(n_samples=40, n_samples_outer=30, dim_inner=4, dim_outer=3),
+}
+
+
+@pytest.mark.parametrize("problem_name", list(FULL_BATCH_PROBLEMS))
+@pytest.mark.parametrize("name", SOLVERS)
+def test_full_batch_trajectories_agree_in_torch_and_jax(name, problem_name):
+    """The deterministic limit (every batch the whole split), float64: torch follows JAX's
+    trajectory (rel ≤ 1e-8 after 100 iterations). The families' convergence tests run
+    their long deterministic runs in JAX only and rely on this."""
+    params = {"batch_size": 10**6} if "batch_size" in algorithms.spec(name).params else {}
+    snaps = {}
+    for backend in ("jax", "torch"):
+        problem = problems.make(problem_name, backend=backend, dtype="float64", seed=0,
+                                **FULL_BATCH_PROBLEMS[problem_name])
+        run = SolverRun(problem, name, seed=0, params=params)
+        snaps[backend] = (run.advance(100), problem.ops)
+    (sj, oj), (st, ot) = snaps["jax"], snaps["torch"]
+    for field in ("lam", "w"):
+        a, b = oj.to_numpy(getattr(sj, field)), ot.to_numpy(getattr(st, field))
+        assert np.all(np.isfinite(a)), (name, field)
+        assert np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12) <= 1e-8, (name, field)
+    assert sj.costs == st.costs
+
+
 @pytest.mark.parametrize("name", SOLVERS)
 def test_a_run_is_reproducible_and_its_costs_are_the_sum_of_step_counts(name):
     out = []

@@ -104,10 +104,8 @@ def test_deterministic_limit_ridge(name, backend):
 
 
 @needs_shared
-@pytest.mark.parametrize("name,backend", [  # torch: 20 s (amigo) to minutes (vrbo)
-    pytest.param(name, backend, marks=pytest.mark.slow)
-    if backend == "torch" or name == "vrbo" else (name, backend)  # vrbo-jax: 21 s
-    for name in SOLVERS for backend in ("jax", "torch")])
+# JAX only: torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+@pytest.mark.parametrize("name,backend", [(name, "jax") for name in SOLVERS])
 def test_deterministic_limit_quadratic_sum(name, backend):
     _deterministic("quadratic_sum", name, backend, chunk=50)
 
@@ -133,8 +131,8 @@ LOGREG_Q = {"stocbio_solver": {"n_neumann_steps": 100}, "vrbo": {"n_neumann_step
             "bsa": {"n_hia_steps": 100}}
 
 
-@pytest.mark.parametrize("backend,n_steps", [
-    ("jax", 1000), pytest.param("torch", 1000, marks=pytest.mark.slow)])
+# JAX only: torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+@pytest.mark.parametrize("backend,n_steps", [("jax", 1000)])
 @pytest.mark.parametrize("name", SOLVERS)
 def test_logreg_follows_exact_hypergradient_descent(name, backend, n_steps):
     """logreg has no finite stationary point (module docstring): each solver, full batch,

@@ -91,11 +91,9 @@ DETERMINISTIC = {
 
 def _deterministic_cases():
     for (prob, solver), params in DETERMINISTIC.items():
-        for backend in BACKENDS:
-            # torch eager on the full n = 1024 instance: 10–100 ms per oracle call here
-            marks = ([pytest.mark.slow] if backend == "torch" and prob == "quadratic_sum"
-                     else [])
-            yield pytest.param(prob, solver, backend, params, marks=marks,
+        # quadratic_sum: JAX only; torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+        for backend in (("jax",) if prob == "quadratic_sum" else BACKENDS):
+            yield pytest.param(prob, solver, backend, params,
                                id=f"{prob}-{solver}-{backend}")
 
 
@@ -134,8 +132,8 @@ def test_logreg_deterministic_fsla_tracks_exact_descent(backend, logreg_exact_de
 
 
 @pytest.mark.parametrize("solver", ["mrbo", "sustain"])
-@pytest.mark.parametrize("backend", [
-    "jax", pytest.param("torch", marks=pytest.mark.slow)])  # 5,000 × 62 eager calls
+# JAX only: torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+@pytest.mark.parametrize("backend", ["jax"])
 def test_logreg_deterministic_double_momentum(solver, backend):
     """MRBO / SUSTAIN on logreg: besides the missing stationary point (above), the
     vanishing penalty drives H's smallest eigenvalue to ~1e-3·L, where any Q-term Neumann

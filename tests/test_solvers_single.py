@@ -102,9 +102,8 @@ def test_deterministic_limit_ridge(name, backend):
 
 
 @needs_shared
-@pytest.mark.parametrize("name,backend", [  # torch: 13 to 40 ms per full-batch oracle
-    pytest.param(name, backend, marks=pytest.mark.slow) if backend == "torch"
-    else (name, backend) for name in SOLVERS for backend in ("jax", "torch")])
+# JAX only: torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+@pytest.mark.parametrize("name,backend", [(name, "jax") for name in SOLVERS])
 def test_deterministic_limit_quadratic_sum(name, backend):
     problem = make("quadratic_sum", backend)
     k, r = run_until(problem, name, deterministic_params("quadratic_sum", name),
@@ -124,10 +123,8 @@ def logreg_hgd_ratio():
     return float(np.linalg.norm(problem.exact_hypergradient(lam)) / g0)
 
 
-@pytest.mark.parametrize("name,backend", [  # torch: ttsa 99 HVPs a step, saba 25 s
-    pytest.param(name, backend, marks=pytest.mark.slow)
-    if (name, backend) in (("ttsa", "torch"), ("saba", "torch")) else (name, backend)
-    for name in SOLVERS for backend in ("jax", "torch")])
+# JAX only: torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+@pytest.mark.parametrize("name,backend", [(name, "jax") for name in SOLVERS])
 def test_logreg_follows_exact_hypergradient_descent(name, backend, logreg_hgd_ratio):
     """No finite stationary point (module docstring): after 5,000 full-batch iterations at
     β = η/2 each solver is within 2x of exact hypergradient descent at that β."""

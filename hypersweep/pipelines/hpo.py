@@ -64,6 +64,7 @@ import numpy as np
 from hypersweep import algorithms
 from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
+from hypersweep.pipelines._measure import PeakHeap
 from hypersweep.pipelines.common import problem_for
 from hypersweep.pipelines.params import HpoParams
 from hypersweep.seeding import derive_seed
@@ -259,8 +260,12 @@ class _SolverLoop:
 def run(cell) -> PipelineResult:
     # A diverging run overflows in its float64 evaluations on the way to inf/NaN; that is
     # recorded (the row becomes "diverged"), not warned about.
-    with np.errstate(over="ignore", invalid="ignore"):
-        return _run(cell)
+    # peak_memory_mb: the extra heap (malloc'd bytes: numpy, torch and XLA:CPU buffers)
+    # from the cell's start, building its problem included, sampled every 5 ms
+    with np.errstate(over="ignore", invalid="ignore"), PeakHeap(interval=5e-3) as mem:
+        result = _run(cell)
+    result.metrics.setdefault("peak_memory_mb", mem.peak_mb)
+    return result
 
 
 def _run(cell) -> PipelineResult:

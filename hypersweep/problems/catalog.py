@@ -114,3 +114,15 @@ PROBLEMS.register(ProblemSpec(
     small=dict(n_train=60, n_val=40, n_test=20, n_features=80, density=0.05),
     search_box=(-6.0, 3.0),  # log penalty per feature
 ))
+PROBLEMS.register(ProblemSpec(
+    name="multiclass_logreg",
+    summary="Multiclass logistic regression, one ℓ2 penalty per class (covtype-style).",
+    reference="Dagréou et al. 2022 (benchmark_bilevel, covtype)",
+    impl="hypersweep.problems.multiclass_logreg",
+    lam_parametrization="h = log λ, one per class (penalty ½ Σ_c exp(h_c) ‖W_c‖²)",
+    capabilities=frozenset({"minibatch"}),
+    params=dict(dataset="covtype_shaped", n_train=1000, n_val=500, n_test=500, lam0=-2.0),
+    # penalty e^0 (default e^-2): a better-conditioned inner problem for the generic tests
+    small=dict(n_train=60, n_val=40, n_test=20, lam0=0.0),
+    search_box=(-6.0, 3.0),
+))
