@@ -32,8 +32,9 @@ import numpy as np
 
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, rng, split_arrays
-from hypersweep.problems.helpers import (broadcast_lam0, check_positive,
-                                         check_positive_int, newton_minimize)
+from hypersweep.problems.helpers import (broadcast_lam0, check_positive, check_positive_int,
+                                         cross_entropy, integer_labels, multinomial_hessian,
+                                         multinomial_metrics, newton_minimize, softmax_rows)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -48,22 +49,6 @@ def _digits(seed, n_train, n_val, n_test):
     X, y = load_digits(return_X_y=True)
     return split_arrays(X / 16.0, y, n_train, n_val, n_test,
                         rng(seed, "data_cleaning", "digits"), source="digits")
-
-
-def _integer_labels(raw, source):
-    splits = [k for k in ("y_train", "y_val", "y_test") if k in raw]
-    for key in splits:
-        y = np.asarray(raw[key])
-        if not (np.issubdtype(y.dtype, np.integer)
-                or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
-            raise ValueError(f"{source}: {key} must hold integer class labels; got dtype "
-                             f"{y.dtype}")
-    classes = np.unique(np.concatenate([np.asarray(raw[k]).astype(np.int64) for k in splits]))
-    if len(classes) < 2:
-        raise ValueError(f"{source}: data_cleaning needs at least 2 classes; got "
-                         f"{classes.tolist()}")
-    return classes, {k: np.searchsorted(classes, np.asarray(raw[k]).astype(np.int64))
-                     for k in splits}
 
 
 def build(seed: int, *, dataset="digits", n_train=300, n_val=300, n_test=300,
@@ -81,7 +66,7 @@ def build(seed: int, *, dataset="digits", n_train=300, n_val=300, n_test=300,
                       check_positive_int("n_val", n_val),
                       check_positive_int("n_test", n_test, minimum=0))
         source = dataset
-    classes, labels = _integer_labels(raw, source)
+    classes, labels = integer_labels(raw, source, "data_cleaning")
     n_classes = len(classes)
     y_train = labels["y_train"].copy()
     n = len(y_train)
@@ -117,9 +102,7 @@ def _sigmoid(x):
     return expit(x)
 
 
-def _cross_entropy(X, Y, w, ops):
-    logits = X @ w
-    return ops.logsumexp(logits, axis=1) - ops.sum(Y * logits, axis=1)
+_cross_entropy = cross_entropy
 
 
 def inner_loss(w, lam, arrays, static, ops):
@@ -151,27 +134,10 @@ def outer_loss_batch(w, lam, arrays, static, ops, idx):
     return ops.mean(_cross_entropy(X, Y, w, ops))
 
 
-def _softmax(logits):
-    from scipy.special import softmax
-
-    return softmax(logits, axis=1)
-
-
 def inner_hessian(w, lam, arrays, static):
     X = arrays["X_train"]
-    n, D = X.shape
-    C = w.shape[1]
-    probs = _softmax(X @ w)
-    weights = _sigmoid(lam) / n
-    # Σ_i s_i (x_i x_iᵀ) ⊗ diag(p_i): for each class c, Xᵀ diag(s ⊙ p_c) X  -> (D, C, D)
-    diag_part = np.einsum("ia,ic,ib->acb", X * weights[:, None], probs, X, optimize=True)
-    hess = np.zeros((D, C, D, C))
-    classes = np.arange(C)
-    hess[:, classes, :, classes] = diag_part.transpose(1, 0, 2)
-    # Σ_i s_i (x_i ⊗ p_i)(x_i ⊗ p_i)ᵀ as one (n, DC)ᵀ(n, DC) product: no (n, D, D) tensor.
-    outer = (X[:, :, None] * probs[:, None, :]).reshape(n, D * C)
-    hess = hess.reshape(D * C, D * C) - (outer * weights[:, None]).T @ outer
-    return hess + static["reg"] * np.eye(D * C)
+    weights = _sigmoid(lam) / X.shape[0]
+    return multinomial_hessian(X, w, weights) + static["reg"] * np.eye(w.size)
 
 
 def exact_inner_solution(lam, arrays, static):
@@ -188,19 +154,14 @@ def exact_inner_solution(lam, arrays, static):
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
     Xv, Yv = arrays["X_val"], arrays["Y_val"]
-    grad_out = Xv.T @ (_softmax(Xv @ w) - Yv) / Xv.shape[0]
+    grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
     adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static),
                               grad_out.reshape(-1)).reshape(w.shape)
     X, Y = arrays["X_train"], arrays["Y_train"]
     s = _sigmoid(lam)
-    return -(s * (1.0 - s) / X.shape[0]) * np.sum((X @ adjoint) * (_softmax(X @ w) - Y), axis=1)
+    residual = softmax_rows(X @ w) - Y
+    return -(s * (1.0 - s) / X.shape[0]) * np.sum((X @ adjoint) * residual, axis=1)
 
 
 def metrics(w, lam, arrays, static):
-    if "X_test" not in arrays:
-        return {"test_loss": None, "test_accuracy": None}
-    from hypersweep.problems import numpy_ops
-
-    X, Y, y = arrays["X_test"], arrays["Y_test"], arrays["y_test"]
-    return {"test_loss": float(np.mean(_cross_entropy(X, Y, w, numpy_ops))),
-            "test_accuracy": float(np.mean(np.argmax(X @ w, axis=1) == y))}
+    return multinomial_metrics(w, arrays)

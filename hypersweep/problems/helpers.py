@@ -134,3 +134,61 @@ def newton_minimize(loss, grad, hessian, w0: np.ndarray, *, tol: float = 1e-12,
         logger.warning("Newton on the %s stopped after %d iterations at ‖∇‖ = %.3g > %.1g",
                        what, max_iter, grad_norm, tol)
     return w
+
+
+# -- multinomial logistic models (data_cleaning, multiclass_logreg) ----------------------------
+def integer_labels(raw: dict, source: str, problem: str) -> tuple[np.ndarray, dict]:
+    """(sorted classes, {y_<split>: labels mapped to 0..C−1}) of integer class labels;
+    ``ValueError`` naming ``source`` for non-integer labels or fewer than 2 classes."""
+    splits = [k for k in ("y_train", "y_val", "y_test") if k in raw]
+    for key in splits:
+        y = np.asarray(raw[key])
+        if not (np.issubdtype(y.dtype, np.integer)
+                or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+            raise ValueError(f"{source}: {key} must hold integer class labels; got dtype "
+                             f"{y.dtype}")
+    classes = np.unique(np.concatenate([np.asarray(raw[k]).astype(np.int64) for k in splits]))
+    if len(classes) < 2:
+        raise ValueError(f"{source}: {problem} needs at least 2 classes; got "
+                         f"{classes.tolist()}")
+    return classes, {k: np.searchsorted(classes, np.asarray(raw[k]).astype(np.int64))
+                     for k in splits}
+
+
+def cross_entropy(X, Y, w, ops):
+    """CE(x_iᵀW, y_i) = logsumexp(x_iᵀW) − (x_iᵀW)_{y_i} per row (one-hot Y)."""
+    logits = X @ w
+    return ops.logsumexp(logits, axis=1) - ops.sum(Y * logits, axis=1)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    from scipy.special import softmax
+
+    return softmax(logits, axis=1)
+
+
+def multinomial_hessian(X: np.ndarray, w: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σ_i weights_i (x_i x_iᵀ) ⊗ (diag(p_i) − p_i p_iᵀ), p_i = softmax(x_iᵀW), as a
+    (D·C, D·C) matrix (W flattened row-major, index a·C + c); no (n, D, D) tensor."""
+    n, D = X.shape
+    C = w.shape[1]
+    probs = softmax_rows(X @ w)
+    # Σ_i s_i (x_i x_iᵀ) ⊗ diag(p_i): for each class c, Xᵀ diag(s ⊙ p_c) X  -> (D, C, D)
+    diag_part = np.einsum("ia,ic,ib->acb", X * weights[:, None], probs, X, optimize=True)
+    hess = np.zeros((D, C, D, C))
+    classes = np.arange(C)
+    hess[:, classes, :, classes] = diag_part.transpose(1, 0, 2)
+    # Σ_i s_i (x_i ⊗ p_i)(x_i ⊗ p_i)ᵀ as one (n, DC)ᵀ(n, DC) product
+    outer = (X[:, :, None] * probs[:, None, :]).reshape(n, D * C)
+    return hess.reshape(D * C, D * C) - (outer * weights[:, None]).T @ outer
+
+
+def multinomial_metrics(w: np.ndarray, arrays: dict) -> dict:
+    """Test cross-entropy and accuracy (None without a test split)."""
+    if "X_test" not in arrays:
+        return {"test_loss": None, "test_accuracy": None}
+    from hypersweep.problems import numpy_ops
+
+    X, Y, y = arrays["X_test"], arrays["Y_test"], arrays["y_test"]
+    return {"test_loss": float(np.mean(cross_entropy(X, Y, w, numpy_ops))),
+            "test_accuracy": float(np.mean(np.argmax(X @ w, axis=1) == y))}

@@ -29,7 +29,9 @@ import numpy as np
 
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, standardize
-from hypersweep.problems.helpers import broadcast_lam0, check_positive_int, newton_minimize
+from hypersweep.problems.helpers import (broadcast_lam0, check_positive_int, cross_entropy,
+                                         integer_labels, multinomial_hessian,
+                                         multinomial_metrics, newton_minimize, softmax_rows)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -46,22 +48,6 @@ def _generated(dataset, seed, n_train, n_val, n_test):
     return make(seed, n=n_train, n_val=n_val, n_test=n_test)
 
 
-def _labels(raw, source):
-    splits = [k for k in ("y_train", "y_val", "y_test") if k in raw]
-    for key in splits:
-        y = np.asarray(raw[key])
-        if not (np.issubdtype(y.dtype, np.integer)
-                or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
-            raise ValueError(f"{source}: {key} must hold integer class labels; got dtype "
-                             f"{y.dtype}")
-    classes = np.unique(np.concatenate([np.asarray(raw[k]).astype(np.int64) for k in splits]))
-    if len(classes) < 2:
-        raise ValueError(f"{source}: multiclass_logreg needs at least 2 classes; got "
-                         f"{classes.tolist()}")
-    return classes, {k: np.searchsorted(classes, np.asarray(raw[k]).astype(np.int64))
-                     for k in splits}
-
-
 def build(seed: int, *, dataset="covtype_shaped", n_train=1000, n_val=500, n_test=500,
           lam0=-2.0, data=None) -> ProblemData:
     if data is not None:
@@ -76,7 +62,7 @@ def build(seed: int, *, dataset="covtype_shaped", n_train=1000, n_val=500, n_tes
         source = dataset
     raw = standardize({k: np.asarray(v, dtype=np.float64) if k.startswith("X") else v
                        for k, v in raw.items()})
-    classes, labels = _labels(raw, source)
+    classes, labels = integer_labels(raw, source, "multiclass_logreg")
     n_classes = len(classes)
     arrays = {}
     for split in ("train", "val", "test"):
@@ -96,9 +82,7 @@ def build(seed: int, *, dataset="covtype_shaped", n_train=1000, n_val=500, n_tes
                              "n_classes": n_classes, "data_curvature": data_curvature})
 
 
-def _cross_entropy(X, Y, w, ops):
-    logits = X @ w
-    return ops.logsumexp(logits, axis=1) - ops.sum(Y * logits, axis=1)
+_cross_entropy = cross_entropy
 
 
 def _penalty(w, lam, ops):
@@ -139,24 +123,10 @@ def lipschitz(lam, arrays, static, cache):
     return cache["data"] + float(np.exp(np.max(lam)))
 
 
-def _softmax(logits):
-    from scipy.special import softmax
-
-    return softmax(logits, axis=1)
-
-
 def inner_hessian(w, lam, arrays, static):
     X = arrays["X_train"]
-    n, D = X.shape
-    C = w.shape[1]
-    probs = _softmax(X @ w)
-    diag_part = np.einsum("ia,ic,ib->acb", X / n, probs, X, optimize=True)
-    hess = np.zeros((D, C, D, C))
-    classes = np.arange(C)
-    hess[:, classes, :, classes] = diag_part.transpose(1, 0, 2)
-    outer = (X[:, :, None] * probs[:, None, :]).reshape(n, D * C)
-    hess = hess.reshape(D * C, D * C) - (outer / n).T @ outer
-    return hess + np.diag(np.tile(np.exp(lam), D))
+    weights = np.full(X.shape[0], 1.0 / X.shape[0])
+    return multinomial_hessian(X, w, weights) + np.diag(np.tile(np.exp(lam), X.shape[1]))
 
 
 def exact_inner_solution(lam, arrays, static):
@@ -173,17 +143,11 @@ def exact_inner_solution(lam, arrays, static):
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
     Xv, Yv = arrays["X_val"], arrays["Y_val"]
-    grad_out = Xv.T @ (_softmax(Xv @ w) - Yv) / Xv.shape[0]
+    grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
     adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static),
                               grad_out.reshape(-1)).reshape(w.shape)
     return -np.exp(lam) * np.sum(w * adjoint, axis=0)
 
 
 def metrics(w, lam, arrays, static):
-    if "X_test" not in arrays:
-        return {"test_loss": None, "test_accuracy": None}
-    from hypersweep.problems import numpy_ops
-
-    X, Y, y = arrays["X_test"], arrays["Y_test"], arrays["y_test"]
-    return {"test_loss": float(np.mean(_cross_entropy(X, Y, w, numpy_ops))),
-            "test_accuracy": float(np.mean(np.argmax(X @ w, axis=1) == y))}
+    return multinomial_metrics(w, arrays)
