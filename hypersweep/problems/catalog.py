@@ -110,7 +110,7 @@ PROBLEMS.register(ProblemSpec(
     # contraction factors need; studies pass the published shape (n ≈ 11k, d ≈ 130k,
     # density 1e-3) or data= an svmlight file
     params=dict(dataset="news20_shaped", n_train=2000, n_val=1000, n_test=1000,
-                n_features=4000, density=5e-3, lam0=-2.0),
+                n_features=4000, density=5e-3, lam0=-2.0, zero_based=False),
     small=dict(n_train=60, n_val=40, n_test=20, n_features=80, density=0.05),
     search_box=(-6.0, 3.0),  # log penalty per feature
 ))

@@ -152,15 +152,19 @@ def _max_row_nnz(indptr: np.ndarray) -> int:
 
 
 def build(seed: int, *, dataset="news20_shaped", n_train=2000, n_val=1000, n_test=1000,
-          n_features=4000, density=5e-3, lam0=-2.0, data=None) -> ProblemData:
+          n_features=4000, density=5e-3, lam0=-2.0, zero_based=False,
+          data=None) -> ProblemData:
     """The instance: ``data`` (svmlight file(s)) if given, else ``dataset``'s generator at
-    n_train/n_val/n_test × ``n_features`` with ``density``; λ₀ = ``lam0`` per feature."""
+    n_train/n_val/n_test × ``n_features`` with ``density``; λ₀ = ``lam0`` per feature.
+    ``zero_based``: the files' column indices start at 0 (``sklearn.datasets.
+    dump_svmlight_file``'s default) instead of libsvm's 1."""
     from hypersweep.problems import datasets
 
     n_test = check_positive_int("n_test", n_test, minimum=0)
     if data is not None:
         splits = datasets.load_svmlight_data(data, n_train=n_train, n_val=n_val,
-                                             n_test=n_test, seed=seed, labels="binary")
+                                             n_test=n_test, seed=seed, labels="binary",
+                                             zero_based=bool(zero_based))
         source = str(data)
     else:
         check_choice("dataset", dataset, DATASETS)
