@@ -608,3 +608,20 @@ def test_the_scan_reads_what_sklearn_reads(tmp_path):
     assert ds.first_bad_line(str(path)) is None
     out = ds.load_svmlight_data({"train": str(path), "val": str(path)}, labels="binary")
     assert out["X_train"].toarray().tolist() == [[1, 2, 0], [0, 0, 1]]
+
+
+def test_data_cleaning_runs_on_the_mnist_shaped_generator():
+    """The stocBiO hyper-cleaning shape, small: 784 pixels + bias, 10 classes, corrupted
+    training labels only; the oracle is a stationary point of the inner problem."""
+    from hypersweep import problems
+    from hypersweep.problems import numpy_ops
+
+    p = problems.make("data_cleaning", backend="jax", dtype="float64", seed=0,
+                      dataset="mnist_shaped", n_train=40, n_val=30, n_test=30, reg=0.5,
+                      corruption=0.25)
+    assert p.w_shape == (785, 10) and p.lam_shape == (40,)
+    assert p.built.info["corrupted"].sum() == 10
+    lam = p.initial_hyperparams()
+    w = p.exact_inner_solution(lam)
+    grad = p.module.inner_grad(w, lam, p.arrays_np, p.static, numpy_ops)
+    assert np.linalg.norm(grad) < 1e-10

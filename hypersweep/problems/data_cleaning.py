@@ -20,7 +20,10 @@ reg-strongly convex, so q ≤ 1 − η·reg < 1; with the defaults q ≈ 0.997 (
 always 0 and the softmax shift direction are curved by reg only): many inner steps.
 
 Default data: sklearn's bundled ``digits`` (1797 × 64, pixels scaled to [0, 1], 10 classes),
-split with a seeded shuffle. A fraction ``corruption`` of the *training* labels is replaced
+split with a seeded shuffle. ``dataset="mnist_shaped"``: the offline MNIST-shaped generator
+(784 pixels in [0, 1], 10 classes; :func:`hypersweep.problems.datasets.mnist_shaped`) at
+n_train/n_val/n_test, the shape of stocBiO's hyper-cleaning experiment (20,000 training
+images). A fraction ``corruption`` of the *training* labels is replaced
 by a different class drawn uniformly (seeded); validation and test labels stay clean.
 ``data="file.npz|.parquet"`` (e.g. MNIST): integer class labels, features used as given,
 corrupted the same way (pass ``corruption=0`` if the file is already noisy).
@@ -40,7 +43,7 @@ from hypersweep.registry import check_choice
 #: the optional functions this module defines (see hypersweep.problems.base)
 HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch"})
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "mnist_shaped")
 
 
 def _digits(seed, n_train, n_val, n_test):
@@ -49,6 +52,12 @@ def _digits(seed, n_train, n_val, n_test):
     X, y = load_digits(return_X_y=True)
     return split_arrays(X / 16.0, y, n_train, n_val, n_test,
                         rng(seed, "data_cleaning", "digits"), source="digits")
+
+
+def _mnist_shaped(seed, n_train, n_val, n_test):
+    from hypersweep.problems.datasets import mnist_shaped
+
+    return mnist_shaped(seed, n=n_train, n_val=n_val, n_test=n_test)
 
 
 def build(seed: int, *, dataset="digits", n_train=300, n_val=300, n_test=300,
@@ -62,9 +71,10 @@ def build(seed: int, *, dataset="digits", n_train=300, n_val=300, n_test=300,
         source = str(data)
     else:
         check_choice("dataset", dataset, DATASETS)
-        raw = _digits(seed, check_positive_int("n_train", n_train),
-                      check_positive_int("n_val", n_val),
-                      check_positive_int("n_test", n_test, minimum=0))
+        make = {"digits": _digits, "mnist_shaped": _mnist_shaped}[dataset]
+        raw = make(seed, check_positive_int("n_train", n_train),
+                   check_positive_int("n_val", n_val),
+                   check_positive_int("n_test", n_test, minimum=0))
         source = dataset
     classes, labels = integer_labels(raw, source, "data_cleaning")
     n_classes = len(classes)
