@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from hypersweep import algorithms, problems
-from hypersweep.algorithms.solvers_common import (DRAW_BLOCK, Sampler, first_occurrence,
-                                                  make_config, solver_names)
+from hypersweep.algorithms.solvers_common import DRAW_BLOCK, Sampler, make_config, solver_names
 
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
@@ -93,20 +92,6 @@ def test_drawing_costs_batch_rows_not_n_at_any_n():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 8 * 2**20, peak
-
-
-@pytest.mark.parametrize("module", ["jax", "torch"])
-def test_first_occurrence_matches_the_numpy_reference(module):
-    idx = np.random.default_rng(0).integers(0, 20, size=64)
-    expected = first_occurrence(idx)
-    if module == "jax":
-        from hypersweep.algorithms.jax._solver_core import first_occurrence as fo
-        got = np.asarray(fo(jax.numpy.asarray(idx)))
-    else:
-        from hypersweep.algorithms.torch._solver_core import first_occurrence as fo
-        got = fo(torch.as_tensor(idx)).numpy()
-    np.testing.assert_array_equal(got, expected)
-    assert expected.sum() == len(set(idx.tolist()))
 
 
 # -- every solver, both backends ---------------------------------------------------------------

@@ -194,9 +194,3 @@ class Sampler:
             step += take
         return [np.ascontiguousarray(np.concatenate(p, axis=0)) for p in pieces]
 
-
-def first_occurrence(idx: np.ndarray) -> np.ndarray:
-    """Reference (numpy) for the SAGA-type memory update: True where idx[i] did not occur
-    before i in the batch (a with-replacement batch may repeat a row)."""
-    idx = np.asarray(idx)
-    return np.array([idx[i] not in idx[:i] for i in range(idx.size)], dtype=bool)

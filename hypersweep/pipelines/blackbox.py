@@ -46,7 +46,7 @@ from hypersweep import algorithms
 from hypersweep.algorithms import searchers, trials
 from hypersweep.algorithms.common import cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
-from hypersweep.pipelines.common import WARM_UPS, problem_for
+from hypersweep.pipelines.common import WARM_UPS, oracle_grad_norm, problem_for
 from hypersweep.pipelines.params import BlackboxParams
 from hypersweep.seeding import derive_seed
 
@@ -68,13 +68,6 @@ def _lam_summary(lam: np.ndarray) -> dict:
             "lam_max": float(np.max(lam))}
 
 
-def _oracle_grad_norm(problem, lam) -> float | None:
-    """‖∇F(λ)‖ from the problem's float64 oracle (None when it is not finite)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # a wild λ is recorded, not warned
-        value = float(np.linalg.norm(problem.exact_hypergradient(lam)))
-    return value if math.isfinite(value) else None
-
-
 def _best_grad_norms(problem, records) -> list[float | None]:
     """‖∇F‖ at the λ of the best finite trial so far, per record (one oracle call each
     time the best trial changes; ties keep the earlier trial, as :func:`min` does)."""
@@ -82,7 +75,7 @@ def _best_grad_norms(problem, records) -> list[float | None]:
     for rec in records:
         if not rec.nonfinite and (best is None or rec.val_loss < best.val_loss):
             best = rec
-            norm = _oracle_grad_norm(problem, rec.lam)
+            norm = oracle_grad_norm(problem, rec.lam)
         out.append(norm)
     return out
 
@@ -123,7 +116,7 @@ def run(cell) -> PipelineResult:
     # evaluation, after the clock stopped: ‖∇F‖ at the best λ so far and at λ₀
     best = trials.best_so_far([r.val_loss for r in records])
     grad_norms = _best_grad_norms(problem, records)
-    grad0_norm = _oracle_grad_norm(problem, problem.initial_hyperparams())
+    grad0_norm = oracle_grad_norm(problem, problem.initial_hyperparams())
     traces = []
     for rec, best_val, grad_norm in zip(records, best, grad_norms):
         traces.append(dict(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
@@ -111,3 +112,11 @@ def oracle(problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(∇F(λ), w*(λ)) in float64, cached in :data:`ORACLES` per (problem identity, λ)."""
     return ORACLES.get(oracle_key(problem, lam), lambda: (
         problem.exact_hypergradient(lam), problem.exact_inner_solution(lam)))
+
+
+def oracle_grad_norm(problem, lam) -> float | None:
+    """‖∇F(λ)‖ from the problem's float64 oracle (None when it is not finite); an
+    overflow on the way (a wild λ) is recorded as None, not warned about."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = float(np.linalg.norm(problem.exact_hypergradient(lam)))
+    return value if math.isfinite(value) else None

@@ -65,7 +65,7 @@ from hypersweep import algorithms
 from hypersweep.algorithms.common import add_costs, check_budget, cost_columns
 from hypersweep.orchestrator.cell import PipelineResult, canonical_json
 from hypersweep.pipelines._measure import PeakHeap
-from hypersweep.pipelines.common import problem_for
+from hypersweep.pipelines.common import oracle_grad_norm, problem_for
 from hypersweep.pipelines.params import HpoParams
 from hypersweep.seeding import derive_seed
 from hypersweep.validation import ParamsError
@@ -109,12 +109,6 @@ def initial_lam(problem, lam0) -> np.ndarray:
 def _lam_summary(lam: np.ndarray, prefix: str = "lam") -> dict:
     return {f"{prefix}_mean": float(np.mean(lam)), f"{prefix}_min": float(np.min(lam)),
             f"{prefix}_max": float(np.max(lam))}
-
-
-def _oracle_grad_norm(problem, lam) -> float | None:
-    """‖∇F(λ)‖ from the problem's float64 oracle (None when it is not finite)."""
-    value = float(np.linalg.norm(problem.exact_hypergradient(lam)))
-    return value if math.isfinite(value) else None
 
 
 def _inner_distance(problem, w, lam) -> float | None:
@@ -285,7 +279,7 @@ def _run(cell) -> PipelineResult:
     loop_cls = {"online": _OnlineLoop, "solver": _SolverLoop}.get(spec.kind,
                                                                   _HypergradientLoop)
     loop = loop_cls(cell, problem, params, lam0)
-    grad0_norm = _oracle_grad_norm(problem, lam0)
+    grad0_norm = oracle_grad_norm(problem, lam0)
     ops = problem.ops
     closed_form = "closed_form" in problem.capabilities
 
@@ -339,7 +333,7 @@ def _run(cell) -> PipelineResult:
             extra = dict(out["extras"])
             if closed_form and finite:
                 extra["value"] = problem.value(lam_k)
-            grad_norm = _oracle_grad_norm(problem, lam_k) if finite else None
+            grad_norm = oracle_grad_norm(problem, lam_k) if finite else None
             traces.append(dict(
                 step=steps_done if solver else k, wall_time_s=wall, val_loss=m["val_loss"], test_loss=m["test_loss"],
                 test_accuracy=m["test_accuracy"],
@@ -377,7 +371,7 @@ def _run(cell) -> PipelineResult:
             w_last - problem.exact_inner_solution(lam_last)))
         metrics["last_iterate_val_loss"] = problem.outer_loss_np(last["w"], lam_last)
         metrics["best_val_loss"] = best if math.isfinite(best) else None
-        metrics["outer_grad_norm"] = _oracle_grad_norm(problem, lam_final)
+        metrics["outer_grad_norm"] = oracle_grad_norm(problem, lam_final)
         if grad0_norm:
             metrics["outer_grad_norm_rel"] = metrics["outer_grad_norm"] / grad0_norm
     return PipelineResult(metrics=metrics, traces=traces, device=ops.device_name())

@@ -65,16 +65,6 @@ class Oracles:
         _, vjp = jax.vjp(lambda lam_: self.inner_grad(w, lam_, idx), lam)
         return vjp(v)[0]
 
-    # -- per sample (SAGA-type memories) ----------------------------------------------------
-    def per_sample(self, method, w, lam, idx, *rest):
-        """``method(w, lam, [i], *rest)`` for every row i of ``idx``, stacked on a leading
-        axis (``method``: one of the oracle methods above, called on one-row batches)."""
-        return jax.vmap(lambda i: method(w, lam, i[None], *rest))(idx)
-
-
-def tree_axpy(a, x, y):
-    """a·x + y, leaf by leaf (x, y pytrees of equal structure)."""
-    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
 
 
 def scatter_rows(memory, idx, rows):
@@ -83,14 +73,6 @@ def scatter_rows(memory, idx, rows):
     return memory.at[idx].set(rows)
 
 
-def first_occurrence(idx):
-    """True where ``idx[i]`` did not occur before i (O(b²), b = batch: no O(n) work)."""
-    b = idx.shape[0]
-    earlier = jnp.tril(idx[:, None] == idx[None, :], k=-1)
-    return ~jnp.any(earlier, axis=1) if b > 0 else jnp.zeros((0,), bool)
-
-
-@functools.partial(jax.jit, static_argnames=("step", "fns", "cfg", "n_steps"))
 def run_chunk(step, fns, cfg, n_steps, arrays, state, draws):
     """``n_steps`` outer iterations of ``step`` in one compiled call (``lax.scan``).
 

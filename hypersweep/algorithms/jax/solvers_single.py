@@ -94,7 +94,7 @@ def _row_losses(loss, oracles, idx):
 
 def _per_sample_train(oracles, w, lam, idx, v=None):
     """Per train row i of ``idx``: [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v] flattened, shape
-    (b, 2·dim w + dim λ) — the values of ``oracles.per_sample(oracles.inner_vjp, …)``,
+    (b, 2·dim w + dim λ) — the per-row values of ``oracles.inner_vjp``,
     computed as the gradient of Σ_i ℓ_i over one copy of (w, λ) per row and its vjp (2.5x
     faster on the CPU than a vmap of per-row vjps: fewer tiny batched products); ``v``
     None: [∇_w ℓ_i] only."""

@@ -84,21 +84,6 @@ class Oracles:
         """(∂_λ g^B)ᵀ v (one cross product)."""
         return self.inner_vjp(w, lam, idx, v)[2]
 
-    # -- per sample (SAGA-type memories) ----------------------------------------------------
-    def per_sample(self, method, w, lam, idx, *rest):
-        """``method(w, lam, [i], *rest)`` for every row i of ``idx``, stacked on a leading
-        axis (``method``: one of the oracle methods above, called on one-row batches)."""
-        outs = [method(w, lam, idx[i:i + 1], *rest) for i in range(idx.shape[0])]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outs))
-        return torch.stack(outs)
-
-
-def tree_axpy(a, x, y):
-    """a·x + y, leaf by leaf (x, y tuples of tensors, or tensors)."""
-    if isinstance(x, tuple):
-        return tuple(a * xi + yi for xi, yi in zip(x, y))
-    return a * x + y
 
 
 def scatter_rows(memory, idx, rows):
@@ -107,12 +92,6 @@ def scatter_rows(memory, idx, rows):
     out = memory.clone()
     out[idx] = rows
     return out
-
-
-def first_occurrence(idx):
-    """True where ``idx[i]`` did not occur before i (O(b²), b = batch: no O(n) work)."""
-    earlier = torch.tril(idx[:, None] == idx[None, :], diagonal=-1)
-    return ~torch.any(earlier, dim=1)
 
 
 def run_chunk(step, fns, cfg, n_steps, arrays, state, draws):

@@ -85,7 +85,7 @@ class SabaState(NamedTuple):
 
 def _per_sample_train(oracles, w, lam, idx, v=None):
     """Per train row i of ``idx``: [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v] flattened, shape
-    (b, 2·dim w + dim λ) — the values of ``oracles.per_sample(oracles.inner_vjp, …)`` from
+    (b, 2·dim w + dim λ) — the per-row values of ``oracles.inner_vjp``, from
     one ``torch.func.vmap`` (about 25x faster than its Python loop on the CPU); ``v``
     None: [∇_w ℓ_i] only."""
     fns, arrays = oracles.fns, oracles.arrays
