@@ -104,6 +104,21 @@ BAD = [
     ("asha_grace_period", _study(BLACKBOX, algorithms=[{"name": "asha", "params": {
         "grace_period": 50}}], t=[20, 100]), {},
      "algorithms[0].params.grace_period must be <= every t of the study"),
+    # per-algorithm overrides
+    ("override_outer_lr", _study(algorithms=["itd", {"name": "aid_cg", "pipeline_params": {
+        "outer_lr": -1}}], K=[5]), {},
+     "algorithms[1].pipeline_params.outer_lr must be a finite number > 0, got -1"),
+    ("override_unknown_key", _study(algorithms=[{"name": "itd", "pipeline_params": {
+        "evl_every": 5}}]), {},
+     "Unknown algorithms[0].pipeline_params key 'evl_every' for pipeline 'hpo' (did you "
+     "mean 'eval_every'?)"),
+    ("override_K_without_K", _study(algorithms=[{"name": "itd", "K": [3]}]), {},
+     "algorithms[0].K: algorithm 'itd' takes no K; remove its K"),
+    ("override_t", _study(algorithms=[{"name": "itd", "t": [0]}]), {},
+     "algorithms[0].t[0]: must be an integer >= 1"),
+    ("override_warm_start_v", _study(algorithms=[{"name": "itd", "pipeline_params": {
+        "warm_start_v": True}}]), {},
+     "pipeline_params.warm_start_v is true, but algorithm 'itd' has no adjoint warm start"),
     # data files
     ("data_missing", _study(problems=[{"name": "ridge", "params": {"data": "nope.npz"}}]), {},
      "problems[0].params.data: data file 'nope.npz' of problem 'ridge' does not exist"),

@@ -171,6 +171,30 @@ def test_a_run_is_reproducible_and_its_costs_are_the_sum_of_step_counts(name):
     assert costs["n_oracle_calls"] >= 13  # every iteration calls some oracle
 
 
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_chunk_compiles_once_and_later_chunks_compile_nothing(name):
+    """One trace and compile per (solver, problem, config, chunk length): the second and
+    third chunks of the same length, from other states and draws, run the cached
+    executable (an eager ``lax.scan`` traced and compiled its body again on every chunk,
+    ~0.3 s each). 23: a chunk length no other test uses, so the first chunk traces here."""
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run = SolverRun(ridge("jax"), name, seed=11, params=minibatch_params(name))
+        run.advance(23)
+        first = len(compiles)
+        run.advance(23)
+        run.advance(23)
+        assert first >= 1 and len(compiles) == first, (first, len(compiles))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_the_torch_state_is_never_written_in_place():
     problem = ridge("torch")
     run = SolverRun(problem, "soba", seed=0, params={"batch_size": 8})

@@ -210,8 +210,7 @@ def test_minibatch_product_equals_the_dense_rows(backend, small_built, small_spl
         idx = np.array([0, 3, 3, n - 1, 41, 0])  # an empty row (0), repeats, the last row
         X = small_splits[f"X_{split}"]
         want = X.toarray()[idx] @ w
-        got = sparse_logreg._batch_product(put(w), arrays, split,
-                                           static[f"max_row_nnz_{split}"], ops,
+        got = sparse_logreg._batch_product(put(w), arrays, split, static, ops,
                                            put(idx, "int64"))
         atol = 1e-13 * np.abs(want).max()
         np.testing.assert_allclose(to_np(got), want, rtol=0, atol=atol)
@@ -219,8 +218,59 @@ def test_minibatch_product_equals_the_dense_rows(backend, small_built, small_spl
         np.testing.assert_allclose(to_np(full), X @ w, rtol=0, atol=atol)
 
 
+@pytest.fixture(scope="module")
+def skewed_built():
+    """news20_shaped rows (log-normal lengths: the longest ~15× the mean) at n = 2,000, so
+    a batch of 64 rows takes the flat block."""
+    return problems.build("sparse_logreg", seed=3, n_train=2000, n_val=500, n_test=0,
+                          n_features=3000, density=0.01)[2]
+
+
+@pytest.mark.parametrize("backend", ("numpy",) + BACKENDS)
+def test_flat_block_and_its_fallback_equal_the_dense_rows(backend, skewed_built):
+    """A typical batch of 64 fits the flat budget; 64 draws of the longest row do not and
+    take the padded block. Both equal X[idx] @ w, in value and (JAX, torch) in ∇_w."""
+    built, ops = skewed_built, load_ops(backend)
+    static = built.static
+    lens = np.diff(built.arrays["X_train_indptr"])
+    budget = sparse_logreg.flat_budget(64, static, "train")
+    assert budget is not None and budget < 64 * static["max_row_nnz_train"] / 4
+    X = sp.csr_matrix((built.arrays["X_train_data"], built.arrays["X_train_indices"],
+                       built.arrays["X_train_indptr"]), shape=(2000, 3000)).toarray()
+    g = np.random.default_rng(7)
+    w, v = g.standard_normal(3000), g.standard_normal(64)
+    typical = g.integers(0, 2000, size=64)
+    longest = np.full(64, int(np.argmax(lens)))
+    assert lens[typical].sum() <= budget < lens[longest].sum()
+    if backend == "numpy":
+        arrays, to_np, put = built.arrays, np.asarray, lambda x, dtype=None: x
+    else:
+        p = bind(built, backend)
+        arrays, to_np, put = p.arrays, p.ops.to_numpy, p.ops.asarray
+    for idx in (typical, longest):
+        want = X[idx] @ w
+        got = sparse_logreg._batch_product(put(w), arrays, "train", static, ops,
+                                           put(idx, "int64"))
+        np.testing.assert_allclose(to_np(got), want, rtol=0, atol=1e-12 * np.abs(want).max())
+        if backend == "jax":
+            import jax
+
+            grad = jax.grad(lambda w_: ops.vdot(sparse_logreg._batch_product(
+                w_, arrays, "train", static, ops, put(idx, "int64")), put(v)))(put(w))
+        elif backend == "torch":
+            import torch
+
+            w_t = put(w).requires_grad_(True)
+            (grad,) = torch.autograd.grad(ops.vdot(sparse_logreg._batch_product(
+                w_t, arrays, "train", static, ops, put(idx, "int64")), put(v)), w_t)
+        else:
+            continue
+        np.testing.assert_allclose(to_np(grad), X[idx].T @ v, rtol=0, atol=1e-12)
+
+
 def test_minibatch_block_is_batch_by_row_width(small_built):
-    """The padded block is (b, k): its cost does not grow with n or nnz."""
+    """The padded block is (b, k) and the flat one smaller: the cost does not grow with n
+    or nnz."""
     import jax.numpy as jnp
 
     p = bind(small_built, "jax")

@@ -228,7 +228,9 @@ def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
               else value for key, value in raw.items() if key != "mlflow"}
     logger = MlflowLogger(uri, experiment, name, study_yaml=text, study_params=params,
                           artifact_root=default_artifact_root(uri), resume_parent=False,
-                          k_uses_t=k_uses_t(raw.get("K", [])))
+                          k_uses_t=k_uses_t(list(raw.get("K") or []) + [
+                              k for entry in raw.get("algorithms") or []
+                              if isinstance(entry, dict) for k in entry.get("K") or []]))
     logger.connect()
     rows = table.to_pylist()
     logged = logger.log_rows(rows)

@@ -65,15 +65,26 @@ def check_params(study: "StudySpec") -> None:
             issues.extend(exc.issues)
             continue
         if checked is not None:
-            issues.extend(checked.study_issues(prefix=prefix, t_values=study.t))
+            issues.extend(checked.study_issues(prefix=prefix, t_values=study.t_for(entry)))
     try:
         checked = check_pipeline_params(study.pipeline, study.pipeline_params)
     except ParamsError as exc:
         issues.extend(exc.issues)
     else:
-        if checked is not None:
-            for entry in study.algorithms:
-                issues.extend(checked.algorithm_issues(entry.name))
+        for index, entry in enumerate(study.algorithms):
+            if entry.pipeline_params:  # the merged set, named at the entry's overrides
+                prefix = f"algorithms[{index}].pipeline_params"
+                try:
+                    own = check_pipeline_params(study.pipeline,
+                                                study.pipeline_params_for(entry),
+                                                prefix=prefix)
+                except ParamsError as exc:
+                    issues.extend(exc.issues)
+                    continue
+            else:
+                own = checked
+            if own is not None:
+                issues.extend(own.algorithm_issues(entry.name))
     if issues:
         raise _fail("; ".join(dict.fromkeys(issues)))  # once each, in study order
 
@@ -137,7 +148,7 @@ def check_data_files(study: "StudySpec") -> None:
 def no_duplicates_at(key: str, entries) -> None:
     seen: dict = {}
     for index, entry in enumerate(entries):
-        marker = (entry.name, entry.params_json)
+        marker = (entry.name, entry.params_json, getattr(entry, "overrides_json", ""))
         if marker in seen:
             raise _fail(f"repeats {key}[{seen[marker]}] ({entry.label}); list each "
                         "(name, params) once", f"{key}[{index}]")

@@ -89,21 +89,22 @@ def skipped_combinations(study: "StudySpec") -> list[Skip]:
 
 
 def expand(study: "StudySpec") -> Iterator[Cell]:
-    """Yield the study's cells in the order problems × algorithms × backends × t × K × seeds.
+    """Yield the study's cells in the order problems × algorithms × backends × t × K × seeds
+    (t, K and ``pipeline_params`` of each algorithm entry with its overrides).
 
     Deterministic (same study, same cells and cell_ids). Cost: one small JSON encoding and
     a blake2b hash per cell, no memory beyond the current cell.
     """
-    pipeline_json = canonical_json(study.pipeline_params)
     for problem in study.problems:
         problem_json = problem.params_json
         for algorithm in study.algorithms:
             backends, _ = _runnable(study, problem, algorithm)
             uses_K = algorithm_registry.spec(algorithm.name).uses_K
             algorithm_json = algorithm.params_json
+            pipeline_json = canonical_json(study.pipeline_params_for(algorithm))
             for backend in backends:
-                for t in study.t:
-                    for K, K_setting in _k_values(study.K, t, uses_K):
+                for t in study.t_for(algorithm):
+                    for K, K_setting in _k_values(study.K_for(algorithm), t, uses_K):
                         for seed in study.seeds:
                             yield Cell(study=study.study, pipeline=study.pipeline,
                                        problem=problem.name, algorithm=algorithm.name,
@@ -121,7 +122,8 @@ def pair_counts(study: "StudySpec") -> list[PairCount]:
         for algorithm in study.algorithms:
             backends, _ = _runnable(study, problem, algorithm)
             uses_K = algorithm_registry.spec(algorithm.name).uses_K
-            per_backend = sum(len(_k_values(study.K, t, uses_K)) for t in study.t)
+            per_backend = sum(len(_k_values(study.K_for(algorithm), t, uses_K))
+                              for t in study.t_for(algorithm))
             counts.append(PairCount(_label(problem, study.problems),
                                     _label(algorithm, study.algorithms),
                                     len(backends) * per_backend * len(study.seeds)))

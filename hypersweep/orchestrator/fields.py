@@ -239,9 +239,49 @@ class ProblemEntry(_Entry):
 
 
 class AlgorithmEntry(_Entry):
-    """One algorithm of the study and its extra keyword parameters (e.g. ``batch_size``)."""
+    """One algorithm of the study and its extra keyword parameters (e.g. ``batch_size``).
+
+    Per-algorithm overrides of the study-wide settings, for this entry's cells only:
+    ``pipeline_params`` (merged over the study's, key by key: e.g. ``outer_lr`` or
+    ``eval_every``), ``t`` and ``K`` (replacing the study's grids). Checked by the same
+    models as the study's (:func:`~.checks.check_params`)."""
 
     kind: ClassVar[str] = "algorithm"
+    pipeline_params: dict[str, Any] = Field(default_factory=dict)
+    t: tuple[Annotated[int, BeforeValidator(_int_at_least(1))], ...] | None = None
+    K: tuple[Annotated[Any, BeforeValidator(_k_value)], ...] | None = None
+
+    @field_validator("pipeline_params", mode="before")
+    @classmethod
+    def _overrides(cls, value: Any) -> dict:
+        value = _mapping(value, "a mapping of pipeline_params keys to values")
+        _check_json(value)
+        return value
+
+    @field_validator("t", mode="before")
+    @classmethod
+    def _t(cls, value: Any) -> list | None:
+        if value is None:
+            return None
+        return _no_duplicates(_as_list(value, "t value"), what="t")
+
+    @field_validator("K", mode="before")
+    @classmethod
+    def _k(cls, value: Any) -> list | None:
+        if value is None:
+            return None
+        return _no_duplicates(_as_list(value, "K value"), what="K")
+
+    @property
+    def overrides_json(self) -> str:
+        """The overrides as canonical JSON ("" when there are none)."""
+        over = {key: value for key, value in (("pipeline_params", self.pipeline_params),
+                                               ("t", self.t), ("K", self.K)) if value}
+        return canonical_json(over) if over else ""
+
+    @property
+    def label(self) -> str:
+        return super().label + (f" {self.overrides_json}" if self.overrides_json else "")
 
     @property
     def spec(self):

@@ -38,7 +38,9 @@ def mlflow_writer(study: "StudySpec") -> MlflowWriter | None:
                                    study_params=study_params(study),
                                    study_yaml=study_text(study),
                                    artifact_root=default_artifact_root(uri),
-                                   k_uses_t=tracking.k_uses_t(study.K or []))
+                                   k_uses_t=tracking.k_uses_t(
+                                       [*(study.K or [])] + [k for entry in study.algorithms
+                                                             for k in (entry.K or [])]))
     return MlflowWriter(logger).start()
 
 

@@ -92,6 +92,19 @@ class StudySpec(_Section):
     source_text: str = Field(default="", repr=False, exclude=True)
     source_path: str | None = Field(default=None, repr=False, exclude=True)
 
+    # -- per-algorithm settings ----------------------------------------------------------
+    def t_for(self, entry: AlgorithmEntry) -> tuple[int, ...]:
+        """The t grid of ``entry``'s cells: its own ``t`` if set, else the study's."""
+        return entry.t if entry.t is not None else self.t
+
+    def K_for(self, entry: AlgorithmEntry) -> tuple | None:
+        """The K grid of ``entry``'s cells: its own ``K`` if set, else the study's."""
+        return entry.K if entry.K is not None else self.K
+
+    def pipeline_params_for(self, entry: AlgorithmEntry) -> dict[str, Any]:
+        """The study's ``pipeline_params`` with ``entry``'s overrides merged over them."""
+        return {**self.pipeline_params, **entry.pipeline_params}
+
     # -- field checks ------------------------------------------------------------------
     @field_validator("study", mode="before")
     @classmethod
@@ -197,9 +210,12 @@ class StudySpec(_Section):
                             f"{self.pipeline!r} runs {' or '.join(kinds)} algorithms. "
                             f"Valid choices: {_choices(fitting) or '(none registered)'}",
                             f"algorithms[{index}]")
-            if algo.uses_K and self.K is None:
+            if algo.uses_K and self.K_for(entry) is None:
                 raise _fail(f"required: algorithm {entry.name!r} uses K (e.g. K: [10, t])",
                             "K")
+            if not algo.uses_K and entry.K is not None:
+                raise _fail(f"algorithm {entry.name!r} takes no K; remove its K",
+                            f"algorithms[{index}].K")
         checks.check_params(self)
         if next(iter(expand(self)), None) is None:
             skipped = "; ".join(f"{s.problem} × {s.algorithm}: {s.reason}"

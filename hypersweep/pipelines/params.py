@@ -120,9 +120,11 @@ class BlackboxParams(Params):
     cap_inner_lr: field(boolean) = True
 
 
-def check_pipeline_params(pipeline: str, params: Mapping[str, Any] | None) -> Params | None:
-    """``params`` validated by ``pipeline``'s model (None for a pipeline without one)."""
+def check_pipeline_params(pipeline: str, params: Mapping[str, Any] | None, *,
+                          prefix: str = "pipeline_params") -> Params | None:
+    """``params`` validated by ``pipeline``'s model (None for a pipeline without one);
+    issues are named ``prefix.key``."""
     spec = PIPELINES.spec(pipeline)
     if spec.params_model is None:
         return None
-    return load_object(spec.params_model).parse(params, prefix="pipeline_params")
+    return load_object(spec.params_model).parse(params, prefix=prefix)

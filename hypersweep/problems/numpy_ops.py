@@ -51,6 +51,21 @@ def arange(n, like):
     return np.arange(n)
 
 
+def cumsum(x):
+    return np.cumsum(x)
+
+
+def searchsorted(sorted_values, queries):
+    """For each query q, the number of ``sorted_values`` ≤ q (side='right')."""
+    return np.searchsorted(sorted_values, queries, side="right")
+
+
+def cond(pred, true_fn, false_fn):
+    """``true_fn()`` if ``pred`` else ``false_fn()``: one spelling for every backend (JAX's
+    is ``lax.cond``)."""
+    return true_fn() if bool(pred) else false_fn()
+
+
 def sqdist(a, b):
     """Squared Euclidean distances between the rows of a and b."""
     aa = np.sum(a * a, axis=1)[:, None]

@@ -135,15 +135,32 @@ def problem_data(splits: dict, *, lam0=-2.0, source: str = "data") -> ProblemDat
         arrays.update(part)
         info[f"n_{split}"] = int(X.shape[0])
         info[f"nnz_{split}"] = int(part[f"X_{split}_data"].size)
-    static = {"n_features": d,
-              "max_row_nnz_train": _max_row_nnz(arrays["X_train_indptr"]),
-              "max_row_nnz_val": _max_row_nnz(arrays["X_val_indptr"])}
+    static = {"n_features": d}
+    for split in ("train", "val"):
+        static.update(_row_stats(arrays[f"X_{split}_indptr"], split))
     info["density_train"] = info["nnz_train"] / max(1, info["n_train"] * d)
     info["data_bytes"] = int(sum(a.nbytes for a in arrays.values()))
     lam0_arr = broadcast_lam0(lam0, (d,), what="log penalty per feature")
     L = _data_curvature(arrays, static) + float(np.exp(lam0_arr).max())
     return ProblemData(arrays=arrays, static=static, lam0=lam0_arr, w_shape=(d,),
                        inner_lr=1.0 / L, info=info)
+
+
+def _row_stats(indptr: np.ndarray, split: str) -> dict:
+    """The split's longest row (the padded block's width) and the mean and standard
+    deviation of its row lengths, rounded up to 3 significant digits (the flat block's
+    budget; rounded so that nearby instances share a compiled function more often)."""
+    lens = np.diff(indptr)
+    return {f"max_row_nnz_{split}": _max_row_nnz(indptr),
+            f"row_nnz_mean_{split}": _round_up(float(lens.mean())),
+            f"row_nnz_sd_{split}": _round_up(float(lens.std()))}
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    if x <= 0:
+        return 0.0
+    scale = 10.0 ** (int(np.floor(np.log10(x))) - digits + 1)
+    return float(np.ceil(x / scale) * scale)
 
 
 def _max_row_nnz(indptr: np.ndarray) -> int:
@@ -189,16 +206,54 @@ def _product(w, arrays, split, ops):
                            arrays[f"X_{split}_rows"], y.shape[0])
 
 
-def _batch_product(w, arrays, split, k, ops, idx):
-    """(X_s w)[idx] from the rows' CSR slices padded to width k: O(b·k), not O(n).
+def _batch_product(w, arrays, split, static, ops, idx):
+    """(X_s w)[idx] for a minibatch of rows: O(budget), never O(n) or O(nnz).
 
-    The gathers take flat (b·k,) indices: torch's 1-D ``index_select`` (and its
-    ``index_add`` transpose) is an order of magnitude faster than 2-D advanced indexing.
+    The batch's entries are laid end to end in a flat block of B slots, B = the budget
+    of :func:`flat_budget` (about the batch's expected entry count plus six standard
+    deviations), each slot finding its row by a searchsorted into the rows' cumulative
+    lengths. A batch with more entries than B (rare; rows are drawn with replacement, so
+    no smaller bound is exact) takes the padded (b, k) block instead, k the longest row:
+    ``ops.cond``, so both are compiled in JAX and the data picks one. The gathers take flat
+    1-D indices: torch's 1-D ``index_select`` (and its ``index_add`` transpose) is an order
+    of magnitude faster than 2-D advanced indexing.
     """
     indptr = arrays[f"X_{split}_indptr"]
     starts = ops.take_rows(indptr, idx)
     lens = ops.take_rows(indptr, idx + 1) - starts
-    offsets = ops.arange(k, indptr)[None, :]
+    k = static[f"max_row_nnz_{split}"]
+    budget = flat_budget(int(idx.shape[0]), static, split)
+    if budget is None:
+        return _padded_product(w, arrays, split, k, ops, starts, lens)
+    ends = ops.cumsum(lens)
+    return ops.cond(ends[-1] <= budget,
+                    lambda: _flat_product(w, arrays, split, budget, ops, starts, lens, ends),
+                    lambda: _padded_product(w, arrays, split, k, ops, starts, lens))
+
+
+def flat_budget(b: int, static, split: str) -> int | None:
+    """The flat block's size for a batch of ``b`` rows of ``split``: b·μ + 6·√b·σ (μ, σ the
+    mean and standard deviation of the split's row lengths) rounded up to a multiple of
+    256; ``None`` where that is no smaller than the padded block b·k."""
+    mu, sd = static[f"row_nnz_mean_{split}"], static[f"row_nnz_sd_{split}"]
+    budget = -(-int(np.ceil(b * mu + 6.0 * np.sqrt(b) * sd)) // 256) * 256
+    return None if budget >= b * static[f"max_row_nnz_{split}"] else budget
+
+
+def _flat_product(w, arrays, split, budget, ops, starts, lens, ends):
+    slot = ops.arange(budget, starts)
+    valid = slot < ends[-1]
+    row = ops.where(valid, ops.searchsorted(ends, slot), 0)  # the row whose entries hold slot
+    pos = ops.where(valid, ops.take_rows(starts, row) + slot
+                    - (ops.take_rows(ends, row) - ops.take_rows(lens, row)), 0)
+    cols = ops.take_rows(arrays[f"X_{split}_indices"], pos)
+    terms = ops.take_rows(arrays[f"X_{split}_data"], pos) * ops.take_rows(w, cols)
+    return ops.segment_sum(ops.where(valid, terms, 0.0), row, lens.shape[0])
+
+
+def _padded_product(w, arrays, split, k, ops, starts, lens):
+    """The (b, k) block: row i's entries in slots [0, lens_i), the rest masked."""
+    offsets = ops.arange(k, starts)[None, :]
     mask = offsets < lens[:, None]
     pos = ops.reshape(ops.where(mask, starts[:, None] + offsets, 0), (-1,))  # pads read 0
     cols = ops.take_rows(arrays[f"X_{split}_indices"], pos)
@@ -232,13 +287,13 @@ def outer_loss(w, lam, arrays, static, ops):
 
 
 def inner_loss_batch(w, lam, arrays, static, ops, idx):
-    margin = _batch_product(w, arrays, "train", static["max_row_nnz_train"], ops, idx)
+    margin = _batch_product(w, arrays, "train", static, ops, idx)
     return (_mean_logistic(margin, ops.take_rows(arrays["y_train"], idx), ops)
             + _penalty(w, lam, ops))
 
 
 def outer_loss_batch(w, lam, arrays, static, ops, idx):
-    margin = _batch_product(w, arrays, "val", static["max_row_nnz_val"], ops, idx)
+    margin = _batch_product(w, arrays, "val", static, ops, idx)
     return _mean_logistic(margin, ops.take_rows(arrays["y_val"], idx), ops)
 
 

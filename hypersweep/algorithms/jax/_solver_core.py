@@ -73,8 +73,11 @@ def scatter_rows(memory, idx, rows):
     return memory.at[idx].set(rows)
 
 
+@functools.partial(jax.jit, static_argnames=("step", "fns", "cfg", "n_steps"))
 def run_chunk(step, fns, cfg, n_steps, arrays, state, draws):
-    """``n_steps`` outer iterations of ``step`` in one compiled call (``lax.scan``).
+    """``n_steps`` outer iterations of ``step`` in one compiled call (``lax.scan`` inside
+    ``jit``: compiled once per (step, problem functions, config, chunk length, shapes);
+    an eager ``lax.scan`` would trace and compile its body again on every call).
 
     ``draws``: one (n_steps, b) index array per minibatch of a step; ``step(oracles,
     state, draws_k, cfg)``. Returns the state after the last iteration."""

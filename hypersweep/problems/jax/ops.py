@@ -101,6 +101,21 @@ def arange(n, like):
     return jnp.arange(n)
 
 
+def cumsum(x):
+    return jnp.cumsum(x)
+
+
+def searchsorted(sorted_values, queries):
+    """For each query q, the number of ``sorted_values`` ≤ q (numpy's side='right')."""
+    return jnp.searchsorted(sorted_values, queries, side="right")
+
+
+def cond(pred, true_fn, false_fn):
+    """``true_fn()`` if ``pred`` else ``false_fn()``: ``lax.cond``, so inside ``jit`` both
+    branches are compiled and the data picks one at run time (under ``vmap``, both run)."""
+    return jax.lax.cond(pred, true_fn, false_fn)
+
+
 softplus = jax.nn.softplus
 sigmoid = jax.nn.sigmoid
 exp = jnp.exp
