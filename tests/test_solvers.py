@@ -276,6 +276,27 @@ def test_hpo_rows_of_estimators_gain_the_oracle_gradient_norm_too():
     assert all(t["outer_grad_norm"] is not None for t in traces)
 
 
+@pytest.mark.parametrize("name", ["soba", "aid_cg"])
+def test_trace_oracle_false_leaves_the_trace_oracle_columns_empty(name):
+    """Losses vs time without two exact solves per evaluation; the result row keeps its
+    ‖∇F(λ_final)‖ (the same value as with the trace oracle on)."""
+    rows = {}
+    for flag in (True, False):
+        cell = _cell(name, "jax", pipeline_params={"outer_steps": 40, "eval_every": 10,
+                                                   "trace_oracle": flag})
+        if name == "aid_cg":
+            cell = Cell(**{**cell.__dict__, "K": 5, "cell_id": ""})
+        row, traces = run_cell(cell)
+        assert row["status"] == "ok", row["error_message"]
+        rows[flag] = row
+        filled = [t["outer_grad_norm"] is not None and t["inner_distance"] is not None
+                  for t in traces]
+        assert len(traces) >= 4 and all(filled) == flag and not any(filled) == (not flag)
+        assert all(t["val_loss"] is not None for t in traces)
+    assert rows[False]["outer_grad_norm"] == pytest.approx(rows[True]["outer_grad_norm"],
+                                                           rel=1e-9)
+
+
 def test_plan_rejects_bad_solver_input_in_one_line_with_exit_2(tmp_path):
     base = dict(study="bad", pipeline="hpo", backend="jax", dtype="float64", t=[10],
                 seeds=1, pipeline_params={"outer_steps": 10}, output=str(tmp_path / "o"))

@@ -99,6 +99,7 @@ class HpoParams(Params):
     lam0: field(_lam) = None
     eval_every: field(integer(1)) = 1
     cap_inner_lr: field(boolean) = True
+    trace_oracle: field(boolean) = True
 
     def algorithm_issues(self, algorithm: str) -> list[str]:
         """``warm_start_v: true`` needs an estimator that takes an adjoint ``v0``."""
