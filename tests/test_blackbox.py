@@ -133,6 +133,29 @@ def test_per_feature_lambda_searches_a_d_dimensional_box():
     assert "grid search needs a λ of at most 3 coordinates" in row["error_message"]
 
 
+def test_a_tied_box_searches_one_number_for_every_coordinate():
+    """``tied: true``: one shared value for a λ of many coordinates (here 40 per-feature
+    penalties): every trial's λ is constant, the grid searcher works (1 dimension), and the
+    row's best λ is that value everywhere."""
+    params = {"n_features": 40, "n_train": 120, "n_val": 60, "n_test": 0}
+    problem = problems.make("logreg", backend="jax", seed=0, dtype="float64", **params)
+    space = searchers.search_space(problem, {"low": -5, "high": 1, "tied": True})
+    assert space.dim == 1 and space.names == ("lam",) and space.shape == (40,)
+    np.testing.assert_array_equal(space.to_lam({"lam": -1.5}), np.full(40, -1.5))
+    np.testing.assert_array_equal(space.center(), np.full(40, -2.0))
+    with pytest.raises(ValueError, match="low, high"):
+        searchers.search_space(problem, {"low": -5, "high": 1, "tide": True})
+    for name in ("random", "tpe", "grid"):
+        row, traces = run_cell(make_cell(name, t=30, num_samples=6, problem="logreg",
+                                         problem_params=params,
+                                         space={"low": -5, "high": 1, "tied": True}))
+        assert row["status"] == "ok", row["error_message"]
+        best = json.loads(row["extra"])["best_lam"]
+        assert len(best) == 40 and len(set(best)) == 1 and -5 <= best[0] <= 1
+        assert traces and all(tr["lam_min"] == tr["lam_mean"] == tr["lam_max"]
+                              for tr in traces)
+
+
 def _hostile_trainable(lam, *, report_every=None, t=12):
     """NaN, +inf and −inf in three bands of h, a parabola with minimum at h = 1.5 elsewhere."""
     h = float(np.asarray(lam).reshape(-1)[0])

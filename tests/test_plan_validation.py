@@ -90,6 +90,13 @@ BAD = [
     ("blackbox_space_problem", _study(BLACKBOX, pipeline_params={
         "space": {"ridgee": {"low": 0, "high": 1}}}), {},
      "pipeline_params.space.ridgee is not a problem. Valid choices: ridge,"),
+    ("blackbox_tied_list", _study(BLACKBOX, pipeline_params={
+        "space": {"low": [0, 1], "high": 2, "tied": True}}), {},
+     "pipeline_params.space needs numbers for low and high when tied (one number for every "
+     "coordinate), got low=[0, 1], high=2"),
+    ("blackbox_tied_type", _study(BLACKBOX, pipeline_params={
+        "space": {"low": 0, "high": 2, "tied": "yes"}}), {},
+     "pipeline_params.space.tied must be true or false, got 'yes'"),
     ("hypergradient_error_lam", _study(pipeline="hypergradient_error",
                                        pipeline_params={"lam": "big"}), {},
      "pipeline_params.lam must be null (the problem's λ₀), a finite number"),

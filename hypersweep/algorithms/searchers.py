@@ -74,6 +74,8 @@ class SearchSpace:
     low: tuple[float, ...]
     high: tuple[float, ...]
     shape: tuple[int, ...]
+    #: one searched number (``names == ("lam",)``) broadcast to every coordinate of λ
+    tied: bool = False
 
     @property
     def dim(self) -> int:
@@ -89,11 +91,14 @@ class SearchSpace:
                 for n, lo, hi in zip(self.names, self.low, self.high)}
 
     def to_lam(self, config: dict) -> np.ndarray:
+        if self.tied:
+            return np.full(self.shape, float(config[self.names[0]]))
         return np.array([float(config[n]) for n in self.names],
                         dtype=np.float64).reshape(self.shape)
 
     def center(self) -> np.ndarray:
-        return (0.5 * (np.array(self.low) + np.array(self.high))).reshape(self.shape)
+        return self.to_lam({n: 0.5 * (lo + hi)
+                            for n, lo, hi in zip(self.names, self.low, self.high)})
 
 
 def _bounds_array(value: Any, size: int, key: str) -> np.ndarray:
@@ -112,18 +117,24 @@ def _bounds_array(value: Any, size: int, key: str) -> np.ndarray:
 def search_space(problem, spec: dict | None = None) -> SearchSpace:
     """The box searched for ``problem``: ``spec`` = ``{low, high}`` (numbers, or one per
     coordinate), or ``{problem_name: {low, high}, ...}``; None: the problem's catalog
-    ``search_box``, or λ₀ ± :data:`DEFAULT_HALF_WIDTH` for a problem without one."""
+    ``search_box``, or λ₀ ± :data:`DEFAULT_HALF_WIDTH` for a problem without one.
+    ``tied: true`` searches one number in [low, high] set to every coordinate of λ (one
+    shared penalty: the usual black-box baseline for a per-feature or per-example λ of
+    10⁴–10⁵ coordinates, where a per-coordinate box is out of reach of any searcher)."""
     lam0 = problem.initial_hyperparams()
     size = int(lam0.size)
     if spec is not None and not isinstance(spec, dict):
         raise ValueError(f"space must be a mapping like {{low: -6, high: 3}}; got {spec!r}")
     if spec and "low" not in spec and "high" not in spec:
         spec = spec.get(problem.name)
+    tied = bool(spec.get("tied", False)) if spec else False
     if spec:
-        unknown = sorted(set(spec) - {"low", "high"})
+        unknown = sorted(set(spec) - {"low", "high", "tied"})
         if unknown or "low" not in spec or "high" not in spec:
-            raise ValueError(f"space for problem {problem.name!r} needs exactly the keys "
-                             f"low, high; got {sorted(spec)}")
+            raise ValueError(f"space for problem {problem.name!r} needs the keys low, high "
+                             f"(and optionally tied); got {sorted(spec)}")
+        if tied:  # one number for every coordinate of λ
+            size = 1
         low = _bounds_array(spec["low"], size, "low")
         high = _bounds_array(spec["high"], size, "high")
     elif problem.spec.search_box is not None:
@@ -134,8 +145,9 @@ def search_space(problem, spec: dict | None = None) -> SearchSpace:
     if np.any(low >= high):
         raise ValueError(f"space for problem {problem.name!r} needs low < high in every "
                          f"coordinate; got low={low.tolist()}, high={high.tolist()}")
-    return SearchSpace(tuple(f"lam_{i}" for i in range(size)), tuple(map(float, low)),
-                       tuple(map(float, high)), tuple(lam0.shape))
+    names = ("lam",) if tied else tuple(f"lam_{i}" for i in range(size))
+    return SearchSpace(names, tuple(map(float, low)), tuple(map(float, high)),
+                       tuple(lam0.shape), tied=tied)
 
 
 # ---------------------------------------------------------------------------------------

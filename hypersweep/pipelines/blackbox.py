@@ -16,6 +16,9 @@ searchers are driven inside the cell rather than through ``Tuner.fit()``: see
     the box in λ's parametrization: ``{low: -6, high: 3}`` (numbers, or one per
     coordinate) or ``{problem_name: {low, high}}``; default: the problem's catalog
     ``search_box`` (see :func:`hypersweep.algorithms.searchers.search_space`).
+    ``tied: true`` in a box searches one number for every coordinate of λ (one shared
+    penalty or weight: the black-box baseline when λ has one coordinate per feature or
+    per example).
 
 Output, in the shared schemas: one result row — ``val_loss`` = the best validation loss
 found, ``test_loss``/``test_accuracy`` at that trial's iterate, ``wall_time_s`` = the

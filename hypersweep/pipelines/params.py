@@ -39,9 +39,16 @@ def _bound_values(value: Any) -> list | None:
 
 def _box(box: Any, where: str) -> None:
     """One ``{low, high}`` box at ``where`` (its size is checked against λ in the cell)."""
-    if not isinstance(box, dict) or set(box) != {"low", "high"}:
+    if (not isinstance(box, dict) or not {"low", "high"} <= set(box)
+            or not set(box) <= {"low", "high", "tied"}):
         got = sorted(box) if isinstance(box, dict) else box
-        raise bad(f"must be a mapping with exactly the keys low, high, got {got!r}", where)
+        raise bad(f"must be a mapping with the keys low, high (and optionally tied), got "
+                  f"{got!r}", where)
+    if not isinstance(box.get("tied", False), bool):
+        raise bad(f"must be true or false, got {box['tied']!r}", f"{where}.tied")
+    if box.get("tied") and any(isinstance(box[key], list) for key in ("low", "high")):
+        raise bad(f"needs numbers for low and high when tied (one number for every "
+                  f"coordinate), got low={box['low']!r}, high={box['high']!r}", where)
     low, high = (_bound_values(box[key]) for key in ("low", "high"))
     for key, values in (("low", low), ("high", high)):
         if values is None:
@@ -66,7 +73,7 @@ def _space(value: Any) -> Any:
         return value
     if not isinstance(value, dict):
         raise bad(f"must be null or a mapping like {{low: -6, high: 3}}, got {value!r}")
-    if "low" in value or "high" in value:
+    if "low" in value or "high" in value or "tied" in value:
         _box(value, "")
         return value
     for name, box in value.items():

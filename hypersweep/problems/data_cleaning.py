@@ -11,8 +11,11 @@ column (the bias). ``Y_*`` are the one-hot labels (float), ``y_*`` the int64 lab
 With p_i = softmax(x_iᵀW) and s = σ(λ): ∇_W L_in = (1/n) Xᵀ(s ⊙ (P − Y)) + reg·W,
 ∇²_W L_in = (1/n) Σ_i s_i (x_i x_iᵀ) ⊗ (diag(p_i) − p_i p_iᵀ) + reg·I (W flattened row-major,
 index a·C + c), and ∇F_i = −(σ'(λ_i)/n) (x_iᵀV)(p_i − y_i) with V = (∇²_W L_in)⁻¹ ∇_W L_out
-(reshaped to (D, C)). Oracle: Newton in float64 to ‖∇‖ ≤ 1e-12 then one direct solve;
-a Newton step costs O(n (DC)² + (DC)³).
+(reshaped to (D, C)). Oracle: Newton in float64 to ‖∇‖ ≤ 1e-12 then one direct solve
+(a Newton step costs O(n (DC)² + (DC)³)) up to ``helpers.DENSE_NEWTON_MAX_DIM`` = 2,000
+inner variables; beyond (MNIST's 785 × 10), Newton–CG and CG on Hessian-vector products
+(O(n·D·C) each, the Hessian never formed) to ‖∇‖ ≤ 1e-12·max(1, ‖∇(0)‖) and a relative
+residual of 1e-12.
 
 η (``inner_lr``) = 1/L with L = ½ λ_max((1/n) Xᵀ diag(σ(λ₀)) X) + reg: the softmax Hessian
 diag(p) − ppᵀ has eigenvalues ≤ ½ (Gershgorin), so L bounds ∇²_W L_in for every W. L_in is
@@ -36,8 +39,10 @@ import numpy as np
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, rng, split_arrays
 from hypersweep.problems.helpers import (broadcast_lam0, check_positive, check_positive_int,
-                                         cross_entropy, integer_labels, multinomial_hessian,
-                                         multinomial_metrics, newton_minimize, softmax_rows)
+                                         cross_entropy, integer_labels, multinomial_adjoint,
+                                         multinomial_hessian, multinomial_inner_solution,
+                                         multinomial_metrics, multinomial_operator,
+                                         SolutionCache, softmax_rows)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -150,23 +155,36 @@ def inner_hessian(w, lam, arrays, static):
     return multinomial_hessian(X, w, weights) + static["reg"] * np.eye(w.size)
 
 
+#: w*(λ) of the last few λ (never warm-started: a value does not depend on what was solved
+#: before)
+_SOLUTIONS = SolutionCache(("X_train", "Y_train"))
+
+
+def _operator(lam, arrays, static):
+    X = arrays["X_train"]
+    return lambda w: multinomial_operator(X, w, _sigmoid(lam) / X.shape[0], static["reg"])
+
+
 def exact_inner_solution(lam, arrays, static):
+    """w*(λ): dense Newton for small instances, Newton–CG beyond
+    ``helpers.DENSE_NEWTON_MAX_DIM`` inner variables (MNIST's 785 × 10)."""
     from hypersweep.problems import numpy_ops
 
     w0 = np.zeros((arrays["X_train"].shape[1], arrays["Y_train"].shape[1]))
-    return newton_minimize(
+    return _SOLUTIONS.get(lam, arrays, static, lambda: multinomial_inner_solution(
         lambda w: inner_loss(w, lam, arrays, static, numpy_ops),
         lambda w: inner_grad(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_hessian(w, lam, arrays, static),
-        w0, what="data_cleaning inner problem")
+        lambda w: inner_hessian(w, lam, arrays, static), _operator(lam, arrays, static),
+        w0, what="data_cleaning inner problem"))
 
 
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
     Xv, Yv = arrays["X_val"], arrays["Y_val"]
     grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
-    adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static),
-                              grad_out.reshape(-1)).reshape(w.shape)
+    adjoint = multinomial_adjoint(lambda w_: inner_hessian(w_, lam, arrays, static),
+                                  _operator(lam, arrays, static), w, grad_out,
+                                  what="data_cleaning")
     X, Y = arrays["X_train"], arrays["Y_train"]
     s = _sigmoid(lam)
     residual = softmax_rows(X @ w) - Y

@@ -12,7 +12,9 @@ With P = softmax(XW): ∇_W L_in = (1/n) Xᵀ(P − Y) + W·diag(exp(h)),
 ∇²_W L_in = (1/n) Σ_i (x_i x_iᵀ) ⊗ (diag(p_i) − p_i p_iᵀ) + diag(1_D ⊗ exp(h))
 (W flattened row-major, index a·C + c), and ∇F_c = −exp(h_c) Σ_a W*_{a,c} V_{a,c} with
 V = (∇²_W L_in)⁻¹ ∇_W L_out (reshaped to (D, C)). Oracle: Newton in float64 to
-‖∇‖ ≤ 1e-12, then one direct solve (dim W = D·C: 385 for covtype's 54 features × 7).
+‖∇‖ ≤ 1e-12, then one direct solve (dim W = D·C: 385 for covtype's 54 features × 7);
+beyond ``helpers.DENSE_NEWTON_MAX_DIM`` = 2,000 inner variables (``mnist_shaped``: 7,850),
+matrix-free Newton–CG and CG instead (the Hessian never formed).
 
 η (``inner_lr``) = 1/L with L = ½ λ_max((1/n) XᵀX) + max_c exp(h₀_c) (the softmax Hessian
 has eigenvalues ≤ ½); ``lipschitz`` re-bounds it as h moves.
@@ -30,8 +32,10 @@ import numpy as np
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, standardize
 from hypersweep.problems.helpers import (broadcast_lam0, check_positive_int, cross_entropy,
-                                         integer_labels, multinomial_hessian,
-                                         multinomial_metrics, newton_minimize, softmax_rows)
+                                         integer_labels, multinomial_adjoint,
+                                         multinomial_hessian, multinomial_inner_solution,
+                                         multinomial_metrics, multinomial_operator,
+                                         SolutionCache, softmax_rows)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -129,23 +133,37 @@ def inner_hessian(w, lam, arrays, static):
     return multinomial_hessian(X, w, weights) + np.diag(np.tile(np.exp(lam), X.shape[1]))
 
 
+#: w*(λ) of the last few λ (never warm-started: a value does not depend on what was solved
+#: before)
+_SOLUTIONS = SolutionCache(("X_train", "Y_train"))
+
+
+def _operator(lam, arrays, static):
+    X = arrays["X_train"]
+    weights = np.full(X.shape[0], 1.0 / X.shape[0])
+    return lambda w: multinomial_operator(X, w, weights, np.exp(lam)[None, :])
+
+
 def exact_inner_solution(lam, arrays, static):
+    """w*(h): dense Newton for small instances (covtype's 55 × 7), Newton–CG beyond
+    ``helpers.DENSE_NEWTON_MAX_DIM`` inner variables (MNIST's 785 × 10)."""
     from hypersweep.problems import numpy_ops
 
     w0 = np.zeros((arrays["X_train"].shape[1], arrays["Y_train"].shape[1]))
-    return newton_minimize(
+    return _SOLUTIONS.get(lam, arrays, static, lambda: multinomial_inner_solution(
         lambda w: inner_loss(w, lam, arrays, static, numpy_ops),
         lambda w: inner_grad(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_hessian(w, lam, arrays, static),
-        w0, what="multiclass_logreg inner problem")
+        lambda w: inner_hessian(w, lam, arrays, static), _operator(lam, arrays, static),
+        w0, what="multiclass_logreg inner problem"))
 
 
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
     Xv, Yv = arrays["X_val"], arrays["Y_val"]
     grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
-    adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static),
-                              grad_out.reshape(-1)).reshape(w.shape)
+    adjoint = multinomial_adjoint(lambda w_: inner_hessian(w_, lam, arrays, static),
+                                  _operator(lam, arrays, static), w, grad_out,
+                                  what="multiclass_logreg")
     return -np.exp(lam) * np.sum(w * adjoint, axis=0)
 
 

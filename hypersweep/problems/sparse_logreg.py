@@ -69,7 +69,7 @@ from collections import OrderedDict
 import numpy as np
 
 from hypersweep.problems.base import ProblemData
-from hypersweep.problems.helpers import broadcast_lam0, check_positive_int
+from hypersweep.problems.helpers import broadcast_lam0, check_positive_int, pcg
 from hypersweep.registry import check_choice
 
 logger = logging.getLogger(__name__)
@@ -314,41 +314,6 @@ def _logistic_grad_data(X, y, w):
     return X.T @ (-(y * expit(-y * z))) / X.shape[0], z
 
 
-def _pcg(matvec, b, diag, *, rtol, max_iter=None):
-    """(x, ‖b − A x‖/‖b‖): Jacobi-preconditioned CG for an SPD operator from x = 0. Stops
-    on the true residual ‖b − A x‖ ≤ rtol ‖b‖: the recursive one drifts from it by ~κ·ε,
-    so at its stop the true one is recomputed and CG restarts from it if still above."""
-    bnorm = float(np.linalg.norm(b))
-    x = np.zeros_like(b)
-    if bnorm == 0.0:
-        return x, 0.0
-    max_iter = max_iter or 10 * b.size + 100
-    target = rtol * bnorm
-    r = b - matvec(x)
-    iters = 0
-    for _restart in range(5):
-        z = r / diag
-        p = z.copy()
-        rz = float(r @ z)
-        while iters < max_iter and float(np.linalg.norm(r)) > target:
-            Ap = matvec(p)
-            pAp = float(p @ Ap)
-            if not pAp > 0:
-                break
-            alpha = rz / pAp
-            x += alpha * p
-            r -= alpha * Ap
-            z = r / diag
-            rz_new = float(r @ z)
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-            iters += 1
-        r = b - matvec(x)  # the true residual: restart from it if drift left it above
-        if float(np.linalg.norm(r)) <= target or iters >= max_iter:
-            break
-    return x, float(np.linalg.norm(r)) / bnorm
-
-
 def _fingerprint(arrays, static) -> bytes:
     """What w*(λ) is a function of besides λ: a digest of the training arrays and d."""
     h = hashlib.blake2b(digest_size=16)
@@ -397,7 +362,7 @@ def _newton_cg(X, y, pen, *, max_iter=100):
         if gnorm <= tol:
             return w
         hvp, diag = _hessian_operator(X, w, pen)
-        step, _ = _pcg(hvp, g, diag, rtol=min(0.1, gnorm / g0))
+        step, _ = pcg(hvp, g, diag, rtol=min(0.1, gnorm / g0))
         decrement = float(g @ step)
         if decrement < 1e-10:
             # Below float64's resolution of the loss Armijo cannot judge; the full Newton
@@ -436,7 +401,7 @@ def exact_hypergradient(lam, arrays, static):
     grad_out, _ = _logistic_grad_data(_csr(arrays, "val", static), arrays["y_val"], w)
     pen = np.exp(lam)
     hvp, diag = _hessian_operator(_csr(arrays, "train", static), w, pen)
-    v, rel = _pcg(hvp, grad_out, diag, rtol=ADJOINT_TOL)
+    v, rel = pcg(hvp, grad_out, diag, rtol=ADJOINT_TOL)
     if rel > ADJOINT_TOL:
         logger.warning("sparse_logreg adjoint CG stopped at relative residual %.3g > %.1g",
                        rel, ADJOINT_TOL)
