@@ -151,6 +151,46 @@ def plot_grad_norm(results: pd.DataFrame, traces: pd.DataFrame):
                         log_y=True)
 
 
+def plot_test_vs_time(results: pd.DataFrame, traces: pd.DataFrame):
+    """Figure 4: test loss (left) and test accuracy (right) vs wall time, one row per
+    problem, one line per method (gradient solid: at its iterate; black-box dashed: at the
+    best trial so far), median over seeds with a 20–80 % band — the stocBiO paper's
+    figures. Returns the figure, or None when no trace row has a test metric."""
+    from hypersweep.tools.report.statistics import test_curves
+
+    curves = trace_curves(method_frame(results), traces)
+    if curves.empty or "test_loss" not in curves or curves["test_loss"].isna().all():
+        return None
+    loss = test_curves(curves, "wall_time_s", "test_loss")
+    accuracy = test_curves(curves, "wall_time_s", "test_accuracy")
+    if loss.empty and accuracy.empty:
+        return None
+    plt = _pyplot()
+    panels = problem_order(set(loss["panel"]) | set(accuracy["panel"]))
+    colors = _method_colors(plt, curves["method"].unique())
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    for row, panel in enumerate(panels):
+        for col, (data, ylabel) in enumerate(((loss, "test loss"),
+                                              (accuracy, "test accuracy"))):
+            ax = axes[row][col]
+            sub = data[data["panel"] == panel]
+            for (method, kind), g in sub.groupby(["method", "kind"]):
+                style = "-" if kind == "gradient" else "--"
+                ax.plot(g["x"], g["median"], style, color=colors[method],
+                        label=f"{method} ({kind})")
+                ax.fill_between(g["x"], g["low"], g["high"], color=colors[method],
+                                alpha=0.15, linewidth=0)
+            ax.set_xscale("log")
+            ax.set_xlabel("wall time (s)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            if len(sub):
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def png(fig) -> bytes:
     """``fig`` as PNG bytes (110 dpi)."""
     buf = io.BytesIO()

@@ -68,8 +68,9 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
     fig1, rates = figures.plot_error_vs_t(results, error=error)
     fig2 = figures.plot_best_val(results, traces)
     fig3 = figures.plot_grad_norm(results, traces)
+    fig4 = figures.plot_test_vs_time(results, traces)
     for name, fig in (("error_vs_t.png", fig1), ("best_val_vs_cost.png", fig2),
-                      ("grad_norm_vs_cost.png", fig3)):
+                      ("grad_norm_vs_cost.png", fig3), ("test_vs_time.png", fig4)):
         if fig is None:
             continue
         found[name] = fig

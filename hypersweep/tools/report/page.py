@@ -66,6 +66,12 @@ def render_html(*, sources: Sequence[str], summary: str, images: dict[str, bytes
         for problem, g in comparison.groupby("problem", sort=False):
             parts.append(f"<h3>{html.escape(problem)}</h3>")
             parts.append(_html_table(g.drop(columns="problem")))
+    if "test_vs_time.png" in images:
+        parts.append("<h2>Test loss and accuracy vs wall time</h2><p>Gradient-based HPO "
+                     "(solid: at the iterate of each evaluation) vs black-box search "
+                     "(dashed: at the best trial so far by validation loss); median over "
+                     "seeds, band 20–80 %.</p>")
+        parts.append(_img(images["test_vs_time.png"], "test loss and accuracy vs time"))
     if "grad_norm_vs_cost.png" in images:
         parts.append("<h2>Stationarity ‖∇F(λ)‖² vs cost</h2><p>‖∇F‖ from the float64 "
                      "oracle at the evaluated λ (hpo methods, solid) or at the best λ so "

@@ -238,6 +238,32 @@ def trace_curves(methods: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
     return tr.merge(meta, on="cell_id", how="inner")
 
 
+def test_curves(curves: pd.DataFrame, x: str, metric: str, n_grid: int = 120
+                ) -> pd.DataFrame:
+    """Median and 20–80 % band over seeds of a test metric (``test_loss`` or
+    ``test_accuracy``) vs ``x`` per (panel, method): for a gradient method the metric at
+    its iterate (w_k, λ_k) of each evaluation; for a black-box searcher the metric of the
+    best trial so far (the λ its user would pick by validation loss), so both read as
+    "what the method offers at this time"."""
+    if curves.empty or metric not in curves:
+        return quantile_curves(curves.assign(**{metric: []}) if curves.empty else curves,
+                               x, metric, n_grid=n_grid)
+    out = []
+    for cell_id, c in curves.sort_values(["cell_id", "step"]).groupby("cell_id", sort=False):
+        c = c.copy()
+        value = pd.to_numeric(c[metric], errors="coerce")
+        if (c["kind"] == "black-box").all():
+            val = c["val_loss"].astype(float).where(np.isfinite(c["val_loss"].astype(float)))
+            best_pos = val.expanding().apply(lambda v: np.nanargmin(v) if np.isfinite(
+                v).any() else np.nan, raw=True)
+            value = pd.Series([value.iloc[int(p)] if np.isfinite(p) else np.nan
+                               for p in best_pos], index=c.index)
+        c["_metric"] = value.astype(float)
+        out.append(c)
+    frame = pd.concat(out) if out else curves.assign(_metric=[])
+    return quantile_curves(frame, x, "_metric", n_grid=n_grid, positive_x=True)
+
+
 def oracle_calls(df: pd.DataFrame) -> pd.Series:
     """``n_oracle_calls``; for rows written before that column existed, the sum of the
     counts they have (inner gradients + Hessian-vector products), which undercounts."""
