@@ -55,11 +55,6 @@ def cumsum(x):
     return np.cumsum(x)
 
 
-def searchsorted(sorted_values, queries):
-    """For each query q, the number of ``sorted_values`` ≤ q (side='right')."""
-    return np.searchsorted(sorted_values, queries, side="right")
-
-
 def cond(pred, true_fn, false_fn):
     """``true_fn()`` if ``pred`` else ``false_fn()``: one spelling for every backend (JAX's
     is ``lax.cond``)."""

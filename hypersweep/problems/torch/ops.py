@@ -99,11 +99,6 @@ def cumsum(x):
     return torch.cumsum(x, 0)
 
 
-def searchsorted(sorted_values, queries):
-    """For each query q, the number of ``sorted_values`` ≤ q (numpy's side='right')."""
-    return torch.searchsorted(sorted_values, queries, right=True)
-
-
 def cond(pred, true_fn, false_fn):
     """``true_fn()`` if ``pred`` else ``false_fn()`` (eager: reads ``pred`` on the host)."""
     return true_fn() if bool(pred) else false_fn()
