@@ -229,7 +229,9 @@ def skewed_built():
 @pytest.mark.parametrize("backend", ("numpy",) + BACKENDS)
 def test_flat_block_and_its_fallback_equal_the_dense_rows(backend, skewed_built):
     """A typical batch of 64 fits the flat budget; 64 draws of the longest row do not and
-    take the padded block. Both equal X[idx] @ w, in value and (JAX, torch) in ∇_w."""
+    take the padded block; at b = 1,000 the fallback is the whole split's product, and a
+    batch of every row reads that product directly. All equal X[idx] @ w, in value and
+    (JAX, torch) in ∇_w."""
     built, ops = skewed_built, load_ops(backend)
     static = built.static
     lens = np.diff(built.arrays["X_train_indptr"])
@@ -238,16 +240,26 @@ def test_flat_block_and_its_fallback_equal_the_dense_rows(backend, skewed_built)
     X = sp.csr_matrix((built.arrays["X_train_data"], built.arrays["X_train_indices"],
                        built.arrays["X_train_indptr"]), shape=(2000, 3000)).toarray()
     g = np.random.default_rng(7)
-    w, v = g.standard_normal(3000), g.standard_normal(64)
+    w = g.standard_normal(3000)
     typical = g.integers(0, 2000, size=64)
     longest = np.full(64, int(np.argmax(lens)))
     assert lens[typical].sum() <= budget < lens[longest].sum()
+    # b = 1,000 (b·μ < nnz < b·k): the flat block, and the whole split's product as its
+    # fallback; b = 2,000 (b·μ ≥ nnz): the whole split's product gathered
+    nnz = built.arrays["X_train_data"].size
+    large, longest_large = g.integers(0, 2000, size=1000), np.full(1000, int(np.argmax(lens)))
+    assert 1000 * static["row_nnz_mean_train"] < nnz < 1000 * static["max_row_nnz_train"]
+    assert lens[large].sum() <= sparse_logreg.flat_budget(1000, static, "train") < \
+        lens[longest_large].sum()
+    whole = g.permutation(2000)
+    assert 2000 * static["row_nnz_mean_train"] >= nnz
     if backend == "numpy":
         arrays, to_np, put = built.arrays, np.asarray, lambda x, dtype=None: x
     else:
         p = bind(built, backend)
         arrays, to_np, put = p.arrays, p.ops.to_numpy, p.ops.asarray
-    for idx in (typical, longest):
+    for idx in (typical, longest, large, longest_large, whole):
+        v = np.random.default_rng(idx.size).standard_normal(idx.size)
         want = X[idx] @ w
         got = sparse_logreg._batch_product(put(w), arrays, "train", static, ops,
                                            put(idx, "int64"))

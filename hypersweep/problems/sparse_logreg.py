@@ -207,27 +207,42 @@ def _product(w, arrays, split, ops):
 
 
 def _batch_product(w, arrays, split, static, ops, idx):
-    """(X_s w)[idx] for a minibatch of rows: O(budget), never O(n) or O(nnz).
+    """(X_s w)[idx] for a minibatch of b rows, in O(min(budget, nnz)) work and memory.
 
-    The batch's entries are laid end to end in a flat block of B slots, B = the budget
-    of :func:`flat_budget` (about the batch's expected entry count plus four standard
-    deviations; :func:`_flat_product`). A batch with more entries than B (rare; rows are drawn with replacement, so
-    no smaller bound is exact) takes the padded (b, k) block instead, k the longest row:
-    ``ops.cond``, so both are compiled in JAX and the data picks one. The gathers take flat
-    1-D indices: torch's 1-D ``index_select`` (and its ``index_add`` transpose) is an order
-    of magnitude faster than 2-D advanced indexing.
+    Three layouts, picked from static sizes (b, the split's nnz, its row-length mean μ,
+    standard deviation σ and maximum k):
+
+    * the flat block (:func:`_flat_product`): the batch's entries end to end in B slots,
+      B = :func:`flat_budget` ≈ b·μ + 4√b·σ;
+    * the whole split's product X_s w (``_product``, O(nnz)) gathered at ``idx``, when
+      b·μ ≥ nnz (a batch as large as the split: full-batch oracles);
+    * the padded (b, k) block (:func:`_padded_product`), when b·k is smaller than B.
+
+    A batch with more entries than B (rows are drawn with replacement, so no bound below
+    b·k is exact; rare) takes the cheaper exact layout of the other two instead, through
+    ``ops.cond`` (JAX compiles both branches and allocates their buffers, hence never the
+    (b, k) block when it is larger than the split). The gathers take flat 1-D indices:
+    torch's 1-D ``index_select`` (and its ``index_add`` transpose) is an order of magnitude
+    faster than 2-D advanced indexing.
     """
+    b, k = int(idx.shape[0]), static[f"max_row_nnz_{split}"]
+    nnz = int(arrays[f"X_{split}_data"].shape[0])
+    if b * static[f"row_nnz_mean_{split}"] >= nnz:
+        return ops.take_rows(_product(w, arrays, split, ops), idx)
     indptr = arrays[f"X_{split}_indptr"]
     starts = ops.take_rows(indptr, idx)
     lens = ops.take_rows(indptr, idx + 1) - starts
-    k = static[f"max_row_nnz_{split}"]
-    budget = flat_budget(int(idx.shape[0]), static, split)
+    budget = flat_budget(b, static, split)
     if budget is None:
         return _padded_product(w, arrays, split, k, ops, starts, lens)
+    if b * k <= nnz:
+        exact = lambda: _padded_product(w, arrays, split, k, ops, starts, lens)  # noqa: E731
+    else:
+        exact = lambda: ops.take_rows(_product(w, arrays, split, ops), idx)  # noqa: E731
     ends = ops.cumsum(lens)
     return ops.cond(ends[-1] <= budget,
                     lambda: _flat_product(w, arrays, split, budget, ops, starts, lens, ends),
-                    lambda: _padded_product(w, arrays, split, k, ops, starts, lens))
+                    exact)
 
 
 def flat_budget(b: int, static, split: str) -> int | None:
