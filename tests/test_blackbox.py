@@ -156,6 +156,18 @@ def test_a_tied_box_searches_one_number_for_every_coordinate():
                               for tr in traces)
 
 
+def test_oracle_metrics_false_leaves_the_gradient_norms_empty():
+    rows = {}
+    for flag in (True, False):
+        row, traces = run_cell(make_cell("random", t=30, num_samples=5,
+                                         oracle_metrics=flag))
+        assert row["status"] == "ok", row["error_message"]
+        rows[flag] = row
+        assert all((tr["outer_grad_norm"] is not None) == flag for tr in traces)
+    assert rows[True]["outer_grad_norm"] > 0 and rows[False]["outer_grad_norm"] is None
+    assert rows[False]["val_loss"] == rows[True]["val_loss"]  # same seeded trials
+
+
 def _hostile_trainable(lam, *, report_every=None, t=12):
     """NaN, +inf and −inf in three bands of h, a parabola with minimum at h = 1.5 elsewhere."""
     h = float(np.asarray(lam).reshape(-1)[0])

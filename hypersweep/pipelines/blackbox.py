@@ -12,6 +12,10 @@ searchers are driven inside the cell rather than through ``Tuner.fit()``: see
     trials per cell (for ``grid``: a cap; the grid has ``grid_points``ᵈ points).
 ``time_budget_s`` (default none)
     no trial starts after this many seconds of search.
+``oracle_metrics`` (default true)
+    ‖∇F‖ from the float64 oracle at the best λ so far (trace rows) and at the best trial's
+    λ (result row); false: none (exact solves are the dearest part of a cell on a large
+    instance).
 ``space``
     the box in λ's parametrization: ``{low: -6, high: 3}`` (numbers, or one per
     coordinate) or ``{problem_name: {low, high}}``; default: the problem's catalog
@@ -118,8 +122,11 @@ def run(cell) -> PipelineResult:
 
     # evaluation, after the clock stopped: ‖∇F‖ at the best λ so far and at λ₀
     best = trials.best_so_far([r.val_loss for r in records])
-    grad_norms = _best_grad_norms(problem, records)
-    grad0_norm = oracle_grad_norm(problem, problem.initial_hyperparams())
+    if params["oracle_metrics"]:
+        grad_norms = _best_grad_norms(problem, records)
+        grad0_norm = oracle_grad_norm(problem, problem.initial_hyperparams())
+    else:  # no float64 oracle (each call is exact solves; see ``oracle_metrics``)
+        grad_norms, grad0_norm = [None] * len(records), None
     traces = []
     for rec, best_val, grad_norm in zip(records, best, grad_norms):
         traces.append(dict(

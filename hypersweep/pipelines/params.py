@@ -106,7 +106,7 @@ class HpoParams(Params):
     lam0: field(_lam) = None
     eval_every: field(integer(1)) = 1
     cap_inner_lr: field(boolean) = True
-    trace_oracle: field(boolean) = True
+    oracle_metrics: field(boolean) = True
 
     def algorithm_issues(self, algorithm: str) -> list[str]:
         """``warm_start_v: true`` needs an estimator that takes an adjoint ``v0``."""
@@ -123,6 +123,7 @@ class BlackboxParams(Params):
     owner: ClassVar[str] = "pipeline 'blackbox'"
     num_samples: field(integer(1, why=" (it bounds the trials, time_budget_s only stops "
                                    "them earlier)")) = 20
+    oracle_metrics: field(boolean) = True
     time_budget_s: field(number(above=0, nullable=True)) = None
     space: field(_space) = None
     cap_inner_lr: field(boolean) = True
