@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from hypersweep import __version__
@@ -187,14 +188,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Counts by status of a study's output, against its plan: the cells the saved
+    ``study.yaml`` expands to, how many have a row (by latest status) and how many are
+    pending. A folder without ``study.yaml`` and without results is not a study: exit 2."""
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
-    from hypersweep.io.parquet import read_results
+    from hypersweep.io.parquet import STUDY_FILE, read_results
 
+    study_file = Path(args.output_dir) / STUDY_FILE
     try:
         table = read_results(args.output_dir)
     except ValueError as exc:  # not a study output, unreadable schema
         raise UsageError(str(exc)) from None
+    if not study_file.is_file() and (table is None or table.num_rows == 0):
+        raise UsageError(f"{args.output_dir!r} is not a study output: no {STUDY_FILE} and no "
+                         f"results (give the output folder of a study)")
+    planned = _planned_cells(study_file)
     console = _console()
     from hypersweep.io import lock
 
@@ -203,14 +212,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         holder, alive = held
         _say(console, f"{'running' if alive else 'stale lock (its run is gone)'}: "
                       f"{lock.describe(holder)}")
+    done_ids = set() if table is None else set(table.column("cell_id").to_pylist())
+    if planned is not None:
+        pending = len(planned - done_ids)
+        _say(console, f"{args.output_dir}: {len(planned)} cells planned, "
+                      f"{len(planned & done_ids)} with a result, {pending} pending")
     if table is None or table.num_rows == 0:
         _say(console, f"{args.output_dir}: no results yet")
         return 0
     by_status = _group_counts(table, ["status"])
     _say(console, f"{args.output_dir}: {table.num_rows} cells")
-    console.print(_table("cells by status", ["status", "cells"],
-                         sorted(((k[0], n) for k, n in by_status.items()),
-                                key=lambda item: -item[1])))
+    rows = sorted(((k[0], n) for k, n in by_status.items()), key=lambda item: -item[1])
+    if planned is not None:
+        rows.append(("pending", len(planned - done_ids)))
+    console.print(_table("cells by status", ["status", "cells"], rows))
     statuses = sorted({k[0] for k in by_status}, key=_status_order)
     by_pair = _group_counts(table, ["problem", "algorithm", "status"])
     pairs = sorted({(p, a) for p, a, _ in by_pair})
@@ -219,6 +234,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(_table("cells by (problem, algorithm)", ["problem", "algorithm", *statuses],
                          rows))
     return 0
+
+
+def _planned_cells(study_file: Path) -> set[str] | None:
+    """cell_ids the saved study expands to (None when there is no readable study file: a
+    study file that no longer validates, e.g. after a catalog change, gives no plan)."""
+    if not study_file.is_file():
+        return None
+    from hypersweep.orchestrator.expand import expand
+    from hypersweep.orchestrator.spec import StudyError, parse_study
+
+    try:
+        text = study_file.read_text(encoding="utf-8")
+        study = parse_study(text, source=str(study_file))
+    except (StudyError, OSError, TypeError):
+        return None
+    return {cell.cell_id for cell in expand(study)}
 
 
 def _status_order(status: str) -> tuple:
@@ -250,8 +281,25 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
+    from hypersweep import problems as registry
     from hypersweep.problems.catalog import PROBLEMS
 
+    if args.name is not None:
+        if args.name not in PROBLEMS.names():
+            raise UsageError(f"unknown problem {args.name!r}. Valid choices: "
+                             f"{', '.join(PROBLEMS.names())}")
+        s = PROBLEMS.spec(args.name)
+        console = _console()
+        _say(console, f"{s.name}: {s.summary}")
+        _say(console, f"λ parametrization: {s.lam_parametrization}")
+        _say(console, f"capabilities: {', '.join(sorted(s.capabilities)) or '-'}")
+        _say(console, f"reference: {s.reference}")
+        rows = [(key, repr(value), "common to every problem"
+                 if key in registry.COMMON_PARAMS else "")
+                for key, value in registry.valid_params(args.name).items()]
+        console.print(_table(f"{s.name}: accepted params (problems[].params) and defaults",
+                             ["param", "default", "note"], rows))
+        return 0
     rows = [(s.name, s.summary, s.lam_parametrization,
              ", ".join(sorted(s.capabilities)) or "-", s.reference) for s in PROBLEMS]
     _console().print(_table("problems", ["name", "summary", "λ parametrization",
@@ -327,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MLflow tracking URI (default: the one the study used)")
     sync.set_defaults(handler=cmd_sync_mlflow)
 
-    problems = commands.add_parser("problems", help="list the registered problems")
+    problems = commands.add_parser(
+        "problems", help="list the registered problems; with NAME, one problem's accepted "
+                         "params, defaults and λ parametrization")
+    problems.add_argument("name", metavar="NAME", nargs="?", default=None)
     problems.set_defaults(handler=cmd_problems)
     algorithms = commands.add_parser("algorithms", help="list the registered algorithms")
     algorithms.set_defaults(handler=cmd_algorithms)

@@ -285,9 +285,74 @@ def test_status_counts(tmp_path, capsys):
     assert ("logreg", "itd", "1", "0") in rows
 
 
-def test_status_of_empty_output(tmp_path, capsys):
+def test_status_of_a_folder_that_is_not_a_study_is_exit_2(tmp_path, capsys):
+    assert cli.main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a study output: no study.yaml and no results" in err[0]
+
+
+STATUS_STUDY = """\
+study: status-plan
+pipeline: hypergradient_error
+backend: jax
+problems: [ridge]
+algorithms: [itd, aid_cg]
+t: [2, 3]
+K: [2]
+seeds: 2
+output: {output}
+mlflow: {{enabled: false}}
+"""
+
+
+def test_status_counts_pending_cells_against_the_saved_plan(tmp_path, capsys):
+    """A study output with its study.yaml and results for some of its 8 cells (one
+    retried): planned, with a result, pending; an output with the plan and no rows yet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hypersweep.io.schema import RESULT_SCHEMA, empty_row
+    from hypersweep.orchestrator.expand import expand
+    from hypersweep.orchestrator.spec import parse_study
+
+    text = STATUS_STUDY.format(output=tmp_path)
+    (tmp_path / "study.yaml").write_text(text)
     assert cli.main(["status", str(tmp_path)]) == 0
-    assert "no results yet" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 cells planned, 0 with a result, 8 pending" in out and "no results yet" in out
+    cells = list(expand(parse_study(text)))
+    rows = []
+    when = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    for minute, (cell, status, attempt) in enumerate((
+            (cells[0], "error", 1), (cells[0], "ok", 2), (cells[1], "ok", 1),
+            (cells[5], "diverged", 1))):
+        row = empty_row()
+        row.update({k: v for k, v in cell.to_dict().items() if k in RESULT_SCHEMA.names},
+                   status=status, attempt=attempt,
+                   finished_at=when + dt.timedelta(minutes=minute))
+        rows.append(row)
+    results = tmp_path / "results"
+    results.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA),
+                   results / "part-0.parquet")
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells planned, 3 with a result, 5 pending" in out
+    table = {tuple(c.strip() for c in line.split("│")[1:-1])
+             for line in out.splitlines() if line.startswith("│")}
+    assert {("ok", "2"), ("diverged", "1"), ("pending", "5")} <= table
+
+
+def test_problems_name_shows_params_defaults_and_parametrization(capsys):
+    assert cli.main(["problems", "sparse_logreg"]) == 0
+    out = capsys.readouterr().out
+    assert "λ parametrization: h = log λ, one per feature" in out
+    rows = {tuple(c.strip() for c in line.split("│")[1:-1])
+            for line in out.splitlines() if line.startswith("│")}
+    assert ("n_features", "4000", "") in rows and ("zero_based", "False", "") in rows
+    assert ("data", "None", "common to every problem") in rows
+    assert cli.main(["problems", "nope"]) == 2
+    assert "unknown problem 'nope'. Valid choices: ridge," in capsys.readouterr().err
 
 
 def test_sync_mlflow_prints_what_it_backfilled(tmp_path, monkeypatch, capsys):

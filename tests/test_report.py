@@ -268,6 +268,18 @@ def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_pat
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_out_defaults_to_the_results_folder_and_is_required_for_several(study_dir,
+                                                                          tmp_path, capsys):
+    import shutil
+
+    own = tmp_path / "study"
+    shutil.copytree(study_dir, own)  # the module's folder stays as the other tests read it
+    assert report.main([str(own), "--no-mlflow"]) == 0
+    assert (own / "report" / "report.html").is_file()
+    assert report.main([str(own), str(study_dir), "--no-mlflow"]) == 2
+    assert "--out is required with several results directories" in capsys.readouterr().err
+
+
 def test_report_from_real_blackbox_rows(tmp_path):
     """A real blackbox cell, through run_cell, into the report's comparison table."""
     from hypersweep.orchestrator.cell import run_cell

@@ -88,3 +88,14 @@ def test_the_figure_has_one_row_per_problem_and_both_metrics(frames):
         "soba (gradient)", "random (black-box)"}
     figures.close(fig)
     assert figures.plot_test_vs_time(results, traces.assign(test_loss=None)) is None
+
+
+def test_the_same_algorithm_with_other_pipeline_params_is_another_method(frames):
+    results, _ = frames
+    other = results[results["algorithm"] == "soba"].copy()
+    other["pipeline_params"] = '{"outer_lr":1.0}'
+    other["cell_id"] = other["cell_id"] + "-b"
+    methods = statistics.method_frame(pd.concat([results, other]))
+    labels = set(methods.loc[methods["algorithm"] == "soba", "method"])
+    assert labels == {'soba {}', 'soba {"outer_lr":1.0}'}
+    assert set(statistics.method_frame(results)["method"]) == {"soba", "random"}

@@ -10,6 +10,7 @@ plus the oracles' 1e-12 stopping rules: ~1e-12 expected); ops and products 1e-13
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -407,6 +408,47 @@ def test_hpo_cell_runs(backend):
                 pipeline_params=json.dumps({"outer_steps": 5}))
     row, _ = run_cell(cell)
     assert row["status"] == "ok", row.get("error")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_runs_an_hpo_study_on_an_sklearn_svmlight_file(tmp_path):
+    """The issue's file: ``sklearn.datasets.dump_svmlight_file`` (0-based indices), sparse
+    n = 5,000 × d = 50,000 at 0.1 % density, one file split by the problem; ``hypersweep
+    run`` (a real CLI process, its own embedded Ray) with stocbio and aid_cg on both
+    backends; every cell ok with a finite ‖∇F(λ_final)‖ from the sparse oracle."""
+    import pandas as pd
+    from sklearn.datasets import dump_svmlight_file
+
+    g = np.random.default_rng(11)
+    n, d = 5000, 50_000
+    nnz = int(n * d * 1e-3)
+    rows, cols = g.integers(0, n, nnz), g.integers(0, d, nnz)
+    X = sp.csr_matrix((g.random(nnz) + 0.1, (rows, cols)), shape=(n, d))
+    X.sum_duplicates()
+    y = np.where(X @ g.standard_normal(d) + 0.3 * g.standard_normal(n) >= 0, 1.0, -1.0)
+    path = tmp_path / "big.svmlight"
+    dump_svmlight_file(X, y, str(path))  # zero_based=True, sklearn's default
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "study: svmlight-big\npipeline: hpo\nbackend: [jax, torch]\ndtype: float64\n"
+        "problems:\n  - name: sparse_logreg\n"
+        f"    params: {{data: {str(path)!r}, zero_based: true, n_train: 3000, n_val: 1000, "
+        "n_test: 1000}\n"
+        "algorithms: [aid_cg, {name: stocbio, params: {batch_size: 64}}]\n"
+        "t: [10]\nK: [10]\nseeds: 1\npipeline_params: {outer_steps: 4}\n"
+        f"output: {str(tmp_path / 'out')!r}\nmlflow: {{enabled: false}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "hypersweep", "run", str(study), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "out" / "results")
+    assert sorted(zip(table.algorithm, table.backend)) == [
+        ("aid_cg", "jax"), ("aid_cg", "torch"), ("stocbio", "jax"), ("stocbio", "torch")]
+    assert set(table.status) == {"ok"}, table.error_message.tolist()
+    assert np.all(np.isfinite(table.outer_grad_norm)) and np.all(table.outer_grad_norm > 0)
+    problem_params = json.loads(table.problem_params.iloc[0])
+    assert problem_params["zero_based"] is True
 
 
 def test_catalog_instance_is_sparse_and_seeded():

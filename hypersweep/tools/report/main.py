@@ -1,4 +1,4 @@
-"""``hypersweep report RESULTS_DIR... --out DIR``: reads one or more study output
+"""``hypersweep report RESULTS_DIR... [--out DIR]``: reads one or more study output
 directories and writes to ``DIR``:
 
 ``error_vs_t.png``
@@ -168,12 +168,15 @@ def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``hypersweep report RESULTS_DIR... --out DIR [--mlflow-uri URI] [--no-mlflow]``."""
+    """``hypersweep report RESULTS_DIR... [--out DIR] [--mlflow-uri URI] [--no-mlflow]``
+    (``--out`` defaults to ``RESULTS_DIR/report`` for one directory)."""
     parser = argparse.ArgumentParser(
         prog="hypersweep report",
         description="Figures, tables and an HTML page from study output directories.")
     parser.add_argument("results", nargs="+", help="study output directories")
-    parser.add_argument("--out", required=True, help="directory for the report")
+    parser.add_argument("--out", default=None,
+                        help="directory for the report (default: RESULTS_DIR/report for "
+                             "one results directory; required for several)")
     parser.add_argument("--error", choices=("rel", "abs"), default="rel",
                         help="hypergradient error to plot (default: rel)")
     parser.add_argument("--mlflow-uri", default=None,
@@ -184,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(d).is_dir():
             sys.stderr.write(f"error: results directory {d!r} does not exist\n")
             return 2
+    if args.out is None:
+        if len(args.results) > 1:
+            sys.stderr.write("error: --out is required with several results directories "
+                             "(one report for all of them)\n")
+            return 2
+        args.out = str(Path(args.results[0]) / "report")
     error = "hypergrad_rel_error" if args.error == "rel" else "hypergrad_abs_error"
     report = build_report(args.results, args.out, error=error)
     if report["results"].empty:

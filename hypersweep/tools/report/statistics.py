@@ -210,6 +210,11 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     n_ap = df.groupby(["panel", "pipeline", "algorithm"])["algorithm_params"].transform(
         "nunique")
     label = label + np.where(n_ap > 1, " " + df["algorithm_params"].fillna(""), "")
+    # the same algorithm with other pipeline_params (per-algorithm overrides, or several
+    # studies in one report) is another method, not more seeds of one
+    n_pp = df.groupby(["panel", "pipeline", "algorithm"])["pipeline_params"].transform(
+        "nunique")
+    label = label + np.where(n_pp > 1, " " + df["pipeline_params"].fillna(""), "")
     if df["backend"].nunique() > 1:
         label = label + " [" + df["backend"].astype(str) + "]"
     df["method"] = label
