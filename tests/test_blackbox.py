@@ -137,7 +137,7 @@ def test_a_tied_box_searches_one_number_for_every_coordinate():
     """``tied: true``: one shared value for a λ of many coordinates (here 40 per-feature
     penalties): every trial's λ is constant, the grid searcher works (1 dimension), and the
     row's best λ is that value everywhere."""
-    params = {"n_features": 40, "n_train": 120, "n_val": 60, "n_test": 0}
+    params = {"n_features": 40, "n_train": 120, "n_val": 60, "n_test": 30}
     problem = problems.make("logreg", backend="jax", seed=0, dtype="float64", **params)
     space = searchers.search_space(problem, {"low": -5, "high": 1, "tied": True})
     assert space.dim == 1 and space.names == ("lam",) and space.shape == (40,)
@@ -154,6 +154,8 @@ def test_a_tied_box_searches_one_number_for_every_coordinate():
         assert len(best) == 40 and len(set(best)) == 1 and -5 <= best[0] <= 1
         assert traces and all(tr["lam_min"] == tr["lam_mean"] == tr["lam_max"]
                               for tr in traces)
+        # every trial's test metrics at its iterate (the report's test curves)
+        assert all(tr["test_loss"] > 0 and 0 <= tr["test_accuracy"] <= 1 for tr in traces)
 
 
 def test_oracle_metrics_false_leaves_the_gradient_norms_empty():
@@ -235,7 +237,7 @@ def test_bad_input_names_the_key():
         searchers.search_space(problem, {"low": 1, "high": 0})
     with pytest.raises(ValueError, match="space.low must be a number or a list of 1"):
         searchers.search_space(problem, {"low": [0, 1], "high": 2})
-    with pytest.raises(ValueError, match="needs exactly the keys low, high"):
+    with pytest.raises(ValueError, match=r"needs the keys low, high \(and optionally tied\)"):
         searchers.search_space(problem, {"low": 0, "high": 1, "mid": 0.5})
     row, _ = run_cell(make_cell("random", num_trials=3))
     assert row["status"] == "error"

@@ -129,9 +129,14 @@ def run(cell) -> PipelineResult:
         grad_norms, grad0_norm = [None] * len(records), None
     traces = []
     for rec, best_val, grad_norm in zip(records, best, grad_norms):
+        # the trial's test metrics at its iterate (out of the clock; the report's test
+        # curves read the best trial's so far)
+        tested = (problem.metrics(rec.w, rec.lam) if rec.w is not None and not rec.nonfinite
+                  else {})
         traces.append(dict(
             step=rec.index, wall_time_s=rec.elapsed_s, val_loss=rec.val_loss,
             best_val_loss=best_val, outer_grad_norm=grad_norm,
+            test_loss=tested.get("test_loss"), test_accuracy=tested.get("test_accuracy"),
             **cost_columns(rec.total_evals, 0, 0, 0),
             **_lam_summary(rec.lam),
             extra=canonical_json({"trial_id": rec.trial_id, "inner_steps": rec.steps,

@@ -72,6 +72,14 @@ def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"
     return fig, rates
 
 
+def _wrapped(title: str, width: int = 60) -> str:
+    """A panel title on lines of at most ``width`` characters (a panel named by its
+    problem's params is long; side by side, unwrapped titles run into each other)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def _method_colors(plt, methods) -> dict:
     """One color per method; tab20 once tab10's ten run out (solvers alone are 16)."""
     methods = sorted(methods)
@@ -107,7 +115,7 @@ def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.set_title(panel, fontsize=10)
+            ax.set_title(_wrapped(panel), fontsize=8)
             ax.grid(True, alpha=0.3)
             if len(sub):
                 ax.legend(fontsize=7)
@@ -183,7 +191,7 @@ def plot_test_vs_time(results: pd.DataFrame, traces: pd.DataFrame):
             ax.set_xscale("log")
             ax.set_xlabel("wall time (s)")
             ax.set_ylabel(ylabel)
-            ax.set_title(panel, fontsize=10)
+            ax.set_title(_wrapped(panel), fontsize=8)
             ax.grid(True, alpha=0.3)
             if len(sub):
                 ax.legend(fontsize=7)
