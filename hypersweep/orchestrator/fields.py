@@ -148,6 +148,24 @@ def _float_field(*, minimum: float = 0.0, strict: bool = False, ray: bool = Fals
 # The schema.
 
 
+def json_mapping(value: Any) -> dict:
+    """A mapping (None: ``{}``) of JSON values: ``pipeline_params``, study-wide or an
+    algorithm's overrides."""
+    value = _mapping(value, "a mapping")
+    _check_json(value)
+    return value
+
+
+def t_grid(value: Any) -> list:
+    """A t grid: one value or a list, without repeats (each value checked by its field)."""
+    return _no_duplicates(_as_list(value, "t value"), what="t")
+
+
+def k_grid(value: Any) -> list:
+    """A K grid: one value or a list, without repeats."""
+    return _no_duplicates(_as_list(value, "K value"), what="K")
+
+
 class _Section(BaseModel):
     """Frozen, and every key outside the declared ones is an error listing the valid keys."""
 
@@ -247,30 +265,12 @@ class AlgorithmEntry(_Entry):
     models as the study's (:func:`~.checks.check_params`)."""
 
     kind: ClassVar[str] = "algorithm"
-    pipeline_params: dict[str, Any] = Field(default_factory=dict)
-    t: tuple[Annotated[int, BeforeValidator(_int_at_least(1))], ...] | None = None
-    K: tuple[Annotated[Any, BeforeValidator(_k_value)], ...] | None = None
-
-    @field_validator("pipeline_params", mode="before")
-    @classmethod
-    def _overrides(cls, value: Any) -> dict:
-        value = _mapping(value, "a mapping of pipeline_params keys to values")
-        _check_json(value)
-        return value
-
-    @field_validator("t", mode="before")
-    @classmethod
-    def _t(cls, value: Any) -> list | None:
-        if value is None:
-            return None
-        return _no_duplicates(_as_list(value, "t value"), what="t")
-
-    @field_validator("K", mode="before")
-    @classmethod
-    def _k(cls, value: Any) -> list | None:
-        if value is None:
-            return None
-        return _no_duplicates(_as_list(value, "K value"), what="K")
+    pipeline_params: Annotated[dict[str, Any], BeforeValidator(json_mapping)] = Field(
+        default_factory=dict)
+    t: Annotated[tuple[Annotated[int, BeforeValidator(_int_at_least(1))], ...] | None,
+                 BeforeValidator(lambda v: None if v is None else t_grid(v))] = None
+    K: Annotated[tuple[Annotated[Any, BeforeValidator(_k_value)], ...] | None,
+                 BeforeValidator(lambda v: None if v is None else k_grid(v))] = None
 
     @property
     def overrides_json(self) -> str:

@@ -23,10 +23,11 @@ from hypersweep.orchestrator import checks
 from hypersweep.orchestrator.fields import (AlgorithmEntry, Batching, CompileCache,
                                             MlflowConfig,
                                             ProblemEntry, Resources, _algorithm_name, _as_list,
-                                            _check_json, _choices, _entry, _fail,
+                                            _choices, _entry, _fail,
                                             _float_field, _int_at_least, _is_int,
                                             _k_value, _mapping, _no_duplicates,
-                                            _problem_name, _Section)
+                                            _problem_name, _Section, json_mapping,
+                                            k_grid, t_grid)
 from hypersweep.pipelines.catalog import PIPELINES
 from hypersweep.problems.base import DTYPES
 from hypersweep.registry import BACKENDS
@@ -154,14 +155,12 @@ class StudySpec(_Section):
     @field_validator("t", mode="before")
     @classmethod
     def _t(cls, value: Any) -> list:
-        return _no_duplicates(_as_list(value, "t value"), what="t")
+        return t_grid(value)
 
     @field_validator("K", mode="before")
     @classmethod
     def _k(cls, value: Any) -> list | None:
-        if value is None:
-            return None
-        return _no_duplicates(_as_list(value, "K value"), what="K")
+        return None if value is None else k_grid(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -175,9 +174,7 @@ class StudySpec(_Section):
     @field_validator("pipeline_params", mode="before")
     @classmethod
     def _pipeline_params(cls, value: Any) -> dict:
-        value = _mapping(value, "a mapping")
-        _check_json(value)
-        return value
+        return json_mapping(value)
 
     @field_validator("output", mode="before")
     @classmethod

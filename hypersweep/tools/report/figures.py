@@ -92,10 +92,18 @@ def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,
     """Rows = ``panels``, columns = (vs wall time, vs oracle calls), log x; one line per
     (method, kind), gradient solid and black-box dashed, with its 20–80 % band. ``log_y``
     None: log y when the band is positive and spans more than a decade."""
-    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    return _panel_grid(plt, panels, [(by_time, "wall time (s)", ylabel),
+                                     (by_evals, COST_LABEL, ylabel)], colors, log_y=log_y)
+
+
+def _panel_grid(plt, panels, columns, colors, *, log_y: bool | None):
+    """Rows = ``panels``, one column per (curves, x label, y label) of ``columns``, log x;
+    one line per (method, kind), gradient solid and black-box dashed, with its 20–80 %
+    band. ``log_y`` None: log y when the band is positive and spans more than a decade."""
+    fig, axes = plt.subplots(len(panels), len(columns),
+                             figsize=(5 * len(columns), 3.6 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
-        for col, (data, xlabel) in enumerate(((by_time, "wall time (s)"),
-                                              (by_evals, COST_LABEL))):
+        for col, (data, xlabel, ylabel) in enumerate(columns):
             ax = axes[row][col]
             sub = data[data["panel"] == panel]
             for (method, kind), g in sub.groupby(["method", "kind"]):
@@ -176,27 +184,9 @@ def plot_test_vs_time(results: pd.DataFrame, traces: pd.DataFrame):
     plt = _pyplot()
     panels = problem_order(set(loss["panel"]) | set(accuracy["panel"]))
     colors = _method_colors(plt, curves["method"].unique())
-    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
-    for row, panel in enumerate(panels):
-        for col, (data, ylabel) in enumerate(((loss, "test loss"),
-                                              (accuracy, "test accuracy"))):
-            ax = axes[row][col]
-            sub = data[data["panel"] == panel]
-            for (method, kind), g in sub.groupby(["method", "kind"]):
-                style = "-" if kind == "gradient" else "--"
-                ax.plot(g["x"], g["median"], style, color=colors[method],
-                        label=f"{method} ({kind})")
-                ax.fill_between(g["x"], g["low"], g["high"], color=colors[method],
-                                alpha=0.15, linewidth=0)
-            ax.set_xscale("log")
-            ax.set_xlabel("wall time (s)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(_wrapped(panel), fontsize=8)
-            ax.grid(True, alpha=0.3)
-            if len(sub):
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _panel_grid(plt, panels, [(loss, "wall time (s)", "test loss"),
+                                     (accuracy, "wall time (s)", "test accuracy")],
+                       colors, log_y=False)
 
 
 def png(fig) -> bytes:
