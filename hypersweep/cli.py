@@ -80,15 +80,15 @@ def _table(title: str | None, columns: Sequence[str], rows, **kwargs):
     return table
 
 
-def _load_study(path: str):
-    """The validated study at ``path``, after importing the plugins (``$HYPERSWEEP_PLUGINS``)
-    whose problems, algorithms and pipelines it may name."""
+def _load_study(path: str, overrides: Sequence[str] = ()):
+    """The validated study at ``path`` with ``--set`` ``overrides``, after importing the
+    plugins (``$HYPERSWEEP_PLUGINS``) whose problems, algorithms and pipelines it may name."""
     from hypersweep.orchestrator.spec import load_study
     from hypersweep.registry import load_plugins
 
     try:
         load_plugins()
-        return load_study(path)
+        return load_study(path, overrides=overrides or ())
     except ValueError as exc:  # a StudyError, or a plugin that cannot be imported
         raise UsageError(str(exc)) from None
 
@@ -100,7 +100,7 @@ def _load_study(path: str):
 def cmd_plan(args: argparse.Namespace) -> int:
     from hypersweep.orchestrator.expand import plan
 
-    study = _load_study(args.study)
+    study = _load_study(args.study, args.set)
     start = time.perf_counter()
     summary = plan(study)
     elapsed = time.perf_counter() - start
@@ -132,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # every study validated before Ray is ever imported, and before anything is written
-    studies = [_load_study(path) for path in args.study]
+    studies = [_load_study(path, args.set) for path in args.study]
     quiet = args.quiet or not sys.stdout.isatty()
     from hypersweep.io.lock import OutputError
     from hypersweep.orchestrator import driver
@@ -358,10 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-dashboard", action="store_true",
                      help="start the embedded Ray with its dashboard (on 127.0.0.1; off by "
                           "default, which starts Ray faster)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="KEY=VALUE: set a study key before validation (dotted path, YAML value; "
+                          "repeatable), e.g. --set pipeline_params.outer_lr=0.5 --set seeds=5")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="validate a study and show its cells; no Ray")
     plan.add_argument("study", metavar="STUDY.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="KEY=VALUE: set a study key before validation (dotted path, YAML value; "
+                          "repeatable), e.g. --set pipeline_params.outer_lr=0.5 --set seeds=5")
     plan.set_defaults(handler=cmd_plan)
 
     status = commands.add_parser("status", help="cell counts by status from a study's output")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Sequence
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
@@ -341,8 +341,56 @@ def _study_error(exc: ValidationError) -> StudyError:
     return StudyError(_one_line(f"{path}: {message}{more}" if path else f"{message}{more}"))
 
 
-def parse_study(text: str, *, source: str = "<string>") -> StudySpec:
-    """Validate the YAML ``text`` of a study; ``source`` names it in error messages.
+def apply_overrides(data: Any, overrides: Sequence[str]) -> Any:
+    """``data`` (the parsed YAML) with each ``KEY=VALUE`` of ``overrides`` set, in order:
+    KEY a dotted path (``pipeline_params.outer_lr``, ``algorithms.1.params.batch_size``; an
+    integer part indexes a list), VALUE parsed as YAML (``0.5``, ``[10, t]``,
+    ``{enabled: false}``). Missing mapping keys are created; the result is validated as if
+    the file said it. A malformed override is a one-line :class:`StudyError`."""
+    if not overrides:
+        return data
+    data = {} if data is None else data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. "
+                             f"pipeline_params.outer_lr=0.5")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise StudyError(f"--set {key}: the value {raw!r} is not valid YAML") from None
+        node = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise StudyError(f"--set {key}: {where!r} needs an index below "
+                                     f"{len(node)} (that key holds a list)")
+                if last:
+                    node[int(part)] = value
+                else:
+                    if isinstance(node[int(part)], str):  # a bare name: {name: ...}
+                        node[int(part)] = {"name": node[int(part)]}
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise StudyError(f"--set {key}: {'.'.join(parts[:depth])!r} holds "
+                                 f"{node!r}, not a mapping or a list")
+    return data
+
+
+def parse_study(text: str, *, source: str = "<string>",
+                overrides: Sequence[str] = ()) -> StudySpec:
+    """Validate the YAML ``text`` of a study; ``source`` names it in error messages;
+    ``overrides`` (``KEY=VALUE``, :func:`apply_overrides`) are applied before validation,
+    and the study's ``source_text`` is then the YAML with them (what the output's
+    study.yaml and MLflow keep, so a resume or ``status`` sees the same plan).
 
     Bounded: a text over :data:`MAX_STUDY_BYTES` or whose aliases would expand it by more
     than :data:`MAX_ALIAS_NODES` nodes is refused before anything walks it."""
@@ -359,6 +407,10 @@ def parse_study(text: str, *, source: str = "<string>") -> StudySpec:
         context = getattr(exc, "context", None)
         detail = f"{problem} ({context})" if context else problem
         raise StudyError(_one_line(f"malformed YAML{where}: {detail}")) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+        text = (f"# with --set {' '.join(overrides)}\n"
+                + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     if data is None:
         raise StudyError(f"the study is empty; it needs the keys "
                          f"{_choices(StudySpec.user_keys())}")
@@ -375,8 +427,9 @@ def _too_big(size: int | None) -> str:
             "(1 MiB); a study names its data files rather than holding data")
 
 
-def load_study(path: str | Path) -> StudySpec:
-    """Read and validate a study YAML file. Raises :class:`StudyError` (one line).
+def load_study(path: str | Path, *, overrides: Sequence[str] = ()) -> StudySpec:
+    """Read and validate a study YAML file (with ``overrides``, :func:`apply_overrides`).
+    Raises :class:`StudyError` (one line).
 
     At most :data:`MAX_STUDY_BYTES` + 1 bytes are read, so a huge file (or /dev/zero)
     costs nothing."""
@@ -393,6 +446,6 @@ def load_study(path: str | Path) -> StudySpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise StudyError(_one_line(f"cannot read study file {str(path)!r}: {exc}")) from None
     try:
-        return parse_study(text, source=str(path))
+        return parse_study(text, source=str(path), overrides=overrides)
     except StudyError as exc:
         raise StudyError(f"{path}: {exc}") from None
