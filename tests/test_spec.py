@@ -211,7 +211,10 @@ BAD = [
     (dict(pipeline_params={"lam": float("nan")}),
      r"^pipeline_params\.lam: must be a finite number"),
     (dict(study="has space"), r"^study: must be a name of letters"),
-    (dict(t=[0], K=[-1]), r"^t\[0\]: .* \(and 1 more error\)$"),
+    # every error is listed, each with its key
+    (dict(t=[0], K=[-1]), r"^t\[0\]: must be an integer >= 1, got 0; K\[0\]: .*-1"),
+    (dict(t=[0], seeds=0, max_retries=-1),
+     r"^t\[0\]: .*; seeds: .*; max_retries: must be an integer >= 0, got -1$"),
 ]
 
 

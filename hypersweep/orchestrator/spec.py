@@ -325,20 +325,21 @@ def _one_line(text: str) -> str:
 
 
 def _study_error(exc: ValidationError) -> StudyError:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    ctx = first.get("ctx") or {}
-    path = _path_text(tuple(first["loc"])) + ctx.get("subpath", "")
-    path = path.lstrip(".")
-    if first["type"] == "missing":
-        message = "required key is missing"
-    elif first["type"] == "extra_forbidden":  # only when the before-check was bypassed
-        message = "unknown key"
-    else:
-        message = first["msg"]
-    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" \
-        if len(errors) > 1 else ""
-    return StudyError(_one_line(f"{path}: {message}{more}" if path else f"{message}{more}"))
+    """Every validation error of the study in one line, ``path: message`` each, joined by
+    "; " (pydantic reports the fields independently, so a study with three bad keys shows
+    all three at once)."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        ctx = error.get("ctx") or {}
+        path = (_path_text(tuple(error["loc"])) + ctx.get("subpath", "")).lstrip(".")
+        if error["type"] == "missing":
+            message = "required key is missing"
+        elif error["type"] == "extra_forbidden":  # only when the before-check was bypassed
+            message = "unknown key"
+        else:
+            message = error["msg"]
+        parts.append(f"{path}: {message}" if path else message)
+    return StudyError(_one_line("; ".join(dict.fromkeys(parts))))
 
 
 def apply_overrides(data: Any, overrides: Sequence[str]) -> Any:
