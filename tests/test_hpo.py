@@ -208,3 +208,22 @@ def test_with_w_init_is_a_shallow_copy():
     one = algorithms.get("itd", "torch")
     assert not np.allclose(p.ops.to_numpy(one(p, [0.0], t=2).w_t),
                            p.ops.to_numpy(one(q, [0.0], t=2).w_t))
+
+
+@pytest.mark.parametrize("algorithm, K", [("aid_cg", 5), ("soba", None)])
+def test_best_lambda_is_tracked_beside_the_final_one(algorithm, K):
+    """The row keeps where the run was best — the evaluated step of the lowest val loss and
+    its λ — beside the final λ (Adam lr 3 for aid_cg: λ overshoots and oscillates, so the
+    best step is not the last; a solver's chunks are evaluated at their ends)."""
+    cell = _cell(algorithm, K=K, outer_steps=30, outer_lr=3.0, eval_every=1)
+    row, traces, extra = _run(cell)
+    rows = [t for t in traces if t["step"] > 0 or algorithm != "soba"]
+    best = min(rows, key=lambda t: t["val_loss"])
+    assert extra["best_step"] == best["step"]
+    recorded = row["best_val_loss"] if row.get("best_val_loss") is not None else \
+        extra["best_val_loss"]
+    assert recorded == pytest.approx(best["val_loss"], rel=1e-15)
+    assert extra["best_lam_mean"] == pytest.approx(best["lam_mean"], rel=1e-15)
+    assert len(extra["best_lam"]) == 1 and extra["best_lam"][0] == pytest.approx(
+        best["lam_mean"], rel=1e-15)
+    assert "lam_final_mean" in extra

@@ -55,7 +55,9 @@ value function F(λ_final) = ``problem.value`` at the λ after the last update (
 last iterate's L_out, which is ``extra.last_iterate_val_loss``), ``test_*`` at
 w*(λ_final), total ``wall_time_s``, ``compile_time_s`` (warm-up call minus a timed step),
 total counts, and the final λ in ``extra`` (``lam_final_mean/min/max``, the full λ when
-small).
+small); also where the run was best, for a run that drifts after it: ``best_step`` (the
+evaluated step with the lowest val loss, ``best_val_loss``) and its λ
+(``best_lam_mean/min/max``, ``best_lam`` when small).
 """
 from __future__ import annotations
 
@@ -300,7 +302,7 @@ def _run(cell) -> PipelineResult:
     traces: list[dict] = []
     wall = 0.0
     costs = cost_columns(0, 0, 0, 0)
-    best = math.inf
+    best, best_at = math.inf, None  # best val loss over the evaluations, and (step, λ)
     stop_reason = "outer_steps"
     last = None
     steps_done = 0
@@ -337,8 +339,8 @@ def _run(cell) -> PipelineResult:
                 m = problem.metrics(w, lam_k)
             else:
                 m = {"val_loss": float("nan"), "test_loss": None, "test_accuracy": None}
-            if math.isfinite(m["val_loss"]):
-                best = min(best, m["val_loss"])
+            if math.isfinite(m["val_loss"]) and m["val_loss"] < best:
+                best, best_at = m["val_loss"], (steps_done if solver else k, lam_k)
             extra = dict(out["extras"])
             if closed_form and finite:
                 extra["value"] = problem.value(lam_k)
@@ -361,11 +363,16 @@ def _run(cell) -> PipelineResult:
 
     lam_final = ops.to_numpy(loop.lam)
     compile_time = compile_clock() - c0  # the warm-up's, plus any inside the steps
+    best_lam = {}
+    if best_at is not None:  # where the run was best, for a run that drifted after it
+        best_lam = {"best_step": best_at[0], **_lam_summary(best_at[1], "best_lam")}
+        if best_at[1].size <= MAX_LAM_IN_EXTRA:
+            best_lam["best_lam"] = best_at[1].reshape(-1).tolist()
     metrics: dict[str, Any] = dict(
         wall_time_s=wall, compile_time_s=compile_time, compiled=compile_time > 0,
         **costs, outer_steps_done=steps_done,
         stop_reason=stop_reason, val_loss_is="exact value function F(lam_final)",
-        **_lam_summary(lam_final, "lam_final"))
+        **_lam_summary(lam_final, "lam_final"), **best_lam)
     if lam_final.size <= MAX_LAM_IN_EXTRA:
         metrics["lam_final"] = lam_final.reshape(-1).tolist()
     if last["hypergrad"] is not None:
