@@ -190,7 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts by status of a study's output, against its plan: the cells the saved
     ``study.yaml`` expands to, how many have a row (by latest status) and how many are
-    pending. A folder without ``study.yaml`` and without results is not a study: exit 2."""
+    pending. A folder without ``study.yaml``, results or a run holding its lock is not a
+    study: exit 2."""
     if not os.path.isdir(args.output_dir):
         raise UsageError(f"output directory {args.output_dir!r} not found")
     from hypersweep.io.parquet import STUDY_FILE, read_results
@@ -200,14 +201,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         table = read_results(args.output_dir)
     except ValueError as exc:  # not a study output, unreadable schema
         raise UsageError(str(exc)) from None
-    if not study_file.is_file() and (table is None or table.num_rows == 0):
-        raise UsageError(f"{args.output_dir!r} is not a study output: no {STUDY_FILE} and no "
-                         f"results (give the output folder of a study)")
-    planned = _planned_cells(study_file)
-    console = _console()
     from hypersweep.io import lock
 
     held = lock.holder(args.output_dir)
+    if not study_file.is_file() and (table is None or table.num_rows == 0) and held is None:
+        raise UsageError(f"{args.output_dir!r} is not a study output: no {STUDY_FILE}, no "
+                         f"results and no run holding it (give the output folder of a study)")
+    planned = _planned_cells(study_file)
+    console = _console()
     if held is not None:
         holder, alive = held
         _say(console, f"{'running' if alive else 'stale lock (its run is gone)'}: "

@@ -288,7 +288,7 @@ def test_status_counts(tmp_path, capsys):
 def test_status_of_a_folder_that_is_not_a_study_is_exit_2(tmp_path, capsys):
     assert cli.main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not a study output: no study.yaml and no results" in err[0]
+    assert len(err) == 1 and "is not a study output: no study.yaml, no results" in err[0]
 
 
 STATUS_STUDY = """\
