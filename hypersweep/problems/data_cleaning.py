@@ -39,10 +39,11 @@ import numpy as np
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, rng, split_arrays
 from hypersweep.problems.helpers import (broadcast_lam0, check_positive, check_positive_int,
-                                         cross_entropy, integer_labels, multinomial_adjoint,
-                                         multinomial_hessian, multinomial_inner_solution,
-                                         multinomial_metrics, multinomial_operator,
-                                         SolutionCache, softmax_rows)
+                                         cross_entropy, integer_labels,
+                                         multinomial_dense_hessian,
+                                         multinomial_exact_solution, multinomial_metrics,
+                                         multinomial_val_adjoint, SolutionCache,
+                                         softmax_rows)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -149,10 +150,13 @@ def outer_loss_batch(w, lam, arrays, static, ops, idx):
     return ops.mean(_cross_entropy(X, Y, w, ops))
 
 
+def _curvature(lam, arrays, static):
+    """(per-row weights σ(λ_i)/n, penalty reg): what ∇²_w L_in is made of."""
+    return _sigmoid(lam) / arrays["X_train"].shape[0], static["reg"]
+
+
 def inner_hessian(w, lam, arrays, static):
-    X = arrays["X_train"]
-    weights = _sigmoid(lam) / X.shape[0]
-    return multinomial_hessian(X, w, weights) + static["reg"] * np.eye(w.size)
+    return multinomial_dense_hessian(arrays["X_train"], w, *_curvature(lam, arrays, static))
 
 
 #: w*(λ) of the last few λ (never warm-started: a value does not depend on what was solved
@@ -160,31 +164,18 @@ def inner_hessian(w, lam, arrays, static):
 _SOLUTIONS = SolutionCache(("X_train", "Y_train"))
 
 
-def _operator(lam, arrays, static):
-    X = arrays["X_train"]
-    return lambda w: multinomial_operator(X, w, _sigmoid(lam) / X.shape[0], static["reg"])
-
-
 def exact_inner_solution(lam, arrays, static):
     """w*(λ): dense Newton for small instances, Newton–CG beyond
     ``helpers.DENSE_NEWTON_MAX_DIM`` inner variables (MNIST's 785 × 10)."""
-    from hypersweep.problems import numpy_ops
-
-    w0 = np.zeros((arrays["X_train"].shape[1], arrays["Y_train"].shape[1]))
-    return _SOLUTIONS.get(lam, arrays, static, lambda: multinomial_inner_solution(
-        lambda w: inner_loss(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_grad(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_hessian(w, lam, arrays, static), _operator(lam, arrays, static),
-        w0, what="data_cleaning inner problem"))
+    return multinomial_exact_solution(_SOLUTIONS, lam, arrays, static, loss=inner_loss,
+                                      grad=inner_grad, curvature=_curvature,
+                                      what="data_cleaning inner problem")
 
 
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
-    Xv, Yv = arrays["X_val"], arrays["Y_val"]
-    grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
-    adjoint = multinomial_adjoint(lambda w_: inner_hessian(w_, lam, arrays, static),
-                                  _operator(lam, arrays, static), w, grad_out,
-                                  what="data_cleaning")
+    adjoint = multinomial_val_adjoint(lam, arrays, static, w, curvature=_curvature,
+                                      what="data_cleaning")
     X, Y = arrays["X_train"], arrays["Y_train"]
     s = _sigmoid(lam)
     residual = softmax_rows(X @ w) - Y

@@ -321,25 +321,54 @@ def multinomial_operator(X: np.ndarray, w: np.ndarray, weights: np.ndarray,
     return matvec, diag.reshape(-1)
 
 
-def multinomial_inner_solution(loss, grad, dense_hessian, operator, w0: np.ndarray, *,
-                               what: str) -> np.ndarray:
-    """argmin of a multinomial inner problem: dense Newton (to ‖∇‖ ≤ 1e-12) up to
-    :data:`DENSE_NEWTON_MAX_DIM` variables, else Newton–CG with ``operator(w)`` (to
-    ‖∇‖ ≤ 1e-12·max(1, ‖∇(w0)‖))."""
-    if w0.size <= DENSE_NEWTON_MAX_DIM:
-        return newton_minimize(loss, grad, dense_hessian, w0, what=what)
-    g0 = float(np.linalg.norm(np.asarray(grad(w0), dtype=np.float64)))
-    return newton_cg_minimize(loss, grad, operator, w0, tol=1e-12 * max(1.0, g0), what=what)
+def multinomial_dense_hessian(X: np.ndarray, w: np.ndarray, weights: np.ndarray,
+                              penalty) -> np.ndarray:
+    """The (D·C)² Hessian of Σ_i weights_i CE(x_iᵀW, y_i) + ½ Σ penalty ⊙ W² at W = ``w``
+    (``penalty`` broadcast to (D, C)): :func:`multinomial_hessian` plus its diagonal."""
+    diag = np.broadcast_to(penalty, w.shape).reshape(-1)
+    return multinomial_hessian(X, w, weights) + np.diag(diag)
 
 
-def multinomial_adjoint(dense_hessian, operator, w: np.ndarray, rhs: np.ndarray, *,
-                        what: str) -> np.ndarray:
-    """(∇²_w L_in)⁻¹ rhs at w (shape of w): a direct solve up to
-    :data:`DENSE_NEWTON_MAX_DIM` variables, else CG to a true relative residual of 1e-12."""
+def multinomial_exact_solution(cache: "SolutionCache", lam, arrays, static, *, loss, grad,
+                               curvature, what: str) -> np.ndarray:
+    """w*(λ) of a multinomial inner problem (data_cleaning, multiclass_logreg), kept in
+    ``cache``: dense Newton (to ‖∇‖ ≤ 1e-12) up to :data:`DENSE_NEWTON_MAX_DIM` variables,
+    else Newton–CG on Hessian-vector products (to ‖∇‖ ≤ 1e-12·max(1, ‖∇(0)‖)). ``loss``
+    and ``grad`` are the module's ``inner_loss``/``inner_grad``; ``curvature(lam, arrays,
+    static)`` gives its (per-row weights, penalty) — what both Hessian forms are made of."""
+    from hypersweep.problems import numpy_ops
+
+    X = arrays["X_train"]
+    weights, penalty = curvature(lam, arrays, static)
+    w0 = np.zeros((X.shape[1], arrays["Y_train"].shape[1]))
+
+    def solve():
+        f = lambda w: loss(w, lam, arrays, static, numpy_ops)  # noqa: E731
+        g = lambda w: grad(w, lam, arrays, static, numpy_ops)  # noqa: E731
+        if w0.size <= DENSE_NEWTON_MAX_DIM:
+            return newton_minimize(f, g, lambda w: multinomial_dense_hessian(
+                X, w, weights, penalty), w0, what=what)
+        g0 = float(np.linalg.norm(np.asarray(g(w0), dtype=np.float64)))
+        return newton_cg_minimize(f, g, lambda w: multinomial_operator(X, w, weights,
+                                                                       penalty),
+                                  w0, tol=1e-12 * max(1.0, g0), what=what)
+
+    return cache.get(lam, arrays, static, solve)
+
+
+def multinomial_val_adjoint(lam, arrays, static, w: np.ndarray, *, curvature,
+                            what: str) -> np.ndarray:
+    """(∇²_w L_in)⁻¹ ∇_w L_out at w (shape of w), L_out the mean validation cross-entropy:
+    a direct solve up to :data:`DENSE_NEWTON_MAX_DIM` variables, else CG to a true
+    relative residual of 1e-12."""
+    X, Xv, Yv = arrays["X_train"], arrays["X_val"], arrays["Y_val"]
+    rhs = (Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]).reshape(-1)
+    weights, penalty = curvature(lam, arrays, static)
     if w.size <= DENSE_NEWTON_MAX_DIM:
-        return np.linalg.solve(dense_hessian(w), rhs.reshape(-1)).reshape(w.shape)
-    matvec, diag = operator(w)
-    v, rel = pcg(matvec, rhs.reshape(-1), diag, rtol=1e-12)
+        return np.linalg.solve(multinomial_dense_hessian(X, w, weights, penalty),
+                               rhs).reshape(w.shape)
+    matvec, diag = multinomial_operator(X, w, weights, penalty)
+    v, rel = pcg(matvec, rhs, diag, rtol=1e-12)
     if rel > 1e-12:
         logger.warning("%s adjoint CG stopped at relative residual %.3g", what, rel)
     return v.reshape(w.shape)

@@ -32,10 +32,9 @@ import numpy as np
 from hypersweep.problems.base import ProblemData
 from hypersweep.problems.data import load_user_data, standardize
 from hypersweep.problems.helpers import (broadcast_lam0, check_positive_int, cross_entropy,
-                                         integer_labels, multinomial_adjoint,
-                                         multinomial_hessian, multinomial_inner_solution,
-                                         multinomial_metrics, multinomial_operator,
-                                         SolutionCache, softmax_rows)
+                                         integer_labels, multinomial_dense_hessian,
+                                         multinomial_exact_solution, multinomial_metrics,
+                                         multinomial_val_adjoint, SolutionCache)
 from hypersweep.registry import check_choice
 
 #: the optional functions this module defines (see hypersweep.problems.base)
@@ -127,10 +126,14 @@ def lipschitz(lam, arrays, static, cache):
     return cache["data"] + float(np.exp(np.max(lam)))
 
 
+def _curvature(lam, arrays, static):
+    """(per-row weights 1/n, penalty exp(h_c) per class column): what ∇²_w L_in is made of."""
+    n = arrays["X_train"].shape[0]
+    return np.full(n, 1.0 / n), np.exp(lam)[None, :]
+
+
 def inner_hessian(w, lam, arrays, static):
-    X = arrays["X_train"]
-    weights = np.full(X.shape[0], 1.0 / X.shape[0])
-    return multinomial_hessian(X, w, weights) + np.diag(np.tile(np.exp(lam), X.shape[1]))
+    return multinomial_dense_hessian(arrays["X_train"], w, *_curvature(lam, arrays, static))
 
 
 #: w*(λ) of the last few λ (never warm-started: a value does not depend on what was solved
@@ -138,32 +141,18 @@ def inner_hessian(w, lam, arrays, static):
 _SOLUTIONS = SolutionCache(("X_train", "Y_train"))
 
 
-def _operator(lam, arrays, static):
-    X = arrays["X_train"]
-    weights = np.full(X.shape[0], 1.0 / X.shape[0])
-    return lambda w: multinomial_operator(X, w, weights, np.exp(lam)[None, :])
-
-
 def exact_inner_solution(lam, arrays, static):
     """w*(h): dense Newton for small instances (covtype's 55 × 7), Newton–CG beyond
     ``helpers.DENSE_NEWTON_MAX_DIM`` inner variables (MNIST's 785 × 10)."""
-    from hypersweep.problems import numpy_ops
-
-    w0 = np.zeros((arrays["X_train"].shape[1], arrays["Y_train"].shape[1]))
-    return _SOLUTIONS.get(lam, arrays, static, lambda: multinomial_inner_solution(
-        lambda w: inner_loss(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_grad(w, lam, arrays, static, numpy_ops),
-        lambda w: inner_hessian(w, lam, arrays, static), _operator(lam, arrays, static),
-        w0, what="multiclass_logreg inner problem"))
+    return multinomial_exact_solution(_SOLUTIONS, lam, arrays, static, loss=inner_loss,
+                                      grad=inner_grad, curvature=_curvature,
+                                      what="multiclass_logreg inner problem")
 
 
 def exact_hypergradient(lam, arrays, static):
     w = exact_inner_solution(lam, arrays, static)
-    Xv, Yv = arrays["X_val"], arrays["Y_val"]
-    grad_out = Xv.T @ (softmax_rows(Xv @ w) - Yv) / Xv.shape[0]
-    adjoint = multinomial_adjoint(lambda w_: inner_hessian(w_, lam, arrays, static),
-                                  _operator(lam, arrays, static), w, grad_out,
-                                  what="multiclass_logreg")
+    adjoint = multinomial_val_adjoint(lam, arrays, static, w, curvature=_curvature,
+                                      what="multiclass_logreg")
     return -np.exp(lam) * np.sum(w * adjoint, axis=0)
 
 

@@ -62,14 +62,13 @@ and ``density`` are ignored there.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import OrderedDict
 
 import numpy as np
 
 from hypersweep.problems.base import ProblemData
-from hypersweep.problems.helpers import broadcast_lam0, check_positive_int, pcg
+from hypersweep.problems.helpers import (SolutionCache, broadcast_lam0, check_positive_int,
+                                         pcg)
 from hypersweep.registry import check_choice
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,6 @@ SPLITS = ("train", "val", "test")
 DENSE_HESSIAN_MAX_D = 4000
 NEWTON_TOL = 1e-12     # ‖∇_w L_in(w)‖ ≤ NEWTON_TOL · ‖∇_w L_in(0)‖
 ADJOINT_TOL = 1e-12    # ‖H v − b‖ ≤ ADJOINT_TOL · ‖b‖ (the true residual)
-_CACHE_SIZE = 8        # solutions kept (each is one float64 vector of length d)
 
 
 # -- data -------------------------------------------------------------------------------
@@ -338,20 +336,9 @@ def _logistic_grad_data(X, y, w):
     return X.T @ (-(y * expit(-y * z))) / X.shape[0], z
 
 
-def _fingerprint(arrays, static) -> bytes:
-    """What w*(λ) is a function of besides λ: a digest of the training arrays and d."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(static["n_features"]).encode())
-    for key in ("X_train_data", "X_train_indices", "X_train_indptr", "y_train"):
-        a = np.ascontiguousarray(arrays[key])
-        h.update(key.encode())
-        h.update(repr((a.dtype.str, a.shape)).encode())
-        h.update(a.data)
-    return h.digest()
-
-
-#: (data digest, λ bytes) → w*(λ), the last few solved
-_SOLUTIONS: OrderedDict = OrderedDict()
+#: w*(λ) of the last few λ, keyed by a digest of the training arrays and λ's bytes
+_SOLUTIONS = SolutionCache(("X_train_data", "X_train_indices", "X_train_indptr", "y_train"),
+                           size=8)
 
 
 def _hessian_operator(X, w, pen):
@@ -409,14 +396,8 @@ def exact_inner_solution(lam, arrays, static):
     which λ were solved before); the last few solutions are kept, keyed by the data's
     digest and λ's bytes, so F(λ) and ∇F(λ) at one λ solve once."""
     lam = np.asarray(lam, dtype=np.float64)
-    key = (_fingerprint(arrays, static), lam.tobytes())
-    if key not in _SOLUTIONS:
-        _SOLUTIONS[key] = _newton_cg(_csr(arrays, "train", static), arrays["y_train"],
-                                     np.exp(lam))
-    _SOLUTIONS.move_to_end(key)
-    while len(_SOLUTIONS) > _CACHE_SIZE:
-        _SOLUTIONS.popitem(last=False)
-    return _SOLUTIONS[key].copy()
+    return _SOLUTIONS.get(lam, arrays, static, lambda: _newton_cg(
+        _csr(arrays, "train", static), arrays["y_train"], np.exp(lam)))
 
 
 def exact_hypergradient(lam, arrays, static):
