@@ -35,8 +35,8 @@ BB_T, BB_TRIALS, BB_BOX = 50, 15, (-6.0, 3.0)
 # tutorial_table.txt: the studies run HPO and black-box cells on ridge (the tutorial's table)
 # grad_norm_vs_cost.png / solver_table.csv: the hpo and blackbox rows carry outer_grad_norm
 REPORT_FILES = {"error_vs_t.png", "best_val_vs_cost.png", "rates.csv", "comparison.csv",
-                "report.html", "tutorial_table.txt", "grad_norm_vs_cost.png",
-                "solver_table.csv"}
+                "report.html", "report_static.html", "tutorial_table.txt",
+                "grad_norm_vs_cost.png", "solver_table.csv"}
 
 COMMON = """\
 backend: jax
@@ -340,7 +340,7 @@ def test_report_shows_the_parquet_numbers_and_is_logged_to_every_parent(e2e):
         assert (pixels.min(axis=-1) < 0.9).mean() > 0.01
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
-    page = (e2e.report / "report.html").read_text(encoding="utf-8")
+    page = (e2e.report / "report_static.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 3
     for method in ("itd", "aid_cg K=t", f"aid_cg K={HPO_K}", "random", "tpe"):
         assert method in page, method
@@ -378,6 +378,6 @@ def test_report_shows_the_parquet_numbers_and_is_logged_to_every_parent(e2e):
         logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id,
                                                                    "report")}
         assert logged == REPORT_FILES, (study.study, logged)
-        local = client.download_artifacts(parent.info.run_id, "report/report.html",
+        local = client.download_artifacts(parent.info.run_id, "report/report_static.html",
                                           str(e2e.root / f"dl-{study.study}"))
         assert Path(local).read_text(encoding="utf-8") == page

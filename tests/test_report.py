@@ -132,8 +132,10 @@ def test_error_vs_t_figure_has_a_panel_per_problem_and_the_fitted_rates(built):
     ridge_ax = fig.axes[1]
     assert ridge_ax.get_yscale() == "log"
     labels = sorted(line.get_label() for line in ridge_ax.get_lines())
-    assert labels == ["aid_cg K=t (r=0.700)", "aid_fp K=10 (r=0.800)",
-                      "aid_fp K=t (r=0.800)", "itd (r=0.900)"]
+    q_ridge = built["rates"].set_index(["problem", "line"]).loc[("ridge", "itd"), "q"]
+    assert labels == ["aid_cg K=t (r = 0.700)", "aid_fp K=10 (r = 0.800)",
+                      "aid_fp K=t (r = 0.800)", "itd (r = 0.900)",
+                      f"reference qᵗ (q = {q_ridge:.4f})"]
     # the K=10 line includes the t = 10 cell (stored once, with K = t = 10)
     fp10 = next(line for line in ridge_ax.get_lines() if line.get_label().startswith(
         "aid_fp K=10"))
@@ -177,7 +179,8 @@ def test_error_curves_are_the_median_over_seeds_with_a_20_80_band(skewed_results
     # ... and the figure draws exactly those: the line is the median, the band 20-80 %.
     fig, _ = figures.plot_error_vs_t(skewed_results)
     (ax,) = fig.axes
-    (line,) = ax.get_lines()
+    line, reference = ax.get_lines()  # the median and the reference slope qᵗ
+    assert reference.get_label().startswith("reference qᵗ")
     np.testing.assert_allclose(line.get_xdata(), [1, 2, 5])
     np.testing.assert_allclose(line.get_ydata(), SKEWED_MEDIAN * base, rtol=1e-12)
     (band,) = ax.collections
@@ -214,7 +217,7 @@ def test_best_val_figure_and_comparison_table(built):
 
 def test_html_is_self_contained_and_shows_the_numbers(built):
     out = built["files"][0].parent
-    page = (out / "report.html").read_text(encoding="utf-8")
+    page = (out / "report_static.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 2
     assert "src='http" not in page and "<script" not in page
     for text in ("random", "aid_cg K=10", "<td>3/3</td>", "<td>0/3</td>", "<td>0.8</td>",
@@ -262,7 +265,7 @@ def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_pat
         # tutorial_table.txt: the synthetic rows include HPO cells on ridge
         assert names == ["report/best_val_vs_cost.png", "report/comparison.csv",
                          "report/error_vs_t.png", "report/rates.csv", "report/report.html",
-                         "report/tutorial_table.txt"]
+                         "report/report_static.html", "report/tutorial_table.txt"]
     finally:
         (study_dir / "study.yaml").unlink()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

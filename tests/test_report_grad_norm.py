@@ -157,7 +157,7 @@ def test_a_method_that_never_reaches_the_target_shows_nan_and_0_of_n(study_dir, 
     assert math.isnan(aid[TIME]) and math.isnan(aid[CALLS])
     ridge = built["solver"][built["solver"]["problem"] == "ridge"]
     assert list(ridge["method"]) == ["random", "soba", "aid_cg K=5"]  # not reached: last
-    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    page = (tmp_path / "rep" / "report_static.html").read_text(encoding="utf-8")
     assert "<td>0/3</td><td>not reached</td><td>not reached</td>" in page
     csv = pd.read_csv(tmp_path / "rep" / "solver_table.csv")
     assert csv[TIME].isna().sum() == 2  # one per problem
@@ -213,7 +213,7 @@ def test_build_report_writes_the_figure_the_table_and_the_html_section(built):
     assert list(csv.columns) == tables.SOLVER_COLUMNS
     soba = csv[(csv["problem"] == "ridge") & (csv["method"] == "soba")].iloc[0]
     assert soba[TIME] == pytest.approx(1.0) and soba["seeds_reached"] == "3/3"
-    page = (out / "report.html").read_text(encoding="utf-8")
+    page = (out / "report_static.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 2  # best val, grad norm (no error fig)
     assert "Stationarity ‖∇F(λ)‖² vs cost" in page
     assert "Time to ‖∇F(λ)‖² ≤ 0.001·‖∇F(λ₀)‖²" in page

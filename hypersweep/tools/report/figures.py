@@ -39,17 +39,40 @@ def _pyplot():
     return plt
 
 
+def error_styles(curves: pd.DataFrame, results: pd.DataFrame | None = None) -> dict:
+    """The :class:`~.styles.Style` of each error line (``curves["line"]``): the same as
+    the interactive page's (colour = algorithm, dash = K setting, marker = backend)."""
+    from hypersweep.tools.report.styles import MethodKey, assign_styles, split_label
+
+    keys = []
+    for line, algo, backend in curves[["line", "algorithm", "backend"]].drop_duplicates(
+            ).itertuples(index=False):
+        key = split_label(line, algo, backend if f"[{backend}]" in line else None)
+        keys.append(MethodKey(key.label, key.algorithm, key.variant, backend))
+    everything = {} if results is None or results.empty else dict(
+        algorithms=results["algorithm"].dropna().astype(str).unique(),
+        backends=results["backend"].dropna().astype(str).unique())
+    return assign_styles(keys, **everything)
+
+
 def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"):
-    """Figure 1. Returns (figure, rates DataFrame); None figure when there is nothing."""
+    """Figure 1. Returns (figure, rates DataFrame); None figure when there is nothing.
+    One panel per problem; each line with its fitted rate r in the legend (below the
+    panels, so it covers no curve) and the dotted reference slope qᵗ."""
+    import numpy as np
+
     plt = _pyplot()
     curves = error_curves(results, error=error)
     rates = rate_table(results, curves)
     if curves.empty:
         return None, rates
     panels = problem_order(curves["panel"].unique())
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    lines = sorted(curves["line"].unique())
-    colors = {line: plt.cm.tab10(i % 10) for i, line in enumerate(lines)}
+    styles = error_styles(curves, results)
+    n_lines = curves.groupby("panel")["line"].nunique().max()
+    legend_rows = -(-(n_lines + 1) // 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels),
+                                                      3.6 + 0.2 * legend_rows),
+                             squeeze=False)
     for ax, panel in zip(axes[0], panels):
         sub = curves[curves["panel"] == panel]
         q = rates.loc[rates["problem"] == panel, "q"]
@@ -57,15 +80,27 @@ def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"
         for line, g in sub.groupby("line"):
             rate = rates.loc[(rates["problem"] == panel) & (rates["line"] == line), "rate"]
             r = rate.iloc[0] if len(rate) else None
-            ax.plot(g["t"], g["median"], marker="o", ms=3, color=colors[line],
-                    label=f"{line} (r={fmt(r, '.3f')})")
-            ax.fill_between(g["t"], g["low"], g["high"], color=colors[line], alpha=0.2,
+            style = styles[line]
+            label = f"{line} (r = {fmt(r, '.3f')})" if r is not None and pd.notna(r) \
+                else line
+            ax.plot(g["t"], g["median"], marker=style.mpl_marker, ms=3, color=style.color,
+                    linestyle=style.mpl_linestyle(), label=label)
+            ax.fill_between(g["t"], g["low"], g["high"], color=style.color, alpha=0.15,
                             linewidth=0)
+        if q_val is not None and pd.notna(q_val) and 0 < q_val < 1:
+            t = np.array(sorted(sub["t"].unique()), float)
+            start = sub[sub["t"] == t[0]]["median"].max()
+            ref = start * q_val ** (t - t[0])
+            keep = ref >= sub["low"][sub["low"] > 0].min() / 10
+            keep[:2] = True
+            ax.plot(t[keep], ref[keep], ":", color="#7f7f7f", lw=1.2,
+                    label=f"reference qᵗ (q = {q_val:.4f})")
         ax.set_yscale("log")
         ax.set_xlabel("t (inner steps)")
         ax.set_title(f"{panel}  (q = {fmt(q_val, '.4f')})", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+                  frameon=False)
     axes[0][0].set_ylabel("relative hypergradient error" if error == "hypergrad_rel_error"
                           else "‖ĝ − ∇F‖")
     fig.tight_layout()

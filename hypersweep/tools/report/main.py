@@ -24,9 +24,16 @@ directories and writes to ``DIR``:
 ``tutorial_table.txt``
     the ridge tutorial's table, when the results hold HPO or black-box cells on ridge.
 ``report.html``
-    everything above, images embedded (base64), plus per problem: method, final best val
-    loss, test metric, time and oracle calls to reach within 1 % of the best val loss any
-    method found (per seed), the solver table, and the summary table.
+    the interactive page (:mod:`.interactive`): self-contained and offline (Plotly
+    embedded), every figure above as one plot per panel with a choice of x axis (t or
+    outer step / wall time / oracle calls), log toggles, a problem selector and hover
+    with the run's parameters; the tables with unambiguous column names; a header with
+    the machine, devices, versions, git commit, the studies' YAML and links to their
+    MLflow runs (``--mlflow-ui``).
+``report_static.html``
+    everything above with the PNGs embedded (base64), plus per problem: method, final best
+    val loss, test metric, time and oracle calls to reach within 1 % of the best val loss
+    any method found (per seed), the solver table, and the summary table.
 
 The files are logged as artifacts of each study's MLflow parent run (tag
 ``hypersweep.study``) when its tracking store is reachable; otherwise a warning.
@@ -41,7 +48,7 @@ from pathlib import Path
 
 from hypersweep.io.parquet import STUDY_FILE
 from hypersweep.io.tracking import TAG_ROLE, TAG_STUDY, choose_tracking_uri
-from hypersweep.tools.report import figures
+from hypersweep.tools.report import figures, interactive
 from hypersweep.tools.report.page import render_html
 from hypersweep.tools.report.reading import read_outputs
 from hypersweep.tools.report.tables import (
@@ -57,10 +64,12 @@ _SQLITE = "sqlite:///"
 
 
 def build_report(dirs: Sequence[str | Path], out: str | Path, *,
-                 error: str = "hypergrad_rel_error") -> dict:
-    """Read ``dirs``, write the figures, CSVs and ``report.html`` to ``out``; return
-    ``{"files": [...], "figures": {name: Figure}, "rates", "comparison", "solver",
-    "summary", "results", "tutorial"}``."""
+                 error: str = "hypergrad_rel_error",
+                 mlflow_links: Sequence[tuple[str, str]] = ()) -> dict:
+    """Read ``dirs``, write the figures, CSVs, ``report.html`` (interactive) and
+    ``report_static.html`` (the PNGs) to ``out``; return ``{"files": [...], "figures":
+    {name: Figure}, "spec", "rates", "comparison", "solver", "summary", "results",
+    "tutorial"}``."""
     results, traces = read_outputs(dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,9 +102,16 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
     page = render_html(sources=[str(d) for d in dirs], summary=summary, images=images,
                        rates=rates, comparison=comparison, solver=solver,
                        tutorial=tutorial)
+    (out / "report_static.html").write_text(page, encoding="utf-8")
+    files.append(out / "report_static.html")
+    spec = interactive.figure_spec(results, traces, error=error)
+    page = interactive.render_page(
+        spec, prov=interactive.provenance(results, dirs), summary=summary,
+        comparison=comparison, solver=solver, rates=rates, mlflow_links=mlflow_links)
     (out / "report.html").write_text(page, encoding="utf-8")
     files.append(out / "report.html")
-    return {"files": files, "figures": found, "rates": rates, "comparison": comparison,
+    return {"files": files, "figures": found, "spec": spec, "rates": rates,
+            "comparison": comparison,
             "solver": solver, "summary": summary, "results": results,
             "tutorial": tutorial}
 
@@ -131,6 +147,47 @@ def _study_tracking(output_dir: Path, override: str | None) -> tuple[str | None,
     return uri, cfg.get("experiment") or study, study
 
 
+def _parent_run(client, experiment: str, study: str):
+    """(experiment id, the study's parent run id) or None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TAG_STUDY}` = '{study}' and "
+                                           f"tags.`{TAG_ROLE}` = 'parent'", max_results=10)
+    if not runs:
+        return None
+    return exp.experiment_id, sorted(runs, key=lambda r: r.info.start_time or 0)[0].info.run_id
+
+
+def mlflow_links(dirs: Sequence[str | Path], *, ui_url: str,
+                 tracking_uri: str | None = None) -> list[tuple[str, str]]:
+    """(label, URL in the MLflow UI at ``ui_url``) of each study's experiment and parent
+    run (its children are listed under it); empty where the store is unreachable."""
+    links = []
+    for directory in dirs:
+        try:
+            uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
+            if uri is None:
+                continue
+            from hypersweep.io.tracking import set_mlflow_env_defaults
+            set_mlflow_env_defaults()
+            from mlflow import MlflowClient
+            found = _parent_run(MlflowClient(tracking_uri=uri), experiment, study)
+            if found is None:
+                continue
+            exp_id, run_id = found
+            # MLflow 3.17's UI picks its view from ?workflowType= (then remembers it), not
+            # from the experiment's tag: the links open the model-training view
+            base, view = ui_url.rstrip("/"), "?workflowType=machine_learning"
+            links.append((f"{study} (runs)", f"{base}/#/experiments/{exp_id}/runs{view}"))
+            links.append((f"{study} (parent run)",
+                          f"{base}/#/experiments/{exp_id}/runs/{run_id}{view}"))
+        except Exception as exc:  # a view: the report is written without links
+            log.warning("no MLflow links for %s: %s", directory, exc)
+    return links
+
+
 def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
                   tracking_uri: str | None = None) -> list[str]:
     """Log ``files`` under ``report/`` of each study's MLflow parent run; returns the run
@@ -141,24 +198,17 @@ def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
             uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
             if uri is None:
                 continue
-            from hypersweep.io.tracking import set_mlflow_env_defaults
+            from hypersweep.io.tracking import relocate_artifacts, set_mlflow_env_defaults
             set_mlflow_env_defaults()
+            relocate_artifacts(uri)  # a moved results folder: log beside its own store
             from mlflow import MlflowClient
             client = MlflowClient(tracking_uri=uri)
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                log.warning("MLflow experiment %r not found at %s; report not logged",
-                            experiment, uri)
+            found = _parent_run(client, experiment, study)
+            if found is None:
+                log.warning("no MLflow parent run tagged %s=%r in experiment %r at %s; "
+                            "report not logged", TAG_STUDY, study, experiment, uri)
                 continue
-            runs = client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.`{TAG_STUDY}` = '{study}' and "
-                              f"tags.`{TAG_ROLE}` = 'parent'", max_results=10)
-            if not runs:
-                log.warning("no MLflow parent run tagged %s=%r in %r; report not logged",
-                            TAG_STUDY, study, experiment)
-                continue
-            run_id = sorted(runs, key=lambda r: r.info.start_time or 0)[0].info.run_id
+            run_id = found[1]
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path="report")
             logged.append(run_id)
@@ -182,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking URI (default: each study's study.yaml)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--mlflow-ui", default="http://127.0.0.1:5000",
+                        help="the MLflow UI the page links to (default: "
+                             "http://127.0.0.1:5000, where `mlflow ui` listens)")
     args = parser.parse_args(argv)
     for d in args.results:
         if not Path(d).is_dir():
@@ -194,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args.out = str(Path(args.results[0]) / "report")
     error = "hypergrad_rel_error" if args.error == "rel" else "hypergrad_abs_error"
-    report = build_report(args.results, args.out, error=error)
+    links = [] if args.no_mlflow else mlflow_links(args.results, ui_url=args.mlflow_ui,
+                                                   tracking_uri=args.mlflow_uri)
+    report = build_report(args.results, args.out, error=error, mlflow_links=links)
     if report["results"].empty:
         log.warning("no result rows found in %s", ", ".join(args.results))
     if not args.no_mlflow:

@@ -161,15 +161,27 @@ def error_curves(results: pd.DataFrame, *, error: str = "hypergrad_rel_error") -
     df = df[np.isfinite(df[error].astype(float)) & (df[error].astype(float) > 0)]
     if df.empty:
         return pd.DataFrame(columns=["panel", "line", "algorithm", "t", "median", "low",
-                                     "high", "n"])
+                                     "high", "n", "backend", "k_setting", "wall_time_s",
+                                     COST_AXIS])
     df = df.assign(panel=problem_key(df))
     df = _line_labels(df)
+    df = df.assign(**{COST_AXIS: oracle_calls(df)})
     rows = []
     for (panel, line, algo, t), g in df.groupby(["panel", "line", "algorithm", "t"]):
         med, lo, hi = _quantiles(g[error].to_numpy(float))
         rows.append(dict(panel=panel, line=line, algorithm=algo, t=int(t), median=med,
-                         low=lo, high=hi, n=len(g)))
+                         low=lo, high=hi, n=len(g), backend=str(g["backend"].iloc[0]),
+                         k_setting=str(g["k_setting"].iloc[0]),
+                         wall_time_s=_median(g["wall_time_s"]),
+                         **{COST_AXIS: _median(g[COST_AXIS])}))
     return pd.DataFrame(rows).sort_values(["panel", "line", "t"]).reset_index(drop=True)
+
+
+def _median(values: pd.Series) -> float:
+    """The median of the finite values (NaN when none): a line's cost at one t."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else float("nan")
 
 
 def rate_table(results: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
