@@ -11,26 +11,40 @@ from hypersweep.io.schema import STATUSES
 
 
 def per_pair(table) -> list[dict]:
-    """Cells, ok cells and medians of the ok cells per (problem, algorithm)."""
+    """Cells, ok cells and medians of the ok cells per (problem, algorithm), an algorithm
+    with a K setting split by it ("aid_cg K=t", "aid_cg K=10"). The error is the median
+    at the group's largest t (``t_max``): the medians do not mix inner budgets. The val
+    loss is the pipelines' ``val_loss``: F(λ_final) with the float64 oracle."""
     pairs: dict[tuple, dict[str, list]] = {}
-    for row in table.select(["problem", "algorithm", "status", "hypergrad_rel_error",
-                             "wall_time_s", "val_loss"]).to_pylist():
-        entry = pairs.setdefault((row["problem"], row["algorithm"]),
+    names = set(table.column_names)
+    columns = ["problem", "algorithm", "status", "hypergrad_rel_error", "wall_time_s",
+               "val_loss"] + [c for c in ("t", "K_setting", "pipeline") if c in names]
+    for row in table.select(columns).to_pylist():
+        algorithm = row["algorithm"]
+        if row.get("K_setting") and row.get("pipeline") == "hypergradient_error":
+            algorithm = f"{algorithm} K={row['K_setting']}"
+        entry = pairs.setdefault((row["problem"], algorithm),
                                  {"rel": [], "wall": [], "val": [], "n": 0, "ok": 0})
         entry["n"] += 1
         if row["status"] == "ok":
             entry["ok"] += 1
             if row["hypergrad_rel_error"] is not None:
-                entry["rel"].append(row["hypergrad_rel_error"])
+                entry["rel"].append((row.get("t") or 0, row["hypergrad_rel_error"]))
             if row["wall_time_s"] is not None:
                 entry["wall"].append(row["wall_time_s"])
             if row["val_loss"] is not None:
                 entry["val"].append(row["val_loss"])
-    return [{"problem": p, "algorithm": a, "cells": e["n"], "ok": e["ok"],
-             "median_rel_error": statistics.median(e["rel"]) if e["rel"] else None,
-             "median_val_loss": statistics.median(e["val"]) if e["val"] else None,
-             "median_wall_time_s": statistics.median(e["wall"]) if e["wall"] else None}
-            for (p, a), e in sorted(pairs.items())]
+    out = []
+    for (p, a), e in sorted(pairs.items()):
+        t_max = max((t for t, _ in e["rel"]), default=None)
+        rel = [v for t, v in e["rel"] if t == t_max]
+        out.append({"problem": p, "algorithm": a, "cells": e["n"], "ok": e["ok"],
+                    "t_max": t_max if rel and "t" in names else None,
+                    "median_rel_error": statistics.median(rel) if rel else None,
+                    "median_val_loss": statistics.median(e["val"]) if e["val"] else None,
+                    "median_wall_time_s": statistics.median(e["wall"]) if e["wall"]
+                    else None})
+    return out
 
 
 def study_counts(table) -> dict[str, int]:
@@ -135,12 +149,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"tasks    {batch_line(summary)}")
     if summary["per_pair"]:
         width = max(len(f"{p['problem']} × {p['algorithm']}") for p in summary["per_pair"])
-        lines.append(f"{'problem × algorithm':<{width}}  cells    ok  median rel err  "
-                     f"median wall s")
+        lines.append(f"{'problem × algorithm':<{width}}  cells    ok  t_max  "
+                     f"median rel err at t_max  median wall s")
         for pair in summary["per_pair"]:
             lines.append(f"{pair['problem'] + ' × ' + pair['algorithm']:<{width}}  "
                          f"{pair['cells']:5d} {pair['ok']:5d}  "
-                         f"{_fmt(pair['median_rel_error'], '.3e'):>14}  "
+                         f"{_fmt(pair.get('t_max'), 'd'):>5}  "
+                         f"{_fmt(pair['median_rel_error'], '.3e'):>23}  "
                          f"{_fmt(pair['median_wall_time_s'], '.4f'):>13}")
     warning = zero_hypergradient_warning(summary)
     if warning:
@@ -168,13 +183,15 @@ def print_summary(summary: dict, console: Any = None) -> None:
     console.print(table)
     if summary["per_pair"]:
         pairs = Table(title="per (problem, algorithm), ok cells")
-        for column in ("problem", "algorithm", "cells", "ok", "median rel error",
-                       "median val loss", "median wall s"):
+        for column in ("problem", "algorithm", "cells", "ok", "t_max",
+                       "median rel error at t_max", "median val loss F(λ_final)",
+                       "median wall s"):
             pairs.add_column(column, justify="left" if column in ("problem", "algorithm")
                              else "right")
         for pair in summary["per_pair"]:
             pairs.add_row(pair["problem"], pair["algorithm"], str(pair["cells"]),
-                          str(pair["ok"]), _fmt(pair["median_rel_error"], ".3e"),
+                          str(pair["ok"]), _fmt(pair.get("t_max"), "d"),
+                          _fmt(pair["median_rel_error"], ".3e"),
                           _fmt(pair.get("median_val_loss"), ".5g"),
                           _fmt(pair["median_wall_time_s"], ".4f"))
         console.print(pairs)

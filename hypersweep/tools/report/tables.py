@@ -195,27 +195,38 @@ def tutorial_summary(results: pd.DataFrame) -> str | None:
 
 
 def summary_table(table: Any) -> str:
-    """One line per (problem, pipeline, algorithm): cells ok/failed, the median headline
-    number (relative hypergradient error for ``hypergradient_error``, final val loss
-    otherwise) over ok cells, and the median wall time; a pipeline column when the
-    table mixes pipelines. ``table``: a pyarrow Table, DataFrame or list of result rows."""
+    """One line per (problem, pipeline, algorithm [K setting]): cells ok/failed, the median
+    headline number over ok cells (relative hypergradient error at the line's largest t
+    for ``hypergradient_error``; the val loss F(λ_final) at the final λ otherwise), and the
+    median wall time; a pipeline column when the table mixes pipelines. ``table``: a pyarrow Table, DataFrame or list of result rows."""
     df = as_frame(table)
     if df.empty:
         return "(no results)"
     several = df["pipeline"].nunique() > 1
     rank = {p: i for i, p in enumerate(problem_order(df["problem"].unique()))}
+    df = df.copy()
+    if "K_setting" in df:  # an error line per K setting: "aid_cg K=t", "aid_cg K=10"
+        k = df["K_setting"].where(df["pipeline"] == ERROR_PIPELINE)
+        df["algorithm"] = df["algorithm"].where(k.isna(), df["algorithm"] + " K="
+                                                + k.fillna("").astype(str))
     rows = []
     for (problem, pipeline, algorithm), g in sorted(
             df.groupby(["problem", "pipeline", "algorithm"]),
             key=lambda item: (rank[item[0][0]], item[0][1], item[0][2])):
         ok = g[g["status"] == "ok"]
-        metric = "rel error" if pipeline == ERROR_PIPELINE else "val loss"
-        column = "hypergrad_rel_error" if pipeline == ERROR_PIPELINE else "val_loss"
+        counts = f"{len(ok)}/{len(g) - len(ok)}"
+        if pipeline == ERROR_PIPELINE and len(ok):
+            # the error at the line's largest t: medians do not mix inner budgets
+            t_max = int(ok["t"].max())
+            ok = ok[ok["t"] == t_max]
+            metric, column = f"rel error at t={t_max}", "hypergrad_rel_error"
+        else:
+            metric, column = "val loss F(λ_final)", "val_loss"
         values = ok[column].astype(float) if len(ok) else pd.Series([], dtype=float)
         values = values[np.isfinite(values)]
         walls = ok["wall_time_s"].astype(float) if len(ok) else pd.Series([], dtype=float)
         rows.append(((pipeline,) if several else ()) + (
-            problem, algorithm, f"{len(ok)}/{len(g) - len(ok)}", metric,
+            problem, algorithm, counts, metric,
             fmt(float(values.median()) if len(values) else None, ".3e"),
             fmt(float(walls.median()) if len(walls) else None, ".3g")))
     header = (("pipeline",) if several else ()) + (
