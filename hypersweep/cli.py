@@ -4,7 +4,7 @@ Subcommands::
 
     hypersweep run STUDY.yaml [STUDY.yaml ...] [--address ADDR] [--quiet] [--retry-failed]
                    [--force] [--ray-dashboard]
-    hypersweep plan STUDY.yaml
+    hypersweep plan STUDY.yaml [--json [--no-cells]] [--baseline PARQUET]
     hypersweep status OUTPUT_DIR
     hypersweep sync-mlflow OUTPUT_DIR [--tracking-uri URI]
     hypersweep problems | algorithms
@@ -101,9 +101,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hypersweep.orchestrator.expand import plan
 
     study = _load_study(args.study, args.set)
+    if args.baseline is not None and not os.path.isfile(args.baseline):
+        raise UsageError(f"--baseline {args.baseline!r}: file not found")
     start = time.perf_counter()
     summary = plan(study)
     elapsed = time.perf_counter() - start
+    if args.json:
+        return _plan_json(study, summary, args)
     console = _console()
     _say(console, f"study {study.study}: pipeline {study.pipeline}, backend "
                   f"{', '.join(study.backend)}, dtype {study.dtype}")
@@ -127,6 +131,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _say(console, "sample cell_ids:")
     for cell_id in summary.sample_cell_ids:
         _say(console, f"  {cell_id}")
+    from hypersweep.orchestrator.estimate import format_seconds as fmt
+
+    priced = _price(study, args, with_cells=False)
+    totals = priced.totals
+    sources = ", ".join(f"{source} {n}" for source, n in sorted(totals.sources.items()))
+    _say(console, f"estimate: {fmt(totals.cell_seconds + totals.compile_seconds())} of cell "
+                  f"time ({fmt(totals.cell_seconds / max(totals.n_cells, 1))} per cell), "
+                  f"about {fmt(totals.seconds_on(priced.actors))} on {priced.actors} "
+                  f"actor(s) ({priced.actors_from}); cells priced from {sources} "
+                  f"(details: --json)")
+    return 0
+
+
+def _price(study, args: argparse.Namespace, *, with_cells: bool):
+    from hypersweep.orchestrator import estimate
+
+    return estimate.price_study(study, with_cells=with_cells, baseline=(
+        estimate.BASELINE_PATH if args.baseline is None else args.baseline))
+
+
+def _plan_json(study, summary, args: argparse.Namespace) -> int:
+    """``plan --json``: one JSON document on stdout, nothing else (README, CLI section)."""
+    import json
+
+    from hypersweep.orchestrator.estimate import plan_document
+
+    document = plan_document(study, summary, _price(study, args, with_cells=args.cells))
+    sys.stdout.write(json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False)
+                     + "\n")
     return 0
 
 
@@ -369,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="KEY=VALUE: set a study key before validation (dotted path, YAML value; "
                           "repeatable), e.g. --set pipeline_params.outer_lr=0.5 --set seeds=5")
+    plan.add_argument("--json", action="store_true",
+                      help="print one JSON document (cells, counts, cost estimate) to stdout "
+                           "and nothing else")
+    plan.add_argument("--no-cells", dest="cells", action="store_false",
+                      help="with --json: leave the list of cells out (counts and estimate "
+                           "only)")
+    plan.add_argument("--baseline", default=None, metavar="PARQUET",
+                      help="rows to price cells from, besides the study's own results "
+                           "(default: the repository's benchmarks/baseline.parquet)")
     plan.set_defaults(handler=cmd_plan)
 
     status = commands.add_parser("status", help="cell counts by status from a study's output")

@@ -23,8 +23,10 @@ BACKENDS = ("jax", "torch")
 #: what an algorithm is: a hypergradient ``estimator`` fn(problem, lam, *, t, K, seed); an
 #: ``online`` (init, step) pair that tunes λ during one training run; a bilevel ``solver``
 #: (init, step) pair that updates inner, adjoint and outer variables together; a black-box
-#: ``searcher`` factory (Ray Tune).
-ALGORITHM_KINDS = ("estimator", "online", "solver", "searcher")
+#: ``searcher`` factory (Ray Tune); a ``baseline`` with an estimator's signature that
+#: solves the inner problem and does not tune λ (``fixed``: the reference a tuning method
+#: is compared with, never a hypergradient estimate).
+ALGORITHM_KINDS = ("estimator", "online", "solver", "searcher", "baseline")
 PLUGINS_ENV = "HYPERSWEEP_PLUGINS"
 
 

@@ -1,7 +1,8 @@
 """The hypergradient-algorithm registry: ``get(name, backend=...)`` and ``names()``.
 
 Every estimator is called as ``fn(problem, lam, *, t, K, seed=0, **params)`` and returns a
-:class:`~hypersweep.algorithms.common.Hypergrad`. The estimators flagged
+:class:`~hypersweep.algorithms.common.Hypergrad`; so is a ``baseline`` (``fixed``), whose
+``hypergrad`` is zero by design. The estimators flagged
 ``warm_start_adjoint`` in the catalog (:func:`adjoint_warm_starts`: aid_cg, aid_fp) also
 take ``v0=``, an adjoint warm start. ``get_grid(name, backend)`` returns an estimator's t-grid
 form (one inner run per lane, evaluated at every (t, K) of its grid; None when it has none).
@@ -46,7 +47,8 @@ def applicable(name: str, problem_capabilities) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def get(name: str, backend: str) -> Callable[..., Hypergrad]:
-    """The estimator ``name`` for ``backend``, wrapped with argument checks.
+    """The estimator (or baseline) ``name`` for ``backend``, wrapped with argument checks;
+    other kinds' implementations as they are.
 
     The wrapper checks t, K, λ's shape, the problem's backend and capabilities, merges
     ``**params`` over the spec's ``params`` defaults (:func:`check_params`, which rejects
@@ -59,7 +61,7 @@ def get(name: str, backend: str) -> Callable[..., Hypergrad]:
     algo = ALGORITHMS.spec(name)
     check_choice("backend", backend, BACKENDS)
     impl = resolve_impl(algo, backend)
-    if algo.kind != "estimator":
+    if algo.kind not in ("estimator", "baseline"):
         return impl
 
     @functools.wraps(impl)

@@ -125,6 +125,18 @@ ALGORITHMS.register(AlgorithmSpec(
     params_model=_model("GreedyParams"),
 ))
 
+# --- baselines (hpo pipeline) ---
+# kind="baseline": an estimator's signature, run by the hpo pipeline, which makes no outer
+# update for it. ``fixed`` trains w as the estimators do (t steps of Φ per outer step) and
+# never moves λ, so a study's table shows what tuning bought over λ₀.
+ALGORITHMS.register(AlgorithmSpec(
+    name="fixed",
+    summary="No tuning: λ stays λ₀; each outer step trains w with t inner steps, as the "
+            "estimators do (the reference row of an HPO table).",
+    reference="the untuned baseline (λ₀) of any HPO comparison",
+    impls=_impls("fixed", "fixed"), kind="baseline",
+))
+
 # --- bilevel solvers (hpo pipeline) ---
 # kind="solver": ``get(name, backend)`` returns a ``Solver(init, step, samples, counts)``
 # (hypersweep/algorithms/solvers_common.py has the interface, the sampler and the

@@ -14,9 +14,10 @@ PIPELINES.register(PipelineSpec(
 ))
 PIPELINES.register(PipelineSpec(
     name="hpo",
-    summary="Gradient-based HPO: an estimator, online method or bilevel solver drives λ.",
+    summary="Gradient-based HPO: an estimator, online method or bilevel solver drives λ "
+            "(or a baseline keeps it at λ₀).",
     run="hypersweep.pipelines.hpo:run",
-    algorithm_kinds=("estimator", "online", "solver"),
+    algorithm_kinds=("estimator", "online", "solver", "baseline"),
     params_model="hypersweep.pipelines.params:HpoParams",
 ))
 PIPELINES.register(PipelineSpec(

@@ -11,6 +11,10 @@ Two kinds of algorithm run here:
 * ``kind="online"`` (hyperdistill, t1t2, greedy): ``init`` once, then one ``step`` per
   outer step (t inner steps on the carried w and one λ update; see
   :mod:`hypersweep.algorithms.online_common` for t and K per method). w is always carried.
+* ``kind="baseline"`` (fixed): the estimator loop without its outer update — each outer
+  step trains w as the estimators do (t inner steps, ``warm_start_w`` and
+  ``cap_inner_lr`` alike) and λ stays λ₀ exactly, so its row is the untuned reference:
+  F(λ₀) and, by construction, ``outer_grad_norm_rel`` = 1.
 
 ``pipeline_params`` (defaults in :data:`DEFAULTS`):
 
@@ -133,11 +137,14 @@ def _backend_online(backend: str):
 
 
 class _HypergradientLoop:
-    """Outer loop for ``kind="estimator"``: estimator + outer optimizer on λ."""
+    """Outer loop for ``kind="estimator"``: estimator + outer optimizer on λ. For
+    ``kind="baseline"`` the same loop with no outer update: λ is never touched."""
 
     def __init__(self, cell, problem, params, lam0):
         self.cell, self.problem = cell, problem
         self.estimator = algorithms.get(cell.algorithm, cell.backend)
+        # not "a zero step": an optimizer with decay or momentum would still move λ
+        self.tunes = algorithms.spec(cell.algorithm).kind != "baseline"
         self.algo_kwargs = algorithms.check_params(cell.algorithm, cell.algorithm_kwargs)
         self.warm_w = params["warm_start_w"]
         self.warm_v = params["warm_start_v"]
@@ -168,8 +175,11 @@ class _HypergradientLoop:
 
     def warm_up(self):
         hg = self._call(self.problem, self.lam, 0)
-        out = self.opt.apply(self.lam, hg.hypergrad, self.opt_state)
-        self.problem.ops.block(out[0])
+        if self.tunes:
+            out = self.opt.apply(self.lam, hg.hypergrad, self.opt_state)
+            self.problem.ops.block(out[0])
+        else:
+            self.problem.ops.block(hg.w_t)
 
     def step(self):
         problem = self.problem
@@ -181,8 +191,11 @@ class _HypergradientLoop:
             if eta < problem.inner_lr:
                 problem = problem.with_inner_lr(eta)
         hg = self._call(problem, lam, self.k, self._v0(problem.inner_lr))
-        self.lam, self.opt_state = self.opt.apply(lam, hg.hypergrad, self.opt_state)
-        self.problem.ops.block(self.lam)
+        if self.tunes:
+            self.lam, self.opt_state = self.opt.apply(lam, hg.hypergrad, self.opt_state)
+            self.problem.ops.block(self.lam)
+        else:
+            self.problem.ops.block(hg.w_t)
         self.w_prev = hg.w_t
         if self.warm_v:
             self.v_prev, self.eta_prev = hg.extras["v"], problem.inner_lr
@@ -275,10 +288,11 @@ def run(cell) -> PipelineResult:
 def _run(cell) -> PipelineResult:
     params = check_params(cell.pipeline_kwargs)
     spec = algorithms.spec(cell.algorithm)
-    kinds = ("estimator", "online", "solver")
+    kinds = ("estimator", "online", "solver", "baseline")
     if spec.kind not in kinds:
         valid = [n for kind in kinds for n in algorithms.names(kind)]
-        raise ValueError(f"pipeline 'hpo' runs hypergradient, online or solver algorithms; "
+        raise ValueError(f"pipeline 'hpo' runs hypergradient, online, solver or baseline "
+                         f"algorithms; "
                          f"{cell.algorithm!r} is of kind {spec.kind!r}. Valid choices: "
                          f"{', '.join(valid)}")
     if spec.kind != "solver":
