@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hypersweep.io.parquet import STUDY_FILE, read_results
-from hypersweep.io.tracking import (MlflowLogger, choose_tracking_uri, flatten_params,
-                                    k_uses_t, set_mlflow_env_defaults)
+from hypersweep.io.parquet import STUDY_FILE, read_results, read_traces
+from hypersweep.io.tracking import (MlflowLogger, cell_end_ms, cell_start_ms,
+                                    choose_tracking_uri, default_artifact_root,
+                                    flatten_params, k_uses_t, output_param,
+                                    set_mlflow_env_defaults)
 
 if TYPE_CHECKING:
     from hypersweep.orchestrator.spec import StudySpec
@@ -51,7 +53,8 @@ _QUIET_RETRIES = _QuietRetries()
 class MlflowWriter:
     """One background thread that feeds :class:`MlflowLogger` from a bounded queue.
 
-    The driver calls ``submit(rows)`` only after those rows are in Parquet. The first
+    The driver calls ``submit(rows, traces)`` only after those rows (and the trace rows of
+    their cells, by cell_id) are in Parquet. The first
     failure that looks like "store unreachable" logs ONE warning and turns the writer off
     for the rest of the run (rows are then dropped, they are safe in Parquet and
     ``sync_mlflow`` backfills them); a full queue drops rows the same way instead of
@@ -81,13 +84,13 @@ class MlflowWriter:
         self._thread.start()
         return self
 
-    def submit(self, rows: list[dict]) -> None:
+    def submit(self, rows: list[dict], traces: dict[str, list] | None = None) -> None:
         if self.dead or not rows:
             if rows:
                 self.dropped += len(rows)
             return
         try:
-            self.queue.put_nowait(rows)
+            self.queue.put_nowait((rows, traces or {}))
         except queue.Full:
             self.dropped += len(rows)
             self._warn_once(RuntimeError(f"backlog above {self.queue.maxsize} batches"),
@@ -104,9 +107,10 @@ class MlflowWriter:
         self.dead = True
         self._warn_once(exc)
 
-    def _collect(self, batch: list, deadline: float | None) -> None:
-        """Extend ``batch`` from the queue (up to 5000 rows) until ``deadline`` (None: only
-        what is queued now) or the stop marker, which is put back for the main loop."""
+    def _collect(self, batch: list, traces: dict, deadline: float | None) -> None:
+        """Extend ``batch`` (and ``traces``) from the queue (up to 5000 rows) until
+        ``deadline`` (None: only what is queued now) or the stop marker, which is put back
+        for the main loop."""
         while len(batch) < 5000 and not self._abort.is_set():
             try:
                 if deadline is None:
@@ -121,7 +125,8 @@ class MlflowWriter:
             if more is self._STOP:
                 self.queue.put(self._STOP)
                 return
-            batch.extend(more)
+            batch.extend(more[0])
+            traces.update(more[1])
 
     def _run(self) -> None:
         try:
@@ -138,16 +143,16 @@ class MlflowWriter:
             item = self.queue.get()
             if item is self._STOP:
                 break
-            batch = list(item)
+            batch, traces = list(item[0]), dict(item[1])
             # Coalesce what arrives within ``coalesce_s``: a group's cells (one per t) then
             # tend to go out in one log_batch instead of one per Parquet flush.
-            self._collect(batch, time.monotonic() + self.coalesce_s)  # wait for more
-            self._collect(batch, None)  # then take what is already queued
+            self._collect(batch, traces, time.monotonic() + self.coalesce_s)  # wait for more
+            self._collect(batch, traces, None)  # then take what is already queued
             if self.dead or self._abort.is_set():
                 self.dropped += len(batch)
                 continue
             try:
-                self.logger.log_rows(batch)
+                self.logger.log_rows(batch, traces)
             except Exception as exc:  # noqa: BLE001
                 if _connection_error(exc):
                     self._fail(exc)
@@ -177,8 +182,9 @@ class MlflowWriter:
         self.drain_wait_s = time.perf_counter() - start
 
 
-def study_params(study: "StudySpec") -> dict:
-    """The parent run's params: the keys of ``study`` (a StudySpec), compactly."""
+def study_params(study: "StudySpec", tracking_uri: str | None = None) -> dict:
+    """The parent run's params: the keys of ``study`` (a StudySpec), compactly; ``output``
+    relative to the folder of a sqlite ``tracking_uri`` (see :func:`output_param`)."""
     out: dict[str, Any] = {}
     for key in ("study", "pipeline", "backend", "dtype", "t", "K", "seeds", "num_actors",
                 "max_retries", "cell_timeout_s", "output"):
@@ -188,16 +194,11 @@ def study_params(study: "StudySpec") -> dict:
     out["algorithms"] = [entry.label for entry in study.algorithms]
     for name in ("num_cpus", "num_gpus", "memory_mb"):
         out[f"resources.{name}"] = getattr(study.resources, name)
+    if tracking_uri is not None and study.output:
+        out["output"] = output_param(study.output, tracking_uri)
     flatten_params("pipeline_params", dict(study.pipeline_params), out)
     return {key: json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
             for key, value in out.items()}
-
-
-def default_artifact_root(tracking_uri: str) -> str | None:
-    """For a sqlite store, artifacts next to the database (not in the cwd's ./mlruns)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
-    return None
 
 
 def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
@@ -205,9 +206,11 @@ def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
     """Log to MLflow exactly the cells of ``output_dir`` that it lacks (idempotent).
 
     Reads ``output_dir/study.yaml`` for the study name, experiment and tracking URI
-    (``tracking_uri`` / ``experiment`` override them) and the latest Parquet row per cell;
-    a cell is logged when its group's run lacks the tag recording that very row. Running it
-    twice logs nothing the second time. Returns counts.
+    (``tracking_uri`` / ``experiment`` override them), the latest Parquet row per cell and
+    the trace rows of its latest run (the curves of outer-step runs); a cell is logged when
+    its group's run lacks the tag recording that very row. Running it twice logs nothing
+    the second time. It also re-points a moved sqlite store at its own artifacts and
+    records the end times of runs whose cells ended later. Returns counts.
     """
     import yaml
 
@@ -223,20 +226,27 @@ def sync_mlflow(output_dir: str | Path, tracking_uri: str | None = None, *,
     uri = choose_tracking_uri(tracking_uri, mlflow_cfg.get("tracking_uri"))
     set_mlflow_env_defaults()
     experiment = experiment or mlflow_cfg.get("experiment") or name
-    table = read_results(output_dir)
+    rows = read_results(output_dir).to_pylist()
+    traces: dict[str, list] = {}
+    for trace in read_traces(output_dir).to_pylist():
+        traces.setdefault(trace["cell_id"], []).append(trace)
     params = {key: json.dumps(value, default=str) if isinstance(value, (list, dict))
               else value for key, value in raw.items() if key != "mlflow"}
+    params["output"] = output_param(output_dir, uri)
     logger = MlflowLogger(uri, experiment, name, study_yaml=text, study_params=params,
                           artifact_root=default_artifact_root(uri), resume_parent=False,
                           k_uses_t=k_uses_t(list(raw.get("K") or []) + [
                               k for entry in raw.get("algorithms") or []
-                              if isinstance(entry, dict) for k in entry.get("K") or []]))
+                              if isinstance(entry, dict) for k in entry.get("K") or []]),
+                          parent_start_ms=min(map(cell_start_ms, rows), default=None))
     logger.connect()
-    rows = table.to_pylist()
-    logged = logger.log_rows(rows)
-    if logger.parent_created:
-        logger.finish("FINISHED")
+    logged = logger.log_rows(rows, traces)
+    if logger.parent_created:  # a parent made here spans the cells it shows
+        logger.finish("FINISHED", end_time=max(map(cell_end_ms, rows), default=None))
+    else:
+        logger.flush_end_times()
     return {"cells": len(rows), "logged": logged,
             "already_logged": logger.cells_already_logged,
             "runs_created": logger.runs_created, "tracking_uri": uri,
-            "experiment": experiment, "parent_run_id": logger.parent_run_id}
+            "experiment": experiment, "parent_run_id": logger.parent_run_id,
+            "relocated": logger.relocated}
