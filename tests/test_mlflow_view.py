@@ -109,14 +109,13 @@ def test_runs_have_full_names_and_descriptions(store):
     hpo.log_rows([row], {row["cell_id"]: _traces(row, 3)})
 
     names = sorted(run.info.run_name for run in _children(client, logger))
-    assert names == ["ridge(n_features=10) aid_cg(tol=0.001) [jax] K=t seed=0",
-                     "ridge(n_features=10) itd [jax float32] seed=1"]
+    assert names == ["ridge aid_cg(tol=0.001) K=t jax s0", "ridge itd jax/float32 s1"]
     (hpo_child,) = _children(client, hpo)
-    assert hpo_child.info.run_name == "ridge(n_features=10) aid_cg [jax] K=10 t=50 seed=0"
+    assert hpo_child.info.run_name == "ridge aid_cg K=10 t=50 jax s0"
 
     notes = {run.info.run_name: run.data.tags["mlflow.note.content"]
              for run in _children(client, logger)}
-    note = notes["ridge(n_features=10) aid_cg(tol=0.001) [jax] K=t seed=0"]
+    note = notes["ridge aid_cg(tol=0.001) K=t jax s0"]
     assert "**Step**: t" in note and "K=t: each cell's K equals its t" in note
     assert "`hypergrad_rel_error`: ‖ĝ − ∇F(λ)‖ / ‖∇F(λ)‖" in note
     assert "`log10_<error>`" in note

@@ -290,14 +290,20 @@ def test_mlflow_has_one_parent_per_study_and_every_cell_nested_under_it(e2e):
             k_param = params["K"]  # the K setting: "None", "t" (K = t) or a number
             k_of = (lambda t: None) if k_param == "None" else (
                 (lambda t: t) if k_param == "t" else (lambda t, k=int(k_param): k))
-            metric = "hypergrad_rel_error" if key == "error" else "val_loss"
+            # hpo, blackbox: one run per cell, its result row as result.* beside the curve
+            metric = "hypergrad_rel_error" if key == "error" else "result.val_loss"
             history = client.get_metric_history(child.info.run_id, metric)
             assert history
             for point in history:
-                row = rows[(params["algorithm"], int(params["seed"]), point.step,
-                            k_of(point.step))]
-                assert point.value == pytest.approx(getattr(row, metric), rel=1e-12)
-                steps_seen.add((params["algorithm"], point.step))
+                t = point.step if key == "error" else int(params["t"])
+                row = rows[(params["algorithm"], int(params["seed"]), t, k_of(t))]
+                assert point.value == pytest.approx(
+                    getattr(row, metric.removeprefix("result.")), rel=1e-12)
+                steps_seen.add((params["algorithm"], t))
+            if key != "error":  # the step of a trace curve is the outer step (trial)
+                assert sorted(m.step for m in client.get_metric_history(
+                    child.info.run_id, "val_loss")) == list(
+                        range(HPO_STEPS if key == "hpo" else BB_TRIALS))
         if key == "error":  # the step of a hypergradient-error metric is t
             assert steps_seen == {(a, t) for a in ("itd", "aid_cg") for t in ERR_T}
             itd = [c for c in children if c.data.params["algorithm"] == "itd"]

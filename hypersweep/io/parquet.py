@@ -2,11 +2,15 @@
 
 Only the driver process writes. Layout under a study's ``output`` directory::
 
-    study.yaml                      the study as written (after validation)
-    results/part-<ns>-<uuid8>.parquet   result rows, schema.RESULT_SCHEMA, one file per flush
-    traces/part-<ns>-<uuid8>.parquet    per-step trace rows, schema.TRACE_SCHEMA
-    quarantine/results|traces/…      parts found unreadable, moved aside
-    hypersweep.lock                 the running driver (host, pid, since, study)
+    study.yaml                          the study as written (after validation)
+    results/part-<ns>-<uuid8>.parquet   result rows, schema.RESULT_SCHEMA: after a run,
+                                        exactly one row per cell (its latest attempt)
+    traces/part-<ns>-<uuid8>.parquet    per-step trace rows, schema.TRACE_SCHEMA: after a
+                                        run, each cell's latest traced attempt only
+    history/results/part-….parquet      superseded attempts (a failed row later retried),
+    history/traces/part-….parquet       each file named after the part it came from
+    quarantine/results|traces/…         parts found unreadable, moved aside
+    hypersweep.lock                     the running driver (host, pid, since, study)
 
 Every file is written under a dot-prefixed temporary name, fsynced, renamed into place and
 its directory fsynced, so a SIGKILL at any moment leaves either a complete part or an
@@ -16,23 +20,48 @@ lock (:mod:`.lock`) writes. A write that fails (disk full, read-only) keeps its 
 buffered and is retried; if it keeps failing the sweep stops with :class:`SinkWriteError`
 and the unsaved cells simply re-run next time. A visible part that cannot be read
 (truncated, zero bytes) is moved to ``quarantine/`` with a warning and its cells count as
-not done. Retried or re-run cells append new rows; :func:`read_results` keeps the latest row
-per ``cell_id`` (by ``finished_at``), so a study read back has every cell exactly once.
+not done.
+
+**One row per cell.** During a run, retried or re-run cells (``--retry-failed``) append
+new rows; :func:`read_results` keeps the latest row per ``cell_id`` (by ``finished_at``) at
+any moment. When a run ends — normally, on an error, or stopped by SIGINT/SIGTERM — and
+when the next one starts (the repair after a crash), :func:`compact` rewrites only the
+parts that hold a superseded row: their latest rows go to one new part, their superseded
+rows to ``history/``, then they are deleted. So a plain reader of the documented path
+(``duckdb.sql("select count(*) from 'OUTPUT/results/*.parquet'")``, polars, pandas)
+counts each cell once, and ``read_results(output, latest=False)`` (results/ and history/)
+sees every attempt once. Parts written before a column existed are rewritten in the
+current schema by the same step, one at a time, so the files of one ``results/`` agree.
+Cost: a footer and the ``cell_id`` column of every part (about 1 s for 2,000 parts),
+plus a rewrite of the parts holding retried cells only; never on a flush.
+
+Crash safety of a compaction (a SIGKILL between any two steps): (1) each source part's
+superseded rows are written to ``history/<kind>/<its name>``, then (2) the part of latest
+rows, whose Parquet metadata names its sources (``hypersweep.replaces``), then (3) the
+sources are deleted. At every step each latest row is in ``results/`` (in a source,
+in the new part, or both); a repeated (1) writes the same files under the same names; a
+source still present next to a part that replaces it is deleted first thing by the next
+compaction, its history having been written in (1). Between (2) and (3), and only then, a
+plain reader sees those cells twice; :func:`read_results` and :func:`read_traces` never
+do.
 """
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -45,6 +74,11 @@ RESULTS_DIR = "results"
 TRACES_DIR = "traces"
 STUDY_FILE = "study.yaml"
 QUARANTINE_DIR = "quarantine"
+HISTORY_DIR = "history"
+#: the Parquet key-value metadata of a compacted part: JSON list of the parts it replaces
+REPLACES_KEY = b"hypersweep.replaces"
+#: how often a reader lists the parts again when a compaction deleted one under it
+READ_RELISTS = 3
 #: a failed Parquet write is tried this many times in all, sleeping WRITE_BACKOFF_S × 2^i
 WRITE_ATTEMPTS = 4
 WRITE_BACKOFF_S = 0.1
@@ -109,8 +143,10 @@ def _replace_atomically(tmp: Path, final: Path, write: Callable[[Any], None],
     _fsync_dir(final.parent)
 
 
-def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
-    """Write ``table`` as a new ``part-<time_ns>-<uuid8>.parquet`` in ``directory``.
+def write_table_atomic(table: pa.Table, directory: str | Path, *,
+                       name: str | None = None) -> Path:
+    """Write ``table`` as a new ``part-<time_ns>-<uuid8>.parquet`` in ``directory`` (or as
+    ``name``, replacing a file of that name).
 
     tmp (dot-prefixed, invisible to readers) + fsync + ``os.replace`` + directory fsync:
     after a crash the part is either complete or absent; after a failed write (OSError,
@@ -118,7 +154,7 @@ def write_table_atomic(table: pa.Table, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    final = directory / (name or f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
     tmp = directory / f".{final.name}.{_tmp_suffix()}.tmp"
     _replace_atomically(tmp, final, lambda h: pq.write_table(table, h, compression="zstd"),
                         "wb")
@@ -180,6 +216,14 @@ def _parts(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
+def _quarantine_dir(part: Path) -> Path:
+    """``<output>/quarantine/<kind>`` for a part of ``<output>/<kind>`` (a kind of
+    ``history/`` keeps its ``history/`` prefix there)."""
+    kind = part.parent
+    root = kind.parent.parent if kind.parent.name == HISTORY_DIR else kind.parent
+    return root / QUARANTINE_DIR / kind.relative_to(root)
+
+
 def quarantine(part: Path, error: BaseException) -> None:
     """Move an unreadable ``part`` to ``<output>/quarantine/<results|traces>/`` with one
     warning naming it and how many rows it held (0 when even its footer is unreadable)."""
@@ -187,7 +231,7 @@ def quarantine(part: Path, error: BaseException) -> None:
         lost = pq.read_metadata(part).num_rows
     except Exception:  # noqa: BLE001 - truncated or empty: no footer
         lost = 0
-    target_dir = part.parent.parent / QUARANTINE_DIR / part.parent.name
+    target_dir = _quarantine_dir(part)
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -218,44 +262,122 @@ def _read_part(part: Path, schema: pa.Schema) -> pa.Table | None:
         raise  # readable, but not with this schema: not corruption, do not hide it
 
 
-def _dataset(directory: Path, schema: pa.Schema) -> pa.Table:
-    parts = _parts(directory)
-    if not parts:
-        return schema.empty_table()
-    try:
-        return ds.dataset([str(p) for p in parts], format="parquet",
-                          schema=schema).to_table()
-    except (pa.ArrowInvalid, OSError):
-        pass  # some part is unreadable: read them one by one, quarantining the bad ones
-    tables = [t for t in (_read_part(p, schema) for p in parts) if t is not None]
+def _read_parts(directories: Iterable[Path], schema: pa.Schema
+                ) -> list[tuple[Path, pa.Table]]:
+    """(part, rows) of every readable part of ``directories``, oldest first within each;
+    unreadable parts are quarantined. A part deleted between the listing and its read (a
+    compaction replaced it) makes the listing start again, so the part that replaced it
+    is read instead."""
+    for _ in range(READ_RELISTS):
+        tables, vanished = [], False
+        for part in (p for d in directories for p in _parts(d)):
+            table = _read_part(part, schema)
+            if table is not None:
+                tables.append((part, table))
+            elif not part.exists() and not _quarantined(part):
+                vanished = True
+                break
+        if not vanished:
+            break
+    return tables
+
+
+def _quarantined(part: Path) -> bool:
+    return (_quarantine_dir(part) / part.name).exists()
+
+
+def _dataset(directories: Iterable[Path], schema: pa.Schema) -> pa.Table:
+    """Every row of ``directories``' parts in ``schema`` (a column a part lacks is null)."""
+    directories = list(directories)
+    for _ in range(READ_RELISTS):
+        parts = [p for d in directories for p in _parts(d)]
+        if not parts:
+            return schema.empty_table()
+        try:
+            return ds.dataset([str(p) for p in parts], format="parquet",
+                              schema=schema).to_table()
+        except FileNotFoundError:
+            continue  # a compaction replaced a part meanwhile: list again
+        except (pa.ArrowInvalid, OSError):
+            break  # some part is unreadable: read them one by one, quarantining bad ones
+    tables = [table for _, table in _read_parts(directories, schema)]
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _sorted_latest_first(table: pa.Table) -> pa.Table:
+    return table.sort_by([("cell_id", "ascending"), ("finished_at", "descending")])
+
+
+def _group_starts(ids: np.ndarray) -> np.ndarray:
+    """True where a run of equal ``ids`` (sorted) starts."""
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return first
 
 
 def latest_per_cell(table: pa.Table) -> pa.Table:
     """Keep the row with the greatest ``finished_at`` for each ``cell_id``."""
     if table.num_rows == 0:
         return table
-    ordered = table.sort_by([("cell_id", "ascending"), ("finished_at", "descending")])
+    ordered = _sorted_latest_first(table)
     ids = ordered.column("cell_id").to_numpy(zero_copy_only=False)
-    first = np.ones(len(ids), dtype=bool)
-    first[1:] = ids[1:] != ids[:-1]
+    return ordered.filter(pa.array(_group_starts(ids)))
+
+
+def without_copies(table: pa.Table) -> pa.Table:
+    """Drop repeated copies of one row (same ``cell_id`` and ``finished_at``): what a
+    reader may meet while a compaction writes (module docstring), never two attempts."""
+    if table.num_rows == 0:
+        return table
+    keys = pa.Table.from_arrays([table.column("cell_id"), table.column("finished_at")],
+                                names=["cell_id", "finished_at"])
+    unique = keys.group_by(["cell_id", "finished_at"], use_threads=False).aggregate([])
+    if unique.num_rows == table.num_rows:
+        return table
+    ordered = _sorted_latest_first(table)
+    ids = ordered.column("cell_id").to_numpy(zero_copy_only=False)
+    times = ordered.column("finished_at").cast(pa.int64()).fill_null(
+        np.iinfo(np.int64).min).to_numpy()
+    first = _group_starts(ids)
+    first[1:] |= times[1:] != times[:-1]
     return ordered.filter(pa.array(first))
+
+
+def _output_dirs(output_dir: str | Path, kind: str) -> tuple[Path, Path]:
+    """(``<output>/<kind>``, ``<output>/history/<kind>``); ``output_dir`` may also be the
+    ``<kind>`` directory itself."""
+    directory = Path(output_dir)
+    if not (directory / kind).is_dir() and directory.name == kind:
+        directory = directory.parent
+    return directory / kind, directory / HISTORY_DIR / kind
 
 
 def read_results(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
     """The study's result rows (``RESULT_SCHEMA``), by default the latest row per cell.
 
     ``output_dir`` is the study's ``output`` (``results/`` below it is read) or the
-    ``results`` directory itself. The files are plain Parquet with one schema: pandas
+    ``results`` directory itself. ``latest=False``: every attempt, the superseded ones in
+    ``history/results/`` included, each once. The files are plain Parquet in one schema
+    after a run (:func:`compact`), with one row per cell: pandas
     (``pd.read_parquet(dir)``), polars (``pl.read_parquet(dir + "/*.parquet")``) and
-    duckdb (``read_parquet('dir/*.parquet')``) read them too — but only this function
-    dedupes retried cells.
+    duckdb (``read_parquet('dir/*.parquet')``) read them too. Parts written before a
+    column existed read it as null here.
     """
-    directory = Path(output_dir)
-    if (directory / RESULTS_DIR).is_dir() or not directory.name == RESULTS_DIR:
-        directory = directory / RESULTS_DIR
-    table = _dataset(directory, RESULT_SCHEMA)
-    return latest_per_cell(table) if latest else table
+    current, history = _output_dirs(output_dir, RESULTS_DIR)
+    if latest:
+        return latest_per_cell(_dataset([current], RESULT_SCHEMA))
+    return without_copies(_dataset([current, history], RESULT_SCHEMA))
+
+
+def _newest_part_rows(parts: list[pa.Table]) -> list[np.ndarray]:
+    """Per part, the mask of its rows whose cell has no rows in a later part."""
+    newest: dict[str, int] = {}
+    for index, part in enumerate(parts):
+        for cell_id in part.column("cell_id").unique().to_pylist():
+            newest[cell_id] = index
+    return [np.fromiter((newest[c] == index for c in part.column("cell_id").to_pylist()),
+                        dtype=bool, count=part.num_rows)
+            for index, part in enumerate(parts)]
 
 
 def read_traces(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
@@ -263,24 +385,178 @@ def read_traces(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
 
     A cell's traces are written together in one part file (``part-<time_ns>-…``, so names
     sort by time); when a cell was re-run (``--retry-failed``, a crash retry), the rows of
-    its most recent part win. ``latest=False``: every run's rows.
+    its most recent part win (after a run, :func:`compact` has moved the others to
+    ``history/traces/``). ``latest=False``: every run's rows, history included.
     """
-    directory = Path(output_dir) / TRACES_DIR
-    files = _parts(directory)
-    if not latest or not files:
-        return _dataset(directory, TRACE_SCHEMA)
-    parts = [t for t in (_read_part(f, TRACE_SCHEMA) for f in files) if t is not None]
+    current, history = _output_dirs(output_dir, TRACES_DIR)
+    if not latest:
+        return _dataset([current, history], TRACE_SCHEMA)
+    parts = [table for _, table in _read_parts([current], TRACE_SCHEMA)]
     if not parts:
         return TRACE_SCHEMA.empty_table()
-    newest: dict[str, int] = {}
-    for index, part in enumerate(parts):
-        for cell_id in set(part.column("cell_id").to_pylist()):
-            newest[cell_id] = index
-    kept = []
-    for index, part in enumerate(parts):
-        mine = [newest[c] == index for c in part.column("cell_id").to_pylist()]
-        kept.append(part.filter(pa.array(mine, type=pa.bool_())))
-    return pa.concat_tables(kept)
+    masks = _newest_part_rows(parts)
+    return pa.concat_tables([part.filter(pa.array(mask))
+                             for part, mask in zip(parts, masks)])
+
+
+# ---------------------------------------------------------------------------------------
+# Compaction
+
+
+@dataclass
+class Compaction:
+    """What :func:`compact` did to one kind of part (``results`` or ``traces``)."""
+
+    kind: str
+    parts_scanned: int = 0
+    parts_replaced: int = 0     # deleted, their rows in new parts and in history/
+    parts_upgraded: int = 0     # of those, replaced only to be in the current schema
+    leftovers_removed: int = 0  # sources of an interrupted compaction, deleted at once
+    rows_kept: int = 0          # latest rows written to the new parts
+    rows_to_history: int = 0    # superseded rows written to history/<kind>/
+    new_parts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.parts_replaced or self.leftovers_removed)
+
+
+@dataclass(eq=False)
+class _Scan:
+    part: Path
+    cell_ids: pa.Array
+    outdated: bool
+    replaces: list[str] = field(default_factory=list)
+
+
+def _scan(part: Path, schema: pa.Schema) -> _Scan | None:
+    """The cell ids, schema state and ``replaces`` list of ``part`` (its footer and one
+    column); None when it vanished or is unreadable (then quarantined)."""
+    try:
+        with pq.ParquetFile(part) as handle:
+            names = set(handle.schema_arrow.names)
+            metadata = handle.schema_arrow.metadata or {}
+            if "cell_id" not in names:  # not a part of ours: left alone
+                log.warning("Parquet file %s has no cell_id column; compaction skips it",
+                            part)
+                return None
+            ids = handle.read(columns=["cell_id"]).column("cell_id").combine_chunks().cast(
+                pa.string())
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowInvalid, OSError) as exc:
+        if part.exists():
+            quarantine(part, exc)
+        return None
+    # Only missing columns are added: a part with columns this version does not know
+    # (written by a newer one) is left as it is, never narrowed.
+    outdated = names < set(schema.names)
+    replaces = json.loads(metadata[REPLACES_KEY]) if REPLACES_KEY in metadata else []
+    return _Scan(part, ids, outdated, [str(name) for name in replaces])
+
+
+def _results_split(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, superseded) row masks of result rows: the latest row per cell is kept, any
+    older attempt superseded, a copy of the kept row (same ``finished_at``) neither."""
+    keys = pa.table({"cell_id": table.column("cell_id"), "time": table.column(
+        "finished_at").cast(pa.int64()).fill_null(np.iinfo(np.int64).min)})
+    order = pc.sort_indices(keys, sort_keys=[("cell_id", "ascending"),
+                                             ("time", "descending")]).to_numpy()
+    ids = keys.column("cell_id").to_numpy(zero_copy_only=False)[order]
+    times = keys.column("time").to_numpy()[order]
+    first = _group_starts(ids)
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    copy = ~first & (times == times[group_start])
+    kept, superseded = np.zeros(len(order), bool), np.zeros(len(order), bool)
+    kept[order[first]] = True
+    superseded[order[~first & ~copy]] = True
+    return kept, superseded
+
+
+def _replace_parts(group: list[_Scan], kind: str, schema: pa.Schema, directory: Path,
+                   history: Path, stats: Compaction) -> None:
+    """Replace the parts of ``group`` by one part of their latest rows, their superseded
+    rows going to ``history`` (the three steps of the module docstring, in order)."""
+    tables = [(scan, _read_part(scan.part, schema)) for scan in group]
+    tables = [(scan, table) for scan, table in tables if table is not None]
+    if not tables:
+        return
+    if kind == RESULTS_DIR:
+        kept, superseded = _results_split(pa.concat_tables([t for _, t in tables]))
+        bounds = np.cumsum([0] + [t.num_rows for _, t in tables])
+        splits = [(kept[a:b], superseded[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        splits = [(mask, ~mask) for mask in _newest_part_rows([t for _, t in tables])]
+    for (scan, table), (_, old) in zip(tables, splits):  # (1)
+        if old.any():
+            moved = table.filter(pa.array(old))
+            write_table_atomic(moved, history, name=scan.part.name)
+            stats.rows_to_history += moved.num_rows
+        elif scan.outdated:
+            stats.parts_upgraded += 1
+    latest = pa.concat_tables([table.filter(pa.array(keep))
+                               for (_, table), (keep, _) in zip(tables, splits)])
+    names = [scan.part.name for scan, _ in tables]
+    latest = latest.replace_schema_metadata({REPLACES_KEY: json.dumps(names)})
+    stats.new_parts.append(write_table_atomic(latest, directory).name)  # (2)
+    stats.rows_kept += latest.num_rows
+    for scan, _ in tables:  # (3)
+        try:
+            os.unlink(scan.part)
+        except FileNotFoundError:
+            pass
+    _fsync_dir(directory)
+    stats.parts_replaced += len(tables)
+
+
+def _compact_kind(output: Path, kind: str, schema: pa.Schema) -> Compaction:
+    start = time.perf_counter()
+    directory, history = output / kind, output / HISTORY_DIR / kind
+    stats = Compaction(kind)
+    for where in (directory, history):  # what a killed writer (or compaction) left
+        sweep_stale_tmp(where)
+    scans = [scan for scan in (_scan(p, schema) for p in _parts(directory)) if scan]
+    stats.parts_scanned = len(scans)
+    # An interrupted compaction: sources next to the part that replaces them.
+    present = {scan.part.name for scan in scans}
+    leftovers = sorted({name for scan in scans for name in scan.replaces} & present)
+    for name in leftovers:
+        os.unlink(directory / name)
+    if leftovers:
+        _fsync_dir(directory)
+        stats.leftovers_removed = len(leftovers)
+        scans = [scan for scan in scans if scan.part.name not in leftovers]
+    # The parts to replace together: those holding a cell that has rows elsewhere too
+    # (results: a second row anywhere; traces: rows in another part). Then each part in
+    # an older schema on its own, so an upgrade never holds more than one part in memory.
+    ids = [scan.cell_ids if kind == RESULTS_DIR else scan.cell_ids.unique()
+           for scan in scans]
+    counts = pc.value_counts(pa.concat_arrays(ids) if ids else pa.array([], pa.string()))
+    duplicated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    retried = [scan for scan in scans if len(duplicated) and pc.any(
+        pc.is_in(scan.cell_ids, value_set=duplicated)).as_py()]
+    groups = [retried] if retried else []
+    in_retried = {scan.part for scan in retried}
+    groups += [[scan] for scan in scans if scan.outdated and scan.part not in in_retried]
+    for group in groups:
+        _replace_parts(group, kind, schema, directory, history, stats)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def compact(output_dir: str | Path) -> dict[str, Compaction]:
+    """Leave one row per cell in ``results/`` and one run per cell in ``traces/``, the
+    superseded ones in ``history/``, every part in the current schema (module docstring).
+
+    Reads every part's footer and ``cell_id`` column, then only the parts to replace;
+    untouched parts stay as they are, so its cost follows the retried cells, not the
+    study. Call it only while holding the output's lock, never on every flush: the sweep
+    calls it when a run starts (the repair of a crash) and when it ends.
+    """
+    output = Path(output_dir)
+    return {kind: _compact_kind(output, kind, schema)
+            for kind, schema in ((RESULTS_DIR, RESULT_SCHEMA), (TRACES_DIR, TRACE_SCHEMA))}
 
 
 class ParquetSink:
@@ -321,6 +597,7 @@ class ParquetSink:
         self.rows_written = 0
         self.files_written = 0
         self.seconds = 0.0  # time spent converting and writing (for the overhead report)
+        self.compact_seconds = 0.0
 
     def add(self, row: dict, traces: Iterable[dict] = ()) -> None:
         if self._oldest is None:
@@ -368,6 +645,15 @@ class ParquetSink:
             self.seconds += time.perf_counter() - start
         self.rows_written += len(rows)
         return rows
+
+    def compact(self) -> dict[str, Compaction]:
+        """:func:`compact` the output: at the start and the end of a run, between flushes
+        (rows still buffered stay buffered), never per flush."""
+        start = time.perf_counter()
+        try:
+            return compact(self.output_dir)
+        finally:
+            self.compact_seconds += time.perf_counter() - start
 
     def stopped(self, error: SinkWriteError, summary: dict | None = None) -> SinkWriteError:
         """``error`` completed with how many rows this sink saved and how many it holds."""

@@ -2,8 +2,26 @@
 
 One row per cell; ``None`` where a value does not apply. Every pipeline fills the same
 columns, so a study's files always concatenate (pandas, polars, duckdb read them).
+
+Besides the canonical JSON of ``problem_params`` / ``algorithm_params`` /
+``pipeline_params`` (what identifies a cell), a row carries typed copies of the common
+ones, null where they do not apply, so that a plain reader filters and plots them without
+parsing JSON (``where n_train = 1000 and batch_size = 64``):
+
+* :data:`PROBLEM_FIELDS` — the instance *as built* in the actor (sizes resolved from the
+  defaults, the study's values or the data file; η = the instance's inner step);
+* :data:`ALGORITHM_PARAM_FIELDS` / :data:`PIPELINE_PARAM_FIELDS` — the study's value, else
+  the catalog's (or the pipeline model's) default; null where the algorithm or pipeline
+  has no such parameter or its default is null (``step_size`` null: η).
+
+Columns are only ever added: parts written before a column existed read it as null
+(:func:`hypersweep.io.parquet.read_results`), and the next run rewrites them in this
+schema (:func:`hypersweep.io.parquet.compact`) so that polars and duckdb globs agree too.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping
 
 import pyarrow as pa
 
@@ -18,6 +36,38 @@ COST_FIELDS = (
     ("n_samples_touched", pa.int64()),    # data rows read (minibatch methods), else null
 )
 COST_COLUMNS = tuple(name for name, _ in COST_FIELDS)
+
+#: the problem instance as built: sizes and the inner step η (``Problem.row_columns``).
+#: Multi-task problems count rows per task; ``n_test`` is 0 without a test split;
+#: ``n_features`` excludes a bias column; ``dim_w`` / ``dim_lam`` = the sizes of w and λ.
+PROBLEM_FIELDS = (
+    ("n_train", pa.int64()),
+    ("n_val", pa.int64()),
+    ("n_test", pa.int64()),
+    ("n_features", pa.int64()),
+    ("n_classes", pa.int64()),
+    ("n_tasks", pa.int64()),
+    ("dim_w", pa.int64()),
+    ("dim_lam", pa.int64()),
+    ("inner_lr", pa.float64()),           # η: the study's inner_lr, else the problem's 1/L
+)
+#: algorithm params common across the catalog (the study's value, else the default)
+ALGORITHM_PARAM_FIELDS = (
+    ("batch_size", pa.int64()),           # rows per minibatch (stochastic methods)
+    ("step_size", pa.float64()),          # solvers' inner step α (null: the problem's η)
+    ("outer_ratio", pa.float64()),        # solvers: outer step = step_size / outer_ratio
+    ("n_inner_steps", pa.int64()),        # two-loop solvers: inner steps per λ update
+)
+#: pipeline params common across studies (the study's value, else the pipeline's default)
+PIPELINE_PARAM_FIELDS = (
+    ("outer_lr", pa.float64()),           # hpo
+    ("outer_steps", pa.int64()),          # hpo
+    ("optimizer", pa.string()),           # hpo: the outer optimizer
+    ("num_samples", pa.int64()),          # blackbox: trials per search
+    ("time_budget_s", pa.float64()),      # hpo, blackbox
+)
+PARAM_FIELDS = (*PROBLEM_FIELDS, *ALGORITHM_PARAM_FIELDS, *PIPELINE_PARAM_FIELDS)
+PARAM_COLUMNS = tuple(name for name, _ in PARAM_FIELDS)
 
 STATUSES = ("ok", "error", "diverged", "timeout", "crashed")
 #: statuses that ``--retry-failed`` re-runs; "ok" cells are always skipped on resume
@@ -60,6 +110,7 @@ RESULT_SCHEMA = pa.schema([
     ("problem_params", pa.string()),    # canonical JSON
     ("algorithm_params", pa.string()),  # canonical JSON
     ("pipeline_params", pa.string()),   # canonical JSON
+    *PARAM_FIELDS,                      # typed copies of the common params (module doc)
     ("extra", pa.string()),             # JSON: pipeline-specific scalars (e.g. final λ summary)
 ])
 
@@ -84,6 +135,26 @@ TRACE_SCHEMA = pa.schema([
 
 RESULT_COLUMNS = RESULT_SCHEMA.names
 TRACE_COLUMNS = TRACE_SCHEMA.names
+
+
+def _typed(value: Any, kind: pa.DataType) -> Any:
+    """``value`` as the column type ``kind``, or None when it is not one (a bool is not a
+    number; an integral float is an integer)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if pa.types.is_string(kind):
+        return value if isinstance(value, str) else None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if pa.types.is_integer(kind):
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+def typed_params(fields: tuple, values: Mapping[str, Any]) -> dict:
+    """``{column: value}`` for each of ``fields`` (name, type) that ``values`` has, typed;
+    a value that is not of the column's type (a list, a string for a number) is null."""
+    return {name: _typed(values.get(name), kind) for name, kind in fields}
 
 
 def empty_row() -> dict:

@@ -108,7 +108,8 @@ ARTIFACTS_DIR = "mlartifacts"
 _SQLITE = "sqlite:///"
 _MAX_PARAM_CHARS = 500
 _MAX_RUN_NAME = 250  # runs.name is VARCHAR(250) in MLflow's sql schema
-_SHORT_PARAMS = 40  # params longer than this stay out of a run's name
+_SHORT_PARAMS = 40  # params longer than this stay out of a run's description title
+_SHORT_NAME_PARAMS = 12  # algorithm params longer than this stay out of a run's name
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_.\- /]{1,200}")
 # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per request.
 _MAX_BATCH_METRICS, _MAX_BATCH_PARAMS, _MAX_BATCH_TAGS = 1000, 100, 100
@@ -359,7 +360,7 @@ def group_params(row: dict, uses_t: bool = False) -> dict[str, str]:
             for key, value in params.items()}
 
 
-def _short(params_json: Any) -> str:
+def _short(params_json: Any, limit: int = _SHORT_PARAMS) -> str:
     """``(key=value,...)`` of a JSON params column when it is short, else ""."""
     loaded = _loads(params_json)
     if not loaded:
@@ -368,24 +369,26 @@ def _short(params_json: Any) -> str:
     for key, value in loaded.items():
         flatten_params(key, value, flat)
     text = ",".join(f"{key}={value}" for key, value in flat.items())
-    return f"({text})" if len(text) <= _SHORT_PARAMS else ""
+    return f"({text})" if len(text) <= limit else ""
 
 
 def run_name(row: dict, uses_t: bool = False) -> str:
-    """What a child run holds, in full: ``ridge(n_features=10) aid_cg(tol=0.001)
-    [jax float32] K=t seed=0`` — problem and algorithm (with their params when short),
-    backend (and dtype unless float64), the K setting (absent when the algorithm has no
-    K), t for a run that is one cell, and the seed."""
-    parts = [f"{row.get('problem')}{_short(row.get('problem_params'))}",
-             f"{row.get('algorithm')}{_short(row.get('algorithm_params'))}"]
-    dtype = row.get("dtype")
-    dtype = "" if dtype in (None, "float64") else f" {dtype}"
-    parts.append(f"[{row.get('backend')}{dtype}]")
+    """A child run's name, short enough for the MLflow runs table's Run Name column
+    (190 px in 3.17) yet naming what the run holds among its siblings: ``ridge aid_cg K=t
+    jax s0`` — problem, algorithm (its params when at most
+    :data:`_SHORT_NAME_PARAMS` characters), the K setting (absent when the algorithm has
+    no K), t for a run that is one cell, backend (and dtype unless float64), seed. The
+    problem's params, long params and everything else are the run's params and its
+    description (``mlflow.note.content``)."""
+    algorithm = f"{row.get('algorithm')}{_short(row.get('algorithm_params'), _SHORT_NAME_PARAMS)}"
+    parts = [str(row.get("problem")), algorithm]
     if row.get("K") is not None:
         parts.append(f"K={k_setting(row, uses_t)}")
     if outer_step_curves(row):
         parts.append(f"t={row.get('t')}")
-    parts.append(f"seed={row.get('seed')}")
+    dtype = row.get("dtype")
+    parts.append(str(row.get("backend")) + ("" if dtype in (None, "float64") else f"/{dtype}"))
+    parts.append(f"s{row.get('seed')}")
     return " ".join(parts)[:_MAX_RUN_NAME]
 
 

@@ -13,6 +13,7 @@ place a pipeline's result (or exception) becomes a row's outcome.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from hypersweep import __version__
-from hypersweep.io.schema import empty_row, empty_trace
+from hypersweep.algorithms.catalog import ALGORITHMS
+from hypersweep.io.schema import (ALGORITHM_PARAM_FIELDS, PIPELINE_PARAM_FIELDS, empty_row,
+                                  empty_trace, typed_params)
 from hypersweep.pipelines.catalog import PIPELINES
 from hypersweep.registry import load_object
 
@@ -144,9 +147,38 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+def _defaults(registry, name: str, read) -> dict:
+    """``read(spec)`` of ``name`` in ``registry``, or {} for a name it does not hold (a
+    plugin's, a test's) or defaults that cannot be read."""
+    if name not in registry:
+        return {}
+    try:
+        return dict(read(registry.spec(name)) or {})
+    except Exception:  # noqa: BLE001 - a row is never refused for its typed copies
+        log.debug("no defaults for %r", name, exc_info=True)
+        return {}
+
+
+@functools.lru_cache(maxsize=1024)
+def param_columns(algorithm: str, algorithm_params: str, pipeline: str,
+                  pipeline_params: str) -> tuple:
+    """The typed param columns (``schema.ALGORITHM_PARAM_FIELDS`` and
+    ``PIPELINE_PARAM_FIELDS``) of a cell, as ``(column, value)`` pairs: the cell's value,
+    else the catalog's default (the pipeline model's for ``pipeline_params``). Never
+    changes the JSON columns or the cell's identity."""
+    algorithm_values = {**_defaults(ALGORITHMS, algorithm, lambda spec: spec.params),
+                        **json.loads(algorithm_params)}
+    pipeline_values = {**_defaults(PIPELINES, pipeline, lambda spec: spec.params_model and
+                                   load_object(spec.params_model).defaults()),
+                       **json.loads(pipeline_params)}
+    return tuple({**typed_params(ALGORITHM_PARAM_FIELDS, algorithm_values),
+                  **typed_params(PIPELINE_PARAM_FIELDS, pipeline_values)}.items())
+
+
 def cell_row(cell: Cell, attempt: int, **columns: Any) -> dict:
     """A result row of ``cell``'s ``attempt``: the schema's columns, the cell's identity,
-    the package version, then ``columns``."""
+    the typed copies of its common params (:func:`param_columns`), the package version,
+    then ``columns``."""
     row = empty_row()
     row.update(study=cell.study, cell_id=cell.cell_id, pipeline=cell.pipeline,
                problem=cell.problem, algorithm=cell.algorithm, backend=cell.backend,
@@ -154,8 +186,22 @@ def cell_row(cell: Cell, attempt: int, **columns: Any) -> dict:
                seed=cell.seed, attempt=attempt, hypersweep_version=__version__,
                problem_params=cell.problem_params, algorithm_params=cell.algorithm_params,
                pipeline_params=cell.pipeline_params)
+    row.update(param_columns(cell.algorithm, cell.algorithm_params, cell.pipeline,
+                             cell.pipeline_params))
     row.update(columns)
     return row
+
+
+def _instance_columns(cell: Cell) -> dict:
+    """The sizes and η of ``cell``'s problem instance as this process built it (empty when
+    it did not: a pipeline that failed first, or one of a plugin's own)."""
+    from hypersweep.pipelines.common import instance_columns
+
+    try:
+        return instance_columns(cell)
+    except Exception:  # noqa: BLE001 - a row is never refused for its typed copies
+        log.debug("no instance columns for %s", cell.cell_id, exc_info=True)
+        return {}
 
 
 def failure_row(cell: Cell, attempt: int, status: str, message: str,
@@ -222,6 +268,9 @@ def result_row(cell: Cell, attempt: int, outcome: "PipelineResult | BaseExceptio
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__,
                                                   limit=8))
         row["extra"] = canonical_json({**(extra or {}), "traceback": text[-4000:]})
+    for key, value in _instance_columns(cell).items():
+        if row.get(key, value) is None:  # a pipeline's own value wins
+            row[key] = value
     if row["wall_time_s"] is None:
         row["wall_time_s"] = wall_time_s
     row["finished_at"] = _now()

@@ -1,7 +1,8 @@
 """Where the driver's rows go, in order: Parquet (the record), then MLflow (a view).
 
 :class:`Sinks` writes the study's ``study.yaml``, buffers rows in a
-:class:`~hypersweep.io.parquet.ParquetSink` and hands each flushed batch to the background
+:class:`~hypersweep.io.parquet.ParquetSink` and hands each flushed batch, with the trace
+rows of its cells (the curves of outer-step runs), to the background
 :class:`~hypersweep.io.tracking_sync.MlflowWriter` (when the study's ``mlflow.enabled``),
 so MLflow only ever sees rows that are already safe on disk. Driver-only; no Ray.
 """
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from hypersweep.io import parquet, tracking
-from hypersweep.io.tracking_sync import MlflowWriter, default_artifact_root, study_params
+from hypersweep.io.tracking_sync import MlflowWriter, study_params
 
 if TYPE_CHECKING:
     from hypersweep.orchestrator.spec import StudySpec
@@ -35,9 +36,9 @@ def mlflow_writer(study: "StudySpec") -> MlflowWriter | None:
     uri = tracking.choose_tracking_uri(None, study.mlflow.tracking_uri)
     tracking.set_mlflow_env_defaults()
     logger = tracking.MlflowLogger(uri, study.mlflow.experiment or study.study, study.study,
-                                   study_params=study_params(study),
+                                   study_params=study_params(study, uri),
                                    study_yaml=study_text(study),
-                                   artifact_root=default_artifact_root(uri),
+                                   artifact_root=tracking.default_artifact_root(uri),
                                    k_uses_t=tracking.k_uses_t(
                                        [*(study.K or [])] + [k for entry in study.algorithms
                                                              for k in (entry.K or [])]))
@@ -56,18 +57,24 @@ class Sinks:
         self.parquet = parquet.ParquetSink(output, flush_rows=flush_rows,
                                            flush_seconds=flush_seconds)
         self.writer = mlflow_writer(study)
+        self._traces: dict[str, list] = {}  # cell_id -> trace rows, until its row flushes
 
     def add(self, row: dict, traces: list) -> None:
         self.parquet.add(row, traces)
+        if self.writer is not None and traces:
+            self._traces[row["cell_id"]] = traces
 
     def due(self) -> bool:
         return self.parquet.due()
 
     def flush(self) -> None:
-        """Write the buffered rows to Parquet, then queue them for MLflow."""
+        """Write the buffered rows to Parquet, then queue them (and their cells' trace rows)
+        for MLflow."""
         rows = self.parquet.flush()
         if rows and self.writer is not None:
-            self.writer.submit(rows)
+            traces = {row["cell_id"]: self._traces.pop(row["cell_id"]) for row in rows
+                      if row.get("cell_id") in self._traces}
+            self.writer.submit(rows, traces)
 
     def close(self, *, status: str, summary: dict | None, timeout: float | None) -> None:
         """End the MLflow runs with ``status`` (Parquet is flushed by the caller)."""

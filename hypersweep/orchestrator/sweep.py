@@ -23,7 +23,10 @@
   actor, then recorded ``crashed`` — while the cells merely queued behind it are re-sent
   without being charged. The sweep always goes on.
 * **Sinks** — rows go to Parquet first (one atomic part per 50 rows or 2 s), then to one
-  background MLflow writer thread; MLflow being down costs one warning.
+  background MLflow writer thread; MLflow being down costs one warning. When the run
+  starts and however it ends (except on a failing disk), the parts holding superseded rows
+  are compacted (:func:`~hypersweep.io.parquet.compact`): one row per cell in
+  ``results/``, older attempts in ``history/``.
 
 The pieces live apart: :mod:`.pool` (actors, pings, restarts), :mod:`.feed` (resume,
 retries, look-ahead), :mod:`.sinks` (Parquet and MLflow), :mod:`.summary` (statistics and
@@ -364,6 +367,7 @@ class Sweep:
         wall_start = time.perf_counter()
         self.sinks = Sinks(self.study, self.output, flush_rows=FLUSH_ROWS,
                            flush_seconds=FLUSH_SECONDS)
+        self._compact("start")  # repairs a run that was killed before its own compaction
         table = parquet.read_results(self.output)
         self.previous = dict(zip(table.column("cell_id").to_pylist(),
                                  table.column("status").to_pylist()))
@@ -422,12 +426,38 @@ class Sweep:
             mlflow = self.sinks.mlflow_summary()
             if mlflow is not None:
                 summary["mlflow"] = mlflow
+            # After the pool and MLflow are closed, so that a second Ctrl-C during it
+            # skips nothing else (it is safe to kill); a failing disk: the next start's.
+            if write_error is None:
+                self._compact("end")
+            summary["timings"]["compact_s"] = self.sinks.parquet.compact_seconds
             summary["wall_time_s"] = time.perf_counter() - wall_start
             summary["timings"]["mlflow_drain_wait_s"] = self.sinks.drain_wait_s
         if write_error is not None:
             summary["write_error"] = str(write_error)
             raise self.sinks.parquet.stopped(write_error, summary)
         return summary
+
+    def _compact(self, when: str) -> None:
+        """One row per cell in ``results/`` (:func:`~hypersweep.io.parquet.compact`), at
+        the ``when`` ("start", "end") of the run. A failure costs one warning: the rows
+        are safe as they are, ``read_results`` still counts each cell once, and the next
+        run compacts again."""
+        try:
+            done = self.sinks.parquet.compact()
+        except Exception as exc:  # noqa: BLE001 - the sweep's rows are safe without it
+            log.warning("study %s: compacting %s at the %s of the run failed (%s: %s); "
+                        "every row is kept and the next run compacts again", self.name,
+                        self.output, when, type(exc).__name__, exc)
+            return
+        for stats in done.values():
+            if stats.changed:
+                log.info("study %s: %s/ compacted at the %s of the run: %d part(s) "
+                         "replaced by %s (%d latest rows), %d superseded row(s) moved to "
+                         "%s/%s/, %.2f s", self.name, stats.kind, when,
+                         stats.parts_replaced, ", ".join(stats.new_parts) or "none",
+                         stats.rows_kept, stats.rows_to_history, parquet.HISTORY_DIR,
+                         stats.kind, stats.seconds)
 
     def _summary(self, interrupted: bool) -> dict:
         table = parquet.read_results(self.output)

@@ -3,7 +3,8 @@ warm-ups, and small helpers.
 
 The caches are the only state a pipeline keeps between cells; each is bounded and keyed by
 identities — (problem, params, seed, backend, dtype, device) for an instance, (problem,
-params, seed, λ) for an oracle, (pipeline, what compiles) for a warm-up — never by
+params, seed, λ) for an oracle, (pipeline, what compiles) for a warm-up, (problem,
+params, seed) for the sizes an instance's rows record — never by
 ``id()``: a bounded cache frees instances, and CPython hands a freed object's id to the
 next one, which would then be scored against the old instance's ∇F.
 """
@@ -26,6 +27,8 @@ PROBLEM_CACHE_SIZE = 16
 ORACLE_CACHE_SIZE = 64
 #: warm-up keys remembered per process (one forgotten costs one more warm-up call)
 WARM_UP_CACHE_SIZE = 256
+#: instances whose row columns (sizes, η) are remembered per process: more than a batch's
+INSTANCE_COLUMNS_CACHE_SIZE = 1024
 
 
 class LruCache:
@@ -49,6 +52,10 @@ class LruCache:
             self._items.popitem(last=False)
         return value
 
+    def peek(self, key: Hashable, default: Any = None) -> Any:
+        """The value of ``key`` if held (not computed, recency unchanged), else ``default``."""
+        return self._items.get(key, default)
+
     def first_time(self, key: Hashable) -> bool:
         new = key not in self._items
         self.get(key, lambda: None)
@@ -68,6 +75,9 @@ class LruCache:
 ORACLES = LruCache("oracle", ORACLE_CACHE_SIZE)
 #: the warm-ups this process has run, by (pipeline, what the warm-up compiled)
 WARM_UPS = LruCache("warm-up", WARM_UP_CACHE_SIZE)
+#: what the result rows record of each instance this process built (sizes, η), by
+#: (problem, params, seed): :func:`instance_columns`
+INSTANCE_COLUMNS = LruCache("instance columns", INSTANCE_COLUMNS_CACHE_SIZE)
 
 
 @functools.lru_cache(maxsize=PROBLEM_CACHE_SIZE)
@@ -80,9 +90,24 @@ def _problem(name: str, params_json: str, seed: int, backend: str, dtype: str,
 def problem_for(cell):
     """The cell's problem instance, built inside this process from (problem, params, seed)
     on the default device (``$HYPERSWEEP_DEVICE``, else the backend's) and reused by every
-    later cell with the same key (same data, same compiled shapes)."""
-    return _problem(cell.problem, cell.problem_params, cell.seed, cell.backend, cell.dtype,
-                    default_device())
+    later cell with the same key (same data, same compiled shapes). Notes the instance's
+    sizes and η for the cell's result row (:func:`instance_columns`)."""
+    problem = _problem(cell.problem, cell.problem_params, cell.seed, cell.backend,
+                       cell.dtype, default_device())
+    INSTANCE_COLUMNS.get(_instance_key(cell), problem.row_columns)
+    return problem
+
+
+def _instance_key(cell) -> tuple:
+    # sizes and η depend on the data only: (problem, params, seed), not backend or dtype
+    return (cell.problem, cell.problem_params, cell.seed)
+
+
+def instance_columns(cell) -> dict:
+    """The row columns (``Problem.row_columns``: sizes, η) of ``cell``'s instance if this
+    process built it through :func:`problem_for`, else ``{}`` (a pipeline that failed
+    before building it, or one that builds its problems another way)."""
+    return dict(INSTANCE_COLUMNS.peek(_instance_key(cell)) or {})
 
 
 def study_lam(lam0: np.ndarray, pipeline_params: dict) -> np.ndarray:

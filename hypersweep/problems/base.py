@@ -68,6 +68,38 @@ class ProblemData:
     info: dict[str, Any] = field(default_factory=dict)  # free-form description (sizes, source)
 
 
+#: the sizes every instance reports (:func:`instance_sizes`), recorded in its result rows
+SIZE_KEYS = ("n_train", "n_val", "n_test", "n_features", "n_classes", "n_tasks", "dim_w",
+             "dim_lam")
+
+
+def instance_sizes(built: ProblemData) -> dict[str, int | None]:
+    """The sizes of a built instance, None where one has no meaning (no features in a
+    quadratic; no classes in a regression).
+
+    ``n_train`` / ``n_val`` / ``n_test``: the module's ``info`` where it says, else the
+    labels' rows (``y_<split>``: the last axis, so per task for (T, n) targets; ``n_test``
+    0 when there is a ``y_train`` but no ``y_test``). ``n_features`` (without a bias
+    column), ``n_classes`` and ``n_tasks``: the module's ``info``. ``dim_w`` / ``dim_lam``:
+    the number of entries of w and λ. What was built, not what was asked: a data file's
+    sizes are its own.
+    """
+    sizes: dict[str, int | None] = {key: None for key in SIZE_KEYS}
+    labels = {split: built.arrays.get(f"y_{split}") for split in ("train", "val", "test")}
+    for split, y in labels.items():
+        if y is not None:
+            sizes[f"n_{split}"] = int(np.shape(y)[-1])
+    if labels["train"] is not None and labels["test"] is None:
+        sizes["n_test"] = 0
+    for key in SIZE_KEYS:
+        value = built.info.get(key)
+        if value is not None:
+            sizes[key] = int(value)
+    sizes["dim_w"] = int(np.prod(built.w_shape, dtype=np.int64))
+    sizes["dim_lam"] = int(np.size(built.lam0))
+    return sizes
+
+
 def load_ops(backend: str) -> ModuleType:
     """The ``ops`` module of ``backend`` ("numpy": the oracles' math vocabulary)."""
     if backend == "numpy":
@@ -285,6 +317,17 @@ class Problem:
         clone = copy.copy(self)
         clone.w_init = w
         return clone
+
+    @property
+    def sizes(self) -> dict[str, int | None]:
+        """The instance's sizes (:func:`instance_sizes`): n_train, n_val, n_test,
+        n_features, n_classes, n_tasks, dim_w, dim_lam."""
+        return instance_sizes(self.built)
+
+    def row_columns(self) -> dict[str, Any]:
+        """What a result row records of this instance: :attr:`sizes` and ``inner_lr``
+        (η as built: the study's ``inner_lr``, else the module's 1/L at λ₀)."""
+        return {**self.sizes, "inner_lr": float(self.built.inner_lr)}
 
     # -- hyperparameters ---------------------------------------------------------------
     def initial_hyperparams(self) -> np.ndarray:

@@ -134,7 +134,7 @@ def build(seed: int, *, dataset="synthetic", n_train=200, n_val=150, n_test=150,
     lipschitz = 0.25 * np.linalg.eigvalsh(X.T @ X / n)[-1] + float(np.exp(lam0_arr).max())
     return ProblemData(arrays=arrays, static={}, lam0=lam0_arr, w_shape=(d,),
                        inner_lr=1.0 / lipschitz,
-                       info={"source": source, "n_train": n, "n_features": d})
+                       info={"source": source, "n_train": n, "n_features": d, "n_classes": 2})
 
 
 def _mean_logistic(X, y, w, ops):

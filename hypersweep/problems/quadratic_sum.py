@@ -107,7 +107,7 @@ def build(seed: int, *, n_samples=1024, n_samples_outer=1024, dim_inner=10, dim_
         lam0_arr = np.asarray(found["outer_var0"], dtype=np.float64).reshape(d)
     else:
         lam0_arr = np.broadcast_to(np.asarray(lam0, dtype=np.float64), (d,)).copy()
-    info = {"n_train": n, "n_val": m, "dim_inner": p, "dim_outer": d, "source": source,
+    info = {"n_train": n, "n_val": m, "n_test": 0, "dim_inner": p, "dim_outer": d, "source": source,
             "mu_inner": float(eig[0]), "L_inner": float(eig[-1])}
     if data is not None and "inner_var0" in found:
         info["w_init"] = np.asarray(found["inner_var0"], dtype=np.float64).reshape(p)

@@ -109,7 +109,7 @@ def problem_data(splits: dict, *, lam0=-2.0, source: str = "data") -> ProblemDat
             raise ValueError(f"{source}: missing {key!r}; sparse_logreg needs X_train, "
                              f"y_train, X_val, y_val (optional: X_test, y_test)")
     d = int(splits["X_train"].shape[1])
-    arrays, info = {}, {"source": source, "n_features": d}
+    arrays, info = {}, {"source": source, "n_features": d, "n_classes": 2}
     for split in SPLITS:
         if split == "test" and (splits.get("X_test") is None
                                 or splits["X_test"].shape[0] == 0):
