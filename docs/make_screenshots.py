@@ -57,10 +57,10 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / "results"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures"))
     args = parser.parse_args()
-    results, out = Path(args.results), Path(args.out)
+    results, out = Path(args.results).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     port = _port()
-    report_dir = out.parent.parent / "results" / "docs-report"
+    report_dir = results / "docs-report"
     subprocess.run([sys.executable, "-m", "hypersweep", "report", str(results / "demo"),
                     str(results / "demo-hpo"), str(results / "demo-blackbox"), "--out",
                     str(report_dir), "--no-mlflow", "--mlflow-ui",
@@ -109,6 +109,12 @@ def main() -> int:
             expander.click()
             _wait(driver, "return document.querySelectorAll(\"a[href*='/runs/']\").length"
                           " > 2")
+            from selenium.webdriver.common.action_chains import ActionChains
+
+            handle = driver.find_element(  # the Run Name column, dragged wider
+                By.CSS_SELECTOR, ".ag-header-cell[col-id*='Run Name'] .ag-header-cell-resize")
+            ActionChains(driver).click_and_hold(handle).move_by_offset(120, 0).release(
+                ).perform()
             time.sleep(1)
             driver.save_screenshot(str(out / "mlflow_runs.png"))
             child = client.search_runs([experiment.experiment_id],
