@@ -311,7 +311,7 @@ font-size:13px;text-align:right}th{background:#eee}pre{background:#f6f6f6;paddin
 overflow:auto}#controls{position:sticky;top:0;background:#fff;padding:8px 0;z-index:10;
 border-bottom:1px solid #ddd}#controls label{margin-right:18px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:8px}
-.panel{min-height:460px}.note{color:#555;font-size:14px}
+.panel{min-height:400px}.note{color:#555;font-size:14px}
 """
 
 _JS = """
@@ -326,13 +326,24 @@ function drawAll(){
     const xlog = lx === 'auto' ? p.xlog[mode] : lx === 'log';
     const ylog = ly === 'auto' ? p.ylog : ly === 'log';
     const traces = p.modes[mode] || [];
+    // the legend below the axis title, in a bottom margin sized to its rows
+    const width = (div.clientWidth || 600) - 20;
+    let rows = 1, used = 0;
+    for (const t of traces) {
+      if (t.showlegend === false) continue;
+      const w = 45 + 5.8 * String(t.name || '').length;  // symbol + text, 10 px font
+      if (used > 0 && used + w > width) { rows += 1; used = w; } else { used += w; }
+    }
+    const legendPx = 21 * rows + 10;
     const layout = {
       title: {text: p.title, font: {size: 13}},
       xaxis: {title: {text: p.xlabels[mode]}, type: xlog ? 'log' : 'linear'},
       yaxis: {title: {text: p.ylabel}, type: ylog ? 'log' : 'linear',
               exponentformat: 'power'},
-      legend: {orientation: 'h', y: -0.22, yanchor: 'top', font: {size: 10}},
-      margin: {t: 40, r: 10}, height: 460, hovermode: 'closest'};
+      legend: {orientation: 'h', yref: 'container', y: 0, yanchor: 'bottom', x: 0,
+               font: {size: 10}},
+      margin: {t: 40, r: 10, b: 70 + legendPx}, height: 400 + legendPx,
+      hovermode: 'closest'};
     if (!traces.length) layout.annotations = [{text: 'nothing to draw on this axis',
       showarrow: false, xref: 'paper', yref: 'paper', x: 0.5, y: 0.5}];
     Plotly.react(div, traces, layout, {displaylogo: false, responsive: true});
