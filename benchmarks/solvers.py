@@ -20,6 +20,7 @@ Usage::
 
     .venv/bin/python benchmarks/solvers.py                     # all solvers, JAX
     .venv/bin/python benchmarks/solvers.py --solvers soba saba --backend torch
+    .venv/bin/python benchmarks/solvers.py --sampling replacement   # i.i.d. draws
 """
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="jax", choices=["jax", "torch"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--sampling", default="blocks", choices=["blocks", "replacement"],
+                    help="minibatch sampler (default blocks: the peer's, contiguous "
+                         "blocks in a fresh order each epoch)")
     args = ap.parse_args(argv)
     if not DATA.exists():
         print(f"benchmarks/solvers.py: {DATA} is absent", file=sys.stderr)
@@ -102,8 +106,11 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         for seed in range(args.seeds):
+            params = dict(SETTINGS[name])
+            if "batch_size" in params:
+                params["sampling"] = args.sampling
             row = run_one(name, seed, backend=args.backend, dtype=args.dtype,
-                          iters=args.iters, chunk=args.chunk, params=SETTINGS[name])
+                          iters=args.iters, chunk=args.chunk, params=params)
             rows.append(row)
             print(f"  {name} seed {seed}: ‖∇h‖² {row['grad_norm_sq']:.3g}, "
                   f"{row['us_per_iter']:.1f} µs/it", file=sys.stderr, flush=True)
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
                             text=True, cwd=HERE).stdout.strip()
     print(f"\n{datetime.date.today()} · {machine()} · commit {commit} · "
           f"{args.backend} {args.dtype} · {args.iters} iterations · batch 64 · "
-          f"median of {args.seeds} seeds\n")
+          f"sampling {args.sampling} · median of {args.seeds} seeds\n")
     print("| solver | ‖∇h‖² (ours) | peer | ours ÷ peer | µs / iteration | peer µs | "
           "oracle calls |")
     print("|---|---|---|---|---|---|---|")

@@ -143,7 +143,7 @@ ALGORITHMS.register(AlgorithmSpec(
 # counting). Every hyperparameter is a ``params`` entry; the study's t and K are the
 # estimators' budgets and do not apply to solvers (their budgets are params here).
 # ``step_size`` None = the problem's η = 1/L; outer step = step_size / outer_ratio.
-_SOLVER = {"step_size": None, "outer_ratio": 1.0, "batch_size": 64}
+_SOLVER = {"step_size": None, "outer_ratio": 1.0, "batch_size": 64, "sampling": "replacement"}
 
 
 def _solver(family: str, name: str, summary: str, reference: str, model: str,

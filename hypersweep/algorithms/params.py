@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 from hypersweep.algorithms.catalog import ALGORITHMS
 from hypersweep.registry import load_object
-from hypersweep.validation import Params, field, integer, number
+from hypersweep.validation import Params, field, integer, number, one_of
 
 
 class StocbioParams(Params):
@@ -73,12 +73,16 @@ class AshaParams(Params):
 class SolverParams(Params):
     """The settings every stochastic solver shares: α = ``step_size`` (null: the
     problem's η = 1/L), β = α / ``outer_ratio``, rows per minibatch (a batch larger than a
-    split is clamped to the split: the deterministic limit)."""
+    split is clamped to the split: the deterministic limit), and how minibatches are drawn
+    (``sampling``: ``replacement``, i.i.d. rows; ``blocks``, contiguous blocks in a fresh
+    random order each epoch, benchmark_bilevel's sampler — see
+    :class:`~hypersweep.algorithms.solvers_common.Sampler`)."""
 
     owner: ClassVar[str] = "solver"
     step_size: field(number(above=0, nullable=True))
     outer_ratio: field(number(above=0))
     batch_size: field(integer(1))
+    sampling: field(one_of(("replacement", "blocks")))
 
 
 class SobaParams(SolverParams):

@@ -19,11 +19,15 @@ same names and signatures in ``hypersweep.algorithms.jax.solvers_*`` and
   the JAX and PyTorch trajectories see the same minibatch sequence (parity), and a step
   costs O(batch) whatever n.
 
-The sampler: every minibatch is ``batch_size`` row indices drawn i.i.d. uniformly *with
-replacement* from its split (numpy's PCG64, seeded per (cell seed, stream, block of
-:data:`DRAW_BLOCK` steps) by :func:`~hypersweep.seeding.derive_seed`, so the sequence
-does not depend on how a run is cut into chunks). A split with at most ``batch_size`` rows
-is used whole, in order (no draw): the deterministic limit.
+The sampler (the solver param ``sampling``): with ``replacement`` (the default) every
+minibatch is ``batch_size`` row indices drawn i.i.d. uniformly *with replacement* from its
+split (numpy's PCG64, seeded per (cell seed, stream, block of :data:`DRAW_BLOCK` steps) by
+:func:`~hypersweep.seeding.derive_seed`, so the sequence does not depend on how a run is
+cut into chunks); with ``blocks`` each stream cycles through the split's ⌊n/b⌋ contiguous
+blocks of ``batch_size`` rows, in a fresh random order (and a random offset, so that no row
+is left out for good) each epoch — benchmark_bilevel's sampler: without replacement within
+an epoch, hence a lower variance. A split with at most ``batch_size`` rows is used whole,
+in order (no draw): the deterministic limit.
 
 Counting (``docs/costs.md``): each solver declares ``counts(cfg, k)``, the oracle calls of
 its outer iteration k (0-based; periodic full-batch refreshes make it depend on k), in
@@ -45,6 +49,10 @@ from hypersweep.seeding import derive_seed
 
 #: draws are generated in blocks of this many outer iterations (one generator each)
 DRAW_BLOCK = 256
+#: the minibatch samplers (solver param ``sampling``), see :class:`Sampler`
+SAMPLINGS = ("replacement", "blocks")
+#: ``blocks``: a split of at most this many blocks is shuffled uniformly each epoch
+SHUFFLE_MAX_BLOCKS = 1 << 16
 SPLITS = ("train", "val")
 
 
@@ -152,10 +160,14 @@ class Sampler:
     """The minibatch indices of one solver run, identical for both backends.
 
     ``chunk(start, n_steps)`` returns one int64 array of shape (n_steps, b) per entry of
-    ``samples``: the rows step ``start + i`` reads. Rows are i.i.d. uniform with
-    replacement from their split (O(batch) per draw); a split with ≤ b rows is read whole
-    (``arange``). Draws for steps [j·DRAW_BLOCK, (j+1)·DRAW_BLOCK) come from one PCG64
-    seeded by (``seed``, stream, j), so they do not depend on the chunking.
+    ``samples``: the rows step ``start + i`` reads. ``sampling`` (the solver param):
+    ``replacement``, rows i.i.d. uniform with replacement from their split (O(batch) per
+    draw), draws for steps [j·DRAW_BLOCK, (j+1)·DRAW_BLOCK) from one PCG64 seeded by
+    (``seed``, stream, j); ``blocks``, step s of a stream reads the contiguous rows
+    [o_e + b·π_e(s mod m), … + b) with m = ⌊n/b⌋ blocks, e = ⌊s/m⌋ the epoch, π_e a
+    permutation of the m blocks and o_e ∈ [0, n − m·b] an offset, both seeded by (``seed``,
+    stream, e). Either way the draws do not depend on the chunking. A split with ≤ b rows
+    is read whole (``arange``).
     """
 
     def __init__(self, cfg: SolverConfig, samples: tuple, seed: int):
@@ -167,6 +179,11 @@ class Sampler:
         self.seed = int(seed)
         self.sizes = {"train": (cfg.n_train, cfg.b_train), "val": (cfg.n_val, cfg.b_val)}
         self.name = cfg.name
+        params = dict(cfg.params)
+        self.sampling = params.get("sampling", "replacement")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"solver {cfg.name!r}: sampling must be one of "
+                             f"{', '.join(SAMPLINGS)}, got {self.sampling!r}")
 
     @functools.lru_cache(maxsize=4)
     def _block(self, j: int) -> list[np.ndarray]:
@@ -176,10 +193,46 @@ class Sampler:
             if b >= n:
                 out.append(np.broadcast_to(np.arange(n, dtype=np.int64), (DRAW_BLOCK, n)))
                 continue
+            if self.sampling == "blocks":
+                out.append(self._blocks(split, slot, n, b, j))
+                continue
             gen = np.random.Generator(np.random.PCG64(
                 derive_seed("solver-draws", self.seed, split, slot, j)))
             out.append(gen.integers(0, n, size=(DRAW_BLOCK, b), dtype=np.int64))
         return out
+
+    def _blocks(self, split: str, slot: int, n: int, b: int, j: int) -> np.ndarray:
+        """Rows of steps [j·DRAW_BLOCK, (j+1)·DRAW_BLOCK) of one stream, ``blocks``."""
+        m = n // b
+        steps = np.arange(j * DRAW_BLOCK, (j + 1) * DRAW_BLOCK, dtype=np.int64)
+        epochs = steps // m
+        rows = np.empty((DRAW_BLOCK, b), dtype=np.int64)
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            here = epochs == epoch
+            order, offset = self._epoch(split, slot, n, b, epoch)
+            starts = offset + b * order(steps[here] % m)
+            rows[here] = starts[:, None] + np.arange(b, dtype=np.int64)[None, :]
+        return rows
+
+    @functools.lru_cache(maxsize=8)
+    def _epoch(self, split: str, slot: int, n: int, b: int, epoch: int):
+        """(the epoch's block order as a function of positions, its row offset). Up to
+        :data:`SHUFFLE_MAX_BLOCKS` blocks a uniform permutation (O(m) once per epoch);
+        beyond, the bijection p ↦ (a·p + c) mod m with random a coprime to m and c, so
+        that a draw stays O(batch) in time and memory whatever n."""
+        m = n // b
+        gen = np.random.Generator(np.random.PCG64(
+            derive_seed("solver-blocks", self.seed, split, slot, epoch)))
+        offset = int(gen.integers(0, n - m * b + 1))
+        if m <= SHUFFLE_MAX_BLOCKS:
+            perm = gen.permutation(m)
+            return (lambda pos: perm[pos]), offset
+        while True:
+            a = int(gen.integers(1, m))
+            if np.gcd(a, m) == 1:
+                break
+        c = int(gen.integers(0, m))
+        return (lambda pos: (a * pos + c) % m), offset
 
     def chunk(self, start: int, n_steps: int) -> list[np.ndarray]:
         if not self.samples:
