@@ -160,6 +160,26 @@ def _parent_run(client, experiment: str, study: str):
     return exp.experiment_id, sorted(runs, key=lambda r: r.info.start_time or 0)[0].info.run_id
 
 
+def _study_parent(directory: str | Path, tracking_uri: str | None, *, relocate: bool = False):
+    """(client, study, experiment id, parent run id) of one output's study, or None when
+    MLflow is off for it or its parent run is not found (a warning says which)."""
+    uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
+    if uri is None:
+        return None
+    from hypersweep.io.tracking import relocate_artifacts, set_mlflow_env_defaults
+    set_mlflow_env_defaults()
+    if relocate:
+        relocate_artifacts(uri)  # a moved results folder: log beside its own store
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    found = _parent_run(client, experiment, study)
+    if found is None:
+        log.warning("no MLflow parent run tagged %s=%r in experiment %r at %s",
+                    TAG_STUDY, study, experiment, uri)
+        return None
+    return client, study, *found
+
+
 def mlflow_links(dirs: Sequence[str | Path], *, ui_url: str,
                  tracking_uri: str | None = None) -> list[tuple[str, str]]:
     """(label, URL in the MLflow UI at ``ui_url``) of each study's experiment and parent
@@ -167,16 +187,10 @@ def mlflow_links(dirs: Sequence[str | Path], *, ui_url: str,
     links = []
     for directory in dirs:
         try:
-            uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
-            if uri is None:
-                continue
-            from hypersweep.io.tracking import set_mlflow_env_defaults
-            set_mlflow_env_defaults()
-            from mlflow import MlflowClient
-            found = _parent_run(MlflowClient(tracking_uri=uri), experiment, study)
+            found = _study_parent(directory, tracking_uri)
             if found is None:
                 continue
-            exp_id, run_id = found
+            _, study, exp_id, run_id = found
             # MLflow 3.17's UI picks its view from ?workflowType= (then remembers it), not
             # from the experiment's tag: the links open the model-training view
             base, view = ui_url.rstrip("/"), "?workflowType=machine_learning"
@@ -195,20 +209,10 @@ def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
     logged = []
     for directory in dirs:
         try:
-            uri, experiment, study = _study_tracking(Path(directory), tracking_uri)
-            if uri is None:
-                continue
-            from hypersweep.io.tracking import relocate_artifacts, set_mlflow_env_defaults
-            set_mlflow_env_defaults()
-            relocate_artifacts(uri)  # a moved results folder: log beside its own store
-            from mlflow import MlflowClient
-            client = MlflowClient(tracking_uri=uri)
-            found = _parent_run(client, experiment, study)
+            found = _study_parent(directory, tracking_uri, relocate=True)
             if found is None:
-                log.warning("no MLflow parent run tagged %s=%r in experiment %r at %s; "
-                            "report not logged", TAG_STUDY, study, experiment, uri)
                 continue
-            run_id = found[1]
+            client, run_id = found[0], found[3]
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path="report")
             logged.append(run_id)
