@@ -116,7 +116,8 @@ def reference_grad_norm(row, cell_traces: pd.DataFrame) -> float:
 
 
 def _family(algorithm: str) -> str | None:
-    """The catalog kind (solver, estimator, online, searcher); None when unregistered."""
+    """The catalog kind (solver, estimator, online, searcher, baseline); None when
+    unregistered."""
     from hypersweep import algorithms  # the catalog only: pure data, no backend
 
     try:
