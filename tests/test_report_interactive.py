@@ -192,3 +192,15 @@ def test_the_png_error_figure_uses_the_same_styles(built):
     # dashes differ between K settings in the PNG too
     assert drawn["aid_cg K=10 [jax]"].get_linestyle() != drawn["aid_cg K=t [jax]"].get_linestyle()
     figures.close(fig)
+
+
+def test_the_png_cost_figures_colour_each_method_as_the_page_does(built):
+    fig = built["figures"]["best_val_vs_cost.png"]
+    page = {t["name"]: t["line"]["color"]
+            for p in built["spec"]["panels"] if p["section"] == "best"
+            for t in _medians(p["modes"]["wall"])}
+    drawn = {line.get_label().rsplit(" (", 1)[0]: line.get_color()
+             for ax in fig.axes for line in ax.get_lines()}
+    assert drawn and drawn == {name: page[name] for name in drawn}
+    assert len(set(drawn.values())) == len(drawn)  # 6 methods, 6 colours
+    figures.close(fig)

@@ -115,11 +115,17 @@ def _wrapped(title: str, width: int = 60) -> str:
     return "\n".join(textwrap.wrap(title, width)) or title
 
 
-def _method_colors(plt, methods) -> dict:
-    """One color per method; tab20 once tab10's ten run out (solvers alone are 16)."""
-    methods = sorted(methods)
-    cmap, n = (plt.cm.tab10, 10) if len(methods) <= 10 else (plt.cm.tab20, 20)
-    return {m: cmap(i % n) for i, m in enumerate(methods)}
+def _method_colors(results: pd.DataFrame, methods) -> dict:
+    """One colour per method, the interactive page's (:mod:`.styles`: colour = algorithm,
+    lighter for torch), so a method looks the same in the PNGs and on the page."""
+    from hypersweep.tools.report.styles import assign_styles, split_label
+
+    frame = method_frame(results).drop_duplicates("method").set_index("method")
+    keys = [split_label(m, str(frame.loc[m, "algorithm"]), str(frame.loc[m, "backend"]))
+            for m in methods if m in frame.index]
+    styles = assign_styles(keys, algorithms=results["algorithm"].dropna().astype(str).unique(),
+                           backends=results["backend"].dropna().astype(str).unique())
+    return {m: styles[m].color if m in styles else "#7f7f7f" for m in methods}
 
 
 def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,
@@ -176,7 +182,7 @@ def plot_best_val(results: pd.DataFrame, traces: pd.DataFrame):
     by_time = best_curves(curves, "wall_time_s")
     by_evals = best_curves(curves, COST_AXIS)
     panels = problem_order(curves["panel"].unique())
-    colors = _method_colors(plt, curves["method"].unique())
+    colors = _method_colors(results, curves["method"].unique())
     return _cost_panels(plt, panels, by_time, by_evals, colors,
                         ylabel="best val loss so far", log_y=None)
 
@@ -197,7 +203,7 @@ def plot_grad_norm(results: pd.DataFrame, traces: pd.DataFrame):
         return None
     plt = _pyplot()
     panels = problem_order(set(by_time["panel"]) | set(by_evals["panel"]))
-    colors = _method_colors(plt, curves["method"].unique())
+    colors = _method_colors(results, curves["method"].unique())
     return _cost_panels(plt, panels, by_time, by_evals, colors, ylabel=GRAD_LABEL,
                         log_y=True)
 
@@ -218,7 +224,7 @@ def plot_test_vs_time(results: pd.DataFrame, traces: pd.DataFrame):
         return None
     plt = _pyplot()
     panels = problem_order(set(loss["panel"]) | set(accuracy["panel"]))
-    colors = _method_colors(plt, curves["method"].unique())
+    colors = _method_colors(results, curves["method"].unique())
     return _panel_grid(plt, panels, [(loss, "wall time (s)", "test loss"),
                                      (accuracy, "wall time (s)", "test accuracy")],
                        colors, log_y=False)
