@@ -171,9 +171,12 @@ def test_grad_norm_figure_has_a_panel_pair_per_problem_and_a_line_per_method(bui
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
         assert ax.get_ylabel() == figures.GRAD_LABEL
         assert ax.get_xlabel() == ("wall time (s)" if i % 2 == 0 else figures.COST_LABEL)
-        styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
-        assert styles == {"soba (gradient)": "-", "aid_cg K=5 (gradient)": "-",
-                          "random (black-box)": "--"}
+        # one line per method, each in its own colour (colour = algorithm; the legend
+        # says gradient or black-box)
+        colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+        assert set(colours) == {"soba (gradient)", "aid_cg K=5 (gradient)",
+                                "random (black-box)"}
+        assert len(set(colours.values())) == 3
         for line in ax.get_lines():
             assert (np.asarray(line.get_xdata()) > 0).all()
     lines = {line.get_label(): line for line in fig.axes[3].get_lines()}

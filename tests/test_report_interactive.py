@@ -202,5 +202,8 @@ def test_the_png_cost_figures_colour_each_method_as_the_page_does(built):
     drawn = {line.get_label().rsplit(" (", 1)[0]: line.get_color()
              for ax in fig.axes for line in ax.get_lines()}
     assert drawn and drawn == {name: page[name] for name in drawn}
-    assert len(set(drawn.values())) == len(drawn)  # 6 methods, 6 colours
+    for ax in fig.axes:  # two aid_cg step sizes: one colour, two dashes
+        pairs = [(line.get_color(), str(line._dash_pattern))  # matplotlib's on/off seq
+                 for line in ax.get_lines()]
+        assert len(set(pairs)) == len(pairs) == 6, pairs
     figures.close(fig)

@@ -115,32 +115,32 @@ def _wrapped(title: str, width: int = 60) -> str:
     return "\n".join(textwrap.wrap(title, width)) or title
 
 
-def _method_colors(results: pd.DataFrame, methods) -> dict:
-    """One colour per method, the interactive page's (:mod:`.styles`: colour = algorithm,
-    lighter for torch), so a method looks the same in the PNGs and on the page."""
-    from hypersweep.tools.report.styles import assign_styles, split_label
+def _method_styles(results: pd.DataFrame, methods) -> dict:
+    """Each method's :class:`~.styles.Style`, the interactive page's (colour = algorithm,
+    lighter for torch; dash = the variant: K, params, t), so that a method looks the same
+    in the PNGs and on the page and no two methods of a panel share colour and dash."""
+    from hypersweep.tools.report.styles import MethodKey, Style, assign_styles, split_label
 
     frame = method_frame(results).drop_duplicates("method").set_index("method")
     keys = [split_label(m, str(frame.loc[m, "algorithm"]), str(frame.loc[m, "backend"]))
             for m in methods if m in frame.index]
-    styles = assign_styles(keys, algorithms=results["algorithm"].dropna().astype(str).unique(),
-                           backends=results["backend"].dropna().astype(str).unique())
-    return {m: styles[m].color if m in styles else "#7f7f7f" for m in methods}
+    keys += [MethodKey(m, m, "", "") for m in methods if m not in frame.index]
+    return assign_styles(keys, algorithms=results["algorithm"].dropna().astype(str).unique(),
+                         backends=results["backend"].dropna().astype(str).unique())
 
 
 def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,
                  log_y: bool | None):
-    """Rows = ``panels``, columns = (vs wall time, vs oracle calls), log x; one line per
-    (method, kind), gradient solid and black-box dashed, with its 20–80 % band. ``log_y``
-    None: log y when the band is positive and spans more than a decade."""
+    """Rows = ``panels``, columns = (vs wall time, vs oracle calls): see :func:`_panel_grid`."""
     return _panel_grid(plt, panels, [(by_time, "wall time (s)", ylabel),
                                      (by_evals, COST_LABEL, ylabel)], colors, log_y=log_y)
 
 
 def _panel_grid(plt, panels, columns, colors, *, log_y: bool | None):
     """Rows = ``panels``, one column per (curves, x label, y label) of ``columns``, log x;
-    one line per (method, kind), gradient solid and black-box dashed, with its 20–80 %
-    band. ``log_y`` None: log y when the band is positive and spans more than a decade."""
+    one line per (method, kind) in its style (``colors``: method → Style; the legend says
+    gradient or black-box), with its 20–80 % band. ``log_y`` None: log y when the band is
+    positive and spans more than a decade."""
     fig, axes = plt.subplots(len(panels), len(columns),
                              figsize=(5 * len(columns), 3.6 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
@@ -148,10 +148,10 @@ def _panel_grid(plt, panels, columns, colors, *, log_y: bool | None):
             ax = axes[row][col]
             sub = data[data["panel"] == panel]
             for (method, kind), g in sub.groupby(["method", "kind"]):
-                style = "-" if kind == "gradient" else "--"
-                ax.plot(g["x"], g["median"], style, color=colors[method],
-                        label=f"{method} ({kind})")
-                ax.fill_between(g["x"], g["low"], g["high"], color=colors[method],
+                style = colors[method]
+                ax.plot(g["x"], g["median"], linestyle=style.mpl_linestyle(),
+                        color=style.color, label=f"{method} ({kind})")
+                ax.fill_between(g["x"], g["low"], g["high"], color=style.color,
                                 alpha=0.15, linewidth=0)
             ax.set_xscale("log")
             if len(sub) and sub["x"].max() >= 10 * sub["x"].min():
@@ -182,7 +182,7 @@ def plot_best_val(results: pd.DataFrame, traces: pd.DataFrame):
     by_time = best_curves(curves, "wall_time_s")
     by_evals = best_curves(curves, COST_AXIS)
     panels = problem_order(curves["panel"].unique())
-    colors = _method_colors(results, curves["method"].unique())
+    colors = _method_styles(results, curves["method"].unique())
     return _cost_panels(plt, panels, by_time, by_evals, colors,
                         ylabel="best val loss so far", log_y=None)
 
@@ -203,7 +203,7 @@ def plot_grad_norm(results: pd.DataFrame, traces: pd.DataFrame):
         return None
     plt = _pyplot()
     panels = problem_order(set(by_time["panel"]) | set(by_evals["panel"]))
-    colors = _method_colors(results, curves["method"].unique())
+    colors = _method_styles(results, curves["method"].unique())
     return _cost_panels(plt, panels, by_time, by_evals, colors, ylabel=GRAD_LABEL,
                         log_y=True)
 
@@ -224,7 +224,7 @@ def plot_test_vs_time(results: pd.DataFrame, traces: pd.DataFrame):
         return None
     plt = _pyplot()
     panels = problem_order(set(loss["panel"]) | set(accuracy["panel"]))
-    colors = _method_colors(results, curves["method"].unique())
+    colors = _method_styles(results, curves["method"].unique())
     return _panel_grid(plt, panels, [(loss, "wall time (s)", "test loss"),
                                      (accuracy, "wall time (s)", "test accuracy")],
                        colors, log_y=False)
