@@ -254,7 +254,7 @@ def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_pat
     from mlflow import MlflowClient
     (tmp_path / "mlflow").mkdir()
     client = MlflowClient(tracking_uri=mlflow_sqlite)
-    exp = client.create_experiment("synth-exp")
+    exp = client.create_experiment("synth-exp", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"hypersweep.study": "synth",
                                           "hypersweep.role": "parent"}).info.run_id
     (study_dir / "study.yaml").write_text(
