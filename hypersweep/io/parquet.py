@@ -47,6 +47,7 @@ do.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import json
 import logging
@@ -322,6 +323,28 @@ def latest_per_cell(table: pa.Table) -> pa.Table:
     ordered = _sorted_latest_first(table)
     ids = ordered.column("cell_id").to_numpy(zero_copy_only=False)
     return ordered.filter(pa.array(_group_starts(ids)))
+
+
+def latest_rows(rows: Iterable[dict]) -> list[dict]:
+    """:func:`latest_per_cell` for rows as dicts: one row per ``cell_id``, the greatest
+    ``finished_at`` (a row without one is the oldest); rows without a cell id all stay."""
+    def key(row: dict) -> tuple:
+        finished = row.get("finished_at")
+        if finished is None:
+            return (False, 0.0)
+        if finished.tzinfo is None:  # naive: UTC, as the writers record it
+            finished = finished.replace(tzinfo=_dt.timezone.utc)
+        return (True, finished.timestamp())
+
+    latest: dict[Any, dict] = {}
+    loose = []
+    for row in rows:
+        cell = row.get("cell_id")
+        if cell is None:
+            loose.append(row)
+        elif cell not in latest or key(row) >= key(latest[cell]):
+            latest[cell] = row
+    return [*latest.values(), *loose]
 
 
 def without_copies(table: pa.Table) -> pa.Table:

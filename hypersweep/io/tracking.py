@@ -52,7 +52,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 
 from hypersweep.io import schema
-from hypersweep.io.parquet import STUDY_FILE
+from hypersweep.io.parquet import STUDY_FILE, latest_rows
 from hypersweep.io.schema import TRACE_SCHEMA
 from hypersweep.orchestrator.cell import stable_hash
 
@@ -108,7 +108,6 @@ ARTIFACTS_DIR = "mlartifacts"
 _SQLITE = "sqlite:///"
 _MAX_PARAM_CHARS = 500
 _MAX_RUN_NAME = 250  # runs.name is VARCHAR(250) in MLflow's sql schema
-_SHORT_PARAMS = 40  # params longer than this stay out of a run's description title
 _SHORT_NAME_PARAMS = 12  # algorithm params longer than this stay out of a run's name
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_.\- /]{1,200}")
 # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per request.
@@ -360,7 +359,7 @@ def group_params(row: dict, uses_t: bool = False) -> dict[str, str]:
             for key, value in params.items()}
 
 
-def _short(params_json: Any, limit: int = _SHORT_PARAMS) -> str:
+def _short(params_json: Any, limit: int) -> str:
     """``(key=value,...)`` of a JSON params column when it is short, else ""."""
     loaded = _loads(params_json)
     if not loaded:
@@ -551,26 +550,6 @@ def cell_metrics(row: dict, traces: Iterable[Mapping[str, Any]] = ()
     return out
 
 
-def _finished_key(row: dict) -> tuple[bool, str]:
-    finished = row.get("finished_at")
-    return finished is not None, _iso(finished) if finished is not None else ""
-
-
-def _latest_rows(rows: Iterable[dict]) -> list[dict]:
-    """One row per cell (the greatest ``finished_at``); rows without a cell id stay."""
-    latest: dict[Any, dict] = {}
-    loose = []
-    for row in rows:
-        cell = row.get("cell_id")
-        if cell is None:
-            loose.append(row)
-            continue
-        seen = latest.get(cell)
-        if seen is None or _finished_key(row) >= _finished_key(seen):
-            latest[cell] = row
-    return [*latest.values(), *loose]
-
-
 class MlflowLogger:
     """Synchronous MLflow logging of result rows (used by the writer thread and by sync).
 
@@ -714,7 +693,7 @@ class MlflowLogger:
         start = time.perf_counter()
         traces = traces or {}
         by_group: dict[str, list[dict]] = {}
-        for row in _latest_rows(rows):
+        for row in latest_rows(rows):
             by_group.setdefault(group_id(row, self.k_uses_t), []).append(row)
         logged = 0
         for gid, group_rows in by_group.items():

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from hypersweep import algorithms as algorithm_registry
+from hypersweep.io.parquet import latest_rows
 from hypersweep.orchestrator.cell import Cell
 from hypersweep.pipelines.catalog import PIPELINES
 
@@ -315,18 +316,6 @@ def read_rows(path: str | Path) -> list[dict]:
             continue
         rows.extend(table.to_pylist())
     return rows
-
-
-def latest_rows(rows: list[dict]) -> list[dict]:
-    """The latest row (greatest ``finished_at``) of each cell_id: a retried cell once."""
-    latest: dict[Any, dict] = {}
-    for row in rows:
-        key = row.get("cell_id")
-        best = latest.get(key)
-        if best is None or (row.get("finished_at") is not None and (
-                best.get("finished_at") is None or row["finished_at"] > best["finished_at"])):
-            latest[key] = row
-    return list(latest.values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -675,5 +664,5 @@ def format_seconds(seconds: float) -> str:
 
 __all__ = ["BASELINE_PATH", "MODEL", "Model", "Config", "Measured", "CellEstimate",
            "Pricer", "StudyEstimate", "PricedStudy", "price_study", "plan_document",
-           "load_pricer", "measured_groups", "cell_elapsed", "read_rows", "latest_rows",
+           "load_pricer", "measured_groups", "cell_elapsed", "read_rows",
            "local_actor_count", "format_seconds"]
