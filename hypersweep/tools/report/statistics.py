@@ -146,9 +146,13 @@ def _line_labels(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df, *extra], ignore_index=True) if extra else df
 
 
+#: median, then the band's ends (one np.quantile call computes the three)
+_LEVELS = (0.5, BAND[0], BAND[1])
+
+
 def _quantiles(values: np.ndarray) -> tuple[float, float, float]:
-    return (float(np.quantile(values, 0.5)), float(np.quantile(values, BAND[0])),
-            float(np.quantile(values, BAND[1])))
+    med, lo, hi = np.quantile(values, _LEVELS)
+    return float(med), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,12 +342,13 @@ def quantile_curves(curves: pd.DataFrame, x: str, y: str, *, n_grid: int = 120,
         grid = np.geomspace(lo, max(hi, lo * 1.0001), n_grid)
         values = np.vstack([_step_values(cx, cy, grid) for cx, cy in per_cell])
         have = np.isfinite(values).sum(axis=0)
-        for j, gx in enumerate(grid):
-            if have[j] * 2 < len(per_cell) or have[j] == 0:
-                continue
-            col = values[:, j][np.isfinite(values[:, j])]
-            med, qlo, qhi = _quantiles(col)
-            rows.append(dict(panel=panel, method=method, kind=kind, x=float(gx),
-                             median=med, low=qlo, high=qhi))
+        drawn = (have * 2 >= len(per_cell)) & (have > 0)
+        if not drawn.any():
+            continue
+        # every drawn grid point at once: NaN (a cell not started yet) left out per point
+        med, qlo, qhi = np.nanquantile(values[:, drawn], _LEVELS, axis=0)
+        rows += [dict(panel=panel, method=method, kind=kind, x=float(gx), median=float(m),
+                      low=float(a), high=float(b))
+                 for gx, m, a, b in zip(grid[drawn], med, qlo, qhi)]
     return pd.DataFrame(rows, columns=["panel", "method", "kind", "x", "median", "low",
                                        "high"])
