@@ -39,22 +39,6 @@ def _pyplot():
     return plt
 
 
-def error_styles(curves: pd.DataFrame, results: pd.DataFrame | None = None) -> dict:
-    """The :class:`~.styles.Style` of each error line (``curves["line"]``): the same as
-    the interactive page's (colour = algorithm, dash = K setting, marker = backend)."""
-    from hypersweep.tools.report.styles import MethodKey, assign_styles, split_label
-
-    keys = []
-    for line, algo, backend in curves[["line", "algorithm", "backend"]].drop_duplicates(
-            ).itertuples(index=False):
-        key = split_label(line, algo, backend if f"[{backend}]" in line else None)
-        keys.append(MethodKey(key.label, key.algorithm, key.variant, backend))
-    everything = {} if results is None or results.empty else dict(
-        algorithms=results["algorithm"].dropna().astype(str).unique(),
-        backends=results["backend"].dropna().astype(str).unique())
-    return assign_styles(keys, **everything)
-
-
 def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"):
     """Figure 1. Returns (figure, rates DataFrame); None figure when there is nothing.
     One panel per problem; each line with its fitted rate r in the legend (below the
@@ -67,7 +51,9 @@ def plot_error_vs_t(results: pd.DataFrame, *, error: str = "hypergrad_rel_error"
     if curves.empty:
         return None, rates
     panels = problem_order(curves["panel"].unique())
-    styles = error_styles(curves, results)
+    from hypersweep.tools.report.styles import error_line_styles
+
+    styles = error_line_styles(curves, results)
     n_lines = curves.groupby("panel")["line"].nunique().max()
     legend_rows = -(-(n_lines + 1) // 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels),

@@ -139,14 +139,7 @@ def _error_panels(results: pd.DataFrame, error: str) -> list[dict]:
         return []
     rates = rate_table(results, curves)
     rows = results[results["pipeline"] == "hypergradient_error"]
-    keys = [st.split_label(line, algo, backend if f"[{backend}]" in line else None)
-            for line, algo, backend in curves[["line", "algorithm", "backend"]]
-            .drop_duplicates().itertuples(index=False)]
-    # the marker says the backend even where the label does not (one backend)
-    keys = [st.MethodKey(k.label, k.algorithm, k.variant, k.backend or b)
-            for k, b in zip(keys, curves.drop_duplicates(["line", "algorithm", "backend"])
-                            ["backend"])]
-    styles = st.assign_styles(keys, **_everything(results))
+    styles = st.error_line_styles(curves, results)
     ylabel = ("relative hypergradient error ‖ĝ − ∇F‖ / ‖∇F‖" if error == "hypergrad_rel_error"
               else "hypergradient error ‖ĝ − ∇F‖")
     panels = []

@@ -115,3 +115,19 @@ def split_label(label: str, algorithm: str, backend: str | None) -> MethodKey:
         variant = variant.replace(f" [{backend}]", "")
     return MethodKey(label=label, algorithm=algorithm, variant=variant.strip(),
                      backend=backend or "")
+
+
+def error_line_styles(curves, results=None) -> dict[str, Style]:
+    """The style of each hypergradient-error line (``curves``: :func:`~.statistics.
+    error_curves`, by ``line``), for the page and the PNG alike. A label names its backend
+    only when the outputs hold several; the marker says it always. ``results``: the whole
+    report's rows, so that colours follow every algorithm the report shows."""
+    keys = []
+    for line, algo, backend in curves[["line", "algorithm", "backend"]].drop_duplicates(
+            ).itertuples(index=False):
+        key = split_label(line, algo, backend if f"[{backend}]" in line else None)
+        keys.append(MethodKey(key.label, key.algorithm, key.variant, backend))
+    everything = {} if results is None or results.empty else dict(
+        algorithms=results["algorithm"].dropna().astype(str).unique(),
+        backends=results["backend"].dropna().astype(str).unique())
+    return assign_styles(keys, **everything)
