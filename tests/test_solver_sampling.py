@@ -125,3 +125,27 @@ def test_every_minibatch_solver_takes_the_param():
         spec_params = __import__("hypersweep.algorithms", fromlist=["spec"]).spec(name).params
         if "batch_size" in spec_params:
             assert spec_params["sampling"] == "replacement", name
+
+
+def test_blocks_across_epoch_groups_do_not_depend_on_the_chunking():
+    """The epochs of one group (EPOCH_GROUP_STEPS steps) are drawn at once: 9,000 steps of
+    16 blocks cross two group boundaries (256 epochs each). Every epoch is still one
+    permutation of the blocks, the groups' orders differ, and odd chunk sizes that straddle
+    the boundaries give the same rows as one chunk."""
+    from hypersweep.algorithms.solvers_common import EPOCH_GROUP_STEPS
+
+    cfg = _cfg(n_train=1024 + 20)  # 16 blocks and 20 rows for the offsets
+    whole = Sampler(cfg, ("train",), seed=4).chunk(0, 9000)[0]
+    assert 9000 > 2 * EPOCH_GROUP_STEPS
+    m = 16
+    firsts = [tuple(whole[m * e:m * (e + 1), 0]) for e in range(9000 // m)]
+    for e, order in enumerate(firsts):
+        offsets = {s % 64 for s in order}
+        assert len(offsets) == 1, e  # one offset per epoch
+        assert sorted(s - min(order) % 64 for s in order) == list(range(0, 1024, 64)), e
+    assert len(set(firsts)) > 0.99 * len(firsts)  # fresh orders, also across groups
+    parts, start = [], 0
+    for size in (1, 4095, 3, 257, 4100, 544):
+        parts.append(Sampler(cfg, ("train",), seed=4).chunk(start, size)[0])
+        start += size
+    np.testing.assert_array_equal(np.concatenate(parts), whole)

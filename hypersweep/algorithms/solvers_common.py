@@ -53,6 +53,8 @@ DRAW_BLOCK = 256
 SAMPLINGS = ("replacement", "blocks")
 #: ``blocks``: a split of at most this many blocks is shuffled uniformly each epoch
 SHUFFLE_MAX_BLOCKS = 1 << 16
+#: ``blocks``: the epochs of about this many steps share one generator (drawn at once)
+EPOCH_GROUP_STEPS = 4096
 SPLITS = ("train", "val")
 
 
@@ -165,8 +167,11 @@ class Sampler:
     draw), draws for steps [j·DRAW_BLOCK, (j+1)·DRAW_BLOCK) from one PCG64 seeded by
     (``seed``, stream, j); ``blocks``, step s of a stream reads the contiguous rows
     [o_e + b·π_e(s mod m), … + b) with m = ⌊n/b⌋ blocks, e = ⌊s/m⌋ the epoch, π_e a
-    permutation of the m blocks and o_e ∈ [0, n − m·b] an offset, both seeded by (``seed``,
-    stream, e). Either way the draws do not depend on the chunking. A split with ≤ b rows
+    permutation of the m blocks and o_e ∈ [0, n − m·b] an offset, those of the G =
+    max(1, ⌊:data:`EPOCH_GROUP_STEPS`/m⌋) epochs of group ⌊e/G⌋ drawn at once from one
+    generator seeded by (``seed``, stream, group); beyond :data:`SHUFFLE_MAX_BLOCKS`
+    blocks π_e is an affine bijection seeded per epoch. Either way the draws do not depend
+    on the chunking. A split with ≤ b rows
     is read whole (``arange``).
     """
 
@@ -206,33 +211,48 @@ class Sampler:
         m = n // b
         steps = np.arange(j * DRAW_BLOCK, (j + 1) * DRAW_BLOCK, dtype=np.int64)
         epochs = steps // m
-        rows = np.empty((DRAW_BLOCK, b), dtype=np.int64)
-        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
-            here = epochs == epoch
-            order, offset = self._epoch(split, slot, n, b, epoch)
-            starts = offset + b * order(steps[here] % m)
-            rows[here] = starts[:, None] + np.arange(b, dtype=np.int64)[None, :]
-        return rows
+        starts = np.empty(DRAW_BLOCK, dtype=np.int64)
+        if m <= SHUFFLE_MAX_BLOCKS:
+            size = max(1, EPOCH_GROUP_STEPS // m)
+            groups = epochs // size
+            for group in range(int(groups[0]), int(groups[-1]) + 1):
+                here = groups == group
+                orders, offsets = self._epoch_group(split, slot, n, b, group, size)
+                e = epochs[here] - group * size
+                starts[here] = offsets[e] + b * orders[e, steps[here] % m]
+        else:
+            for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+                here = epochs == epoch
+                a, c, offset = self._epoch_affine(split, slot, n, b, epoch)
+                starts[here] = offset + b * ((a * (steps[here] % m) + c) % m)
+        return starts[:, None] + np.arange(b, dtype=np.int64)[None, :]
 
     @functools.lru_cache(maxsize=8)
-    def _epoch(self, split: str, slot: int, n: int, b: int, epoch: int):
-        """(the epoch's block order as a function of positions, its row offset). Up to
-        :data:`SHUFFLE_MAX_BLOCKS` blocks a uniform permutation (O(m) once per epoch);
-        beyond, the bijection p ↦ (a·p + c) mod m with random a coprime to m and c, so
-        that a draw stays O(batch) in time and memory whatever n."""
+    def _epoch_group(self, split: str, slot: int, n: int, b: int, group: int, size: int):
+        """The block orders (size, m) and row offsets (size,) of epochs [group·size,
+        (group+1)·size): one uniform permutation of the m blocks and one offset in
+        [0, n − m·b] per epoch, all from one generator (O(m) per epoch)."""
+        m = n // b
+        gen = np.random.Generator(np.random.PCG64(
+            derive_seed("solver-blocks", self.seed, split, slot, group, size)))
+        offsets = gen.integers(0, n - m * b + 1, size=size, dtype=np.int64)
+        orders = gen.permuted(np.broadcast_to(np.arange(m, dtype=np.int64), (size, m)), axis=1)
+        return orders, offsets
+
+    @functools.lru_cache(maxsize=8)
+    def _epoch_affine(self, split: str, slot: int, n: int, b: int, epoch: int):
+        """Beyond :data:`SHUFFLE_MAX_BLOCKS` blocks an epoch's order is the bijection
+        p ↦ (a·p + c) mod m with random a coprime to m and c, so that a draw stays O(batch)
+        in time and memory whatever n: (a, c, the row offset)."""
         m = n // b
         gen = np.random.Generator(np.random.PCG64(
             derive_seed("solver-blocks", self.seed, split, slot, epoch)))
         offset = int(gen.integers(0, n - m * b + 1))
-        if m <= SHUFFLE_MAX_BLOCKS:
-            perm = gen.permutation(m)
-            return (lambda pos: perm[pos]), offset
         while True:
             a = int(gen.integers(1, m))
             if np.gcd(a, m) == 1:
                 break
-        c = int(gen.integers(0, m))
-        return (lambda pos: (a * pos + c) % m), offset
+        return a, int(gen.integers(0, m)), offset
 
     def chunk(self, start: int, n_steps: int) -> list[np.ndarray]:
         if not self.samples:

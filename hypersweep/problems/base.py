@@ -24,6 +24,14 @@ defines its math once against an ``ops`` namespace:
         problem the capability ``"minibatch"`` (stocbio).
     ``lipschitz(lam, arrays, static, cache)``
         a bound on the inner curvature at λ (:meth:`Problem.stable_inner_lr`).
+    ``inner_grad_rows(w, lam, v, arrays, static, ops, idx)`` / ``outer_grad_rows(w, lam,
+    arrays, static, ops, idx)``
+        closed-form per-sample derivatives over the rows ``idx`` (b of them), for the
+        solvers that keep per-sample memories (SABA): ``(∇_w ℓ_i, H_i v, (∂_λ ∇_w ℓ_i)ᵀ v)``
+        and ``(∇_w f_j, ∇_λ f_j)``, each of shape (b, ·) with w and λ flattened; ℓ_i, f_j
+        are the one-row losses ``inner_loss_batch(…, [i])``. A pair, and only with the
+        minibatch pair. Without them a solver differentiates the one-row losses itself;
+        checked against that in ``tests/test_grad_rows.py``.
 
 Device: chosen once when the problem is built — the ``device`` argument, else
 ``$HYPERSWEEP_DEVICE`` (``cpu``, ``cuda``, ``cuda:N``), else the backend's default (the
@@ -50,8 +58,10 @@ from hypersweep.registry import BACKENDS, ProblemSpec, check_choice
 
 DTYPES = ("float32", "float64")
 #: the optional functions a problem module may define, each declared in its ``HOOKS``
-OPTIONAL_HOOKS = ("inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz")
+OPTIONAL_HOOKS = ("inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz",
+                  "inner_grad_rows", "outer_grad_rows")
 _MINIBATCH_HOOKS = frozenset({"inner_loss_batch", "outer_loss_batch"})
+_ROW_HOOKS = frozenset({"inner_grad_rows", "outer_grad_rows"})
 #: the environment variable naming the default device (``cpu``, ``cuda``, ``cuda:N``)
 DEVICE_ENV = "HYPERSWEEP_DEVICE"
 
@@ -136,6 +146,11 @@ def declared_hooks(module: ModuleType, spec: ProblemSpec) -> frozenset[str]:
         raise ValueError(f"{where}: HOOKS {sorted(hooks & _MINIBATCH_HOOKS)} disagree with "
                          f"the catalog's capabilities {sorted(spec.capabilities)} (capability "
                          f"'minibatch' ⇔ both of {sorted(_MINIBATCH_HOOKS)})")
+    rows = hooks & _ROW_HOOKS
+    if rows and (rows != _ROW_HOOKS or not minibatch):
+        raise ValueError(f"{where}: HOOKS {sorted(rows)}: the per-sample hooks come as the "
+                         f"pair {sorted(_ROW_HOOKS)} and only with the minibatch pair "
+                         f"{sorted(_MINIBATCH_HOOKS)}")
     return hooks
 
 
@@ -230,6 +245,19 @@ class ProblemFns:
 
     def inner_loss_batch(self, w, lam, arrays, idx):
         return self.module.inner_loss_batch(w, lam, arrays, self.static, self.ops, idx)
+
+    @property
+    def has_grad_rows(self) -> bool:
+        """Whether the module declares the closed-form per-sample hooks (its ``HOOKS``)."""
+        return "inner_grad_rows" in self.module.HOOKS
+
+    def inner_grad_rows(self, w, lam, v, arrays, idx):
+        """Per train row i of ``idx``: (∇_w ℓ_i, H_i v, (∂_λ ∇_w ℓ_i)ᵀ v), each (b, ·)."""
+        return self.module.inner_grad_rows(w, lam, v, arrays, self.static, self.ops, idx)
+
+    def outer_grad_rows(self, w, lam, arrays, idx):
+        """Per validation row j of ``idx``: (∇_w f_j, ∇_λ f_j), each (b, ·)."""
+        return self.module.outer_grad_rows(w, lam, arrays, self.static, self.ops, idx)
 
     def outer_loss_batch(self, w, lam, arrays, idx):
         return self.module.outer_loss_batch(w, lam, arrays, self.static, self.ops, idx)

@@ -96,9 +96,15 @@ def _per_sample_train(oracles, w, lam, idx, v=None):
     """Per train row i of ``idx``: [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v] flattened, shape
     (b, 2·dim w + dim λ) — the per-row values of ``oracles.inner_vjp``,
     computed as the gradient of Σ_i ℓ_i over one copy of (w, λ) per row and its vjp (2.5x
-    faster on the CPU than a vmap of per-row vjps: fewer tiny batched products); ``v``
-    None: [∇_w ℓ_i] only."""
+    faster on the CPU than a vmap of per-row vjps: fewer tiny batched products), or the
+    problem's closed form where it declares one (``inner_grad_rows``); ``v`` None:
+    [∇_w ℓ_i] only."""
     b = idx.shape[0]
+    if oracles.fns.has_grad_rows:
+        rows = oracles.fns.inner_grad_rows(w, lam, jnp.zeros_like(w) if v is None else v,
+                                           oracles.arrays, idx)
+        return jnp.concatenate([x.reshape(b, -1) for x in (rows[:1] if v is None else rows)],
+                               axis=1)
     W = jnp.broadcast_to(w, (b,) + w.shape)
     L = jnp.broadcast_to(lam, (b,) + lam.shape)
     grad_rows = jax.grad(_row_losses(oracles.fns.inner_loss_batch, oracles, idx))
@@ -111,8 +117,11 @@ def _per_sample_train(oracles, w, lam, idx, v=None):
 
 def _per_sample_val(oracles, w, lam, idx):
     """Per validation row j of ``idx``: [∇_w f_j | ∇_λ f_j] flattened (as
-    :func:`_per_sample_train`)."""
+    :func:`_per_sample_train`; ``outer_grad_rows`` where the problem declares it)."""
     b = idx.shape[0]
+    if oracles.fns.has_grad_rows:
+        return jnp.concatenate([x.reshape(b, -1) for x in oracles.fns.outer_grad_rows(
+            w, lam, oracles.arrays, idx)], axis=1)
     W = jnp.broadcast_to(w, (b,) + w.shape)
     L = jnp.broadcast_to(lam, (b,) + lam.shape)
     gw, gl = jax.grad(_row_losses(oracles.fns.outer_loss_batch, oracles, idx),

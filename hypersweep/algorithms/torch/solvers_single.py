@@ -86,9 +86,15 @@ class SabaState(NamedTuple):
 def _per_sample_train(oracles, w, lam, idx, v=None):
     """Per train row i of ``idx``: [∇_w ℓ_i | H_i v | (∂_λ ∇_w ℓ_i)ᵀ v] flattened, shape
     (b, 2·dim w + dim λ) — the per-row values of ``oracles.inner_vjp``, from
-    one ``torch.func.vmap`` (about 25x faster than its Python loop on the CPU); ``v``
-    None: [∇_w ℓ_i] only."""
+    one ``torch.func.vmap`` (about 25x faster than its Python loop on the CPU), or the
+    problem's closed form where it declares one (``inner_grad_rows``); ``v`` None:
+    [∇_w ℓ_i] only."""
     fns, arrays = oracles.fns, oracles.arrays
+    if fns.has_grad_rows:
+        b = idx.shape[0]
+        rows = fns.inner_grad_rows(w, lam, torch.zeros_like(w) if v is None else v, arrays,
+                                   idx)
+        return torch.cat([x.reshape(b, -1) for x in (rows[:1] if v is None else rows)], dim=1)
 
     def one(i):
         row = i.unsqueeze(0)
@@ -103,8 +109,13 @@ def _per_sample_train(oracles, w, lam, idx, v=None):
 
 
 def _per_sample_val(oracles, w, lam, idx):
-    """Per validation row j of ``idx``: [∇_w f_j | ∇_λ f_j] flattened (``torch.func``)."""
+    """Per validation row j of ``idx``: [∇_w f_j | ∇_λ f_j] flattened (``torch.func``, or
+    ``outer_grad_rows`` where the problem declares it)."""
     fns, arrays = oracles.fns, oracles.arrays
+    if fns.has_grad_rows:
+        b = idx.shape[0]
+        return torch.cat([x.reshape(b, -1) for x in fns.outer_grad_rows(w, lam, arrays, idx)],
+                         dim=1)
 
     def one(j):
         gw, gl = grad(fns.outer_loss_batch, argnums=(0, 1))(w, lam, arrays, j.unsqueeze(0))
