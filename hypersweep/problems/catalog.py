@@ -22,13 +22,15 @@ PROBLEMS.register(ProblemSpec(
 ))
 PROBLEMS.register(ProblemSpec(
     name="logreg",
-    summary="ℓ2-regularized binary logistic regression, one penalty per feature.",
+    summary="ℓ2-regularized binary logistic regression, one penalty per feature (or one "
+            "shared: penalty=shared).",
     reference="Grazzi et al. 2020; Ji, Yang & Liang 2021 (20 Newsgroups)",
     impl="hypersweep.problems.logreg",
-    lam_parametrization="h = log λ, one per feature (penalty ½ Σ exp(h_i) w_i²)",
+    lam_parametrization="h = log λ, one per feature (penalty ½ Σ exp(h_i) w_i²); "
+                        "penalty=shared: one h (½ exp(h) ‖w‖²)",
     capabilities=frozenset({"minibatch"}),
     params=dict(dataset="synthetic", n_train=200, n_val=150, n_test=150, n_features=20,
-                lam0=-2.0),  # 500 examples: fits breast_cancer's 569
+                lam0=-2.0, penalty="per_feature"),  # 500 examples: fits breast_cancer's 569
     small=dict(n_train=40, n_val=40, n_test=10, n_features=5),
     search_box=(-6.0, 3.0),  # log penalty per feature
 ))

@@ -1,6 +1,15 @@
-"""ℓ2-regularized binary logistic regression with one penalty per feature.
+"""ℓ2-regularized binary logistic regression with one penalty per feature, or one shared.
 
-Parametrization: h = log λ ∈ R^d, penalty ½ Σ_j exp(h_j) w_j²; labels y ∈ {−1, +1}.
+Parametrization: h = log λ ∈ R^d, penalty ½ Σ_j exp(h_j) w_j²; labels y ∈ {−1, +1}. With
+``penalty="shared"``, h ∈ R^1 and the penalty is ½ exp(h) ‖w‖² (every formula below with
+h_j = h, and ∇F(h) the sum over j of the per-feature expression).
+
+Which to study: per-feature penalties often have no finite minimizer: a feature the
+validation split does not reward has F decreasing as its h_j → −∞ (or +∞) without end,
+so ‖∇F‖ only decays like 1/k under gradient descent (the small synthetic instances reach
+‖∇F‖/‖∇F₀‖ ≈ 1.5e-3 in 5,000 exact steps). A shared penalty on noisy labels has an interior
+optimum (the small instance: h* ≈ −6.5, F''(h*) ≈ 0.06), which is what a convergence test
+to a stationary point needs.
 
     L_in(w, h)  = mean_i softplus(−y_i x_iᵀw) + ½ Σ_j exp(h_j) w_j²
     L_out(w, h) = mean_i softplus(−y_i x_iᵀw)      over the validation set
@@ -42,6 +51,7 @@ from hypersweep.registry import check_choice
 HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz"})
 
 DATASETS = ("synthetic", "breast_cancer", "twenty_newsgroups")
+PENALTIES = ("per_feature", "shared")
 LABEL_NOISE = 0.05  # fraction of flipped synthetic labels
 
 
@@ -111,7 +121,8 @@ def _user_labels(arrays, source):
 
 
 def build(seed: int, *, dataset="synthetic", n_train=200, n_val=150, n_test=150,
-          n_features=20, lam0=-2.0, data=None) -> ProblemData:
+          n_features=20, lam0=-2.0, penalty="per_feature", data=None) -> ProblemData:
+    check_choice("penalty", penalty, PENALTIES)
     if data is not None:
         arrays = _user_labels(load_user_data(data), source=str(data))
         source = str(data)
@@ -129,12 +140,15 @@ def build(seed: int, *, dataset="synthetic", n_train=200, n_val=150, n_test=150,
             arrays = _twenty_newsgroups(seed, n_train, n_val, n_test, n_features)
         source = dataset
     n, d = arrays["X_train"].shape
-    lam0_arr = broadcast_lam0(lam0, (d,), what="log penalty per feature")
+    lam0_arr = (broadcast_lam0(lam0, (d,), what="log penalty per feature")
+                if penalty == "per_feature" else
+                broadcast_lam0(lam0, (1,), what="one shared log penalty"))
     X = arrays["X_train"]
     lipschitz = 0.25 * np.linalg.eigvalsh(X.T @ X / n)[-1] + float(np.exp(lam0_arr).max())
     return ProblemData(arrays=arrays, static={}, lam0=lam0_arr, w_shape=(d,),
                        inner_lr=1.0 / lipschitz,
-                       info={"source": source, "n_train": n, "n_features": d, "n_classes": 2})
+                       info={"source": source, "n_train": n, "n_features": d, "n_classes": 2,
+                             "penalty": penalty})
 
 
 def _mean_logistic(X, y, w, ops):
@@ -172,7 +186,8 @@ def inner_hessian(w, lam, arrays, static):
     X, y = arrays["X_train"], arrays["y_train"]
     z = y * (X @ w)
     curvature = expit(z) * expit(-z)
-    return (X.T * curvature) @ X / X.shape[0] + np.diag(np.exp(lam))
+    return ((X.T * curvature) @ X / X.shape[0]
+            + np.diag(np.broadcast_to(np.exp(lam), (X.shape[1],))))
 
 
 def exact_inner_solution(lam, arrays, static):
@@ -192,7 +207,8 @@ def exact_hypergradient(lam, arrays, static):
     Xv, yv = arrays["X_val"], arrays["y_val"]
     grad_out = -(Xv.T @ (yv * expit(-yv * (Xv @ w)))) / Xv.shape[0]
     adjoint = np.linalg.solve(inner_hessian(w, lam, arrays, static), grad_out)
-    return -np.exp(lam) * w * adjoint
+    per_feature = -np.exp(lam) * w * adjoint
+    return per_feature if np.shape(lam) == per_feature.shape else per_feature.sum(keepdims=True)
 
 
 def metrics(w, lam, arrays, static):
