@@ -21,6 +21,9 @@ Usage::
     .venv/bin/python benchmarks/solvers.py                     # all solvers, JAX
     .venv/bin/python benchmarks/solvers.py --solvers soba saba --backend torch
     .venv/bin/python benchmarks/solvers.py --sampling replacement   # i.i.d. draws
+    .venv/bin/python benchmarks/solvers.py --solvers soba saba --saba-autodiff  # + SABA
+        # without the problem's per-sample hooks (autodiff of the one-row losses), each
+        # seed run right after the hooked one
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +64,25 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+@contextmanager
+def autodiff_rows():
+    """SABA without the problem's closed-form per-sample hooks (and the JAX chunk runners'
+    caches cleared on the way in and out: they are keyed on the problem's functions)."""
+    from hypersweep.algorithms.jax import _solver_core
+    from hypersweep.problems.base import ProblemFns
+
+    saved = ProblemFns.has_grad_rows
+    _solver_core.run_chunk.clear_cache()
+    _solver_core.run_init.clear_cache()
+    ProblemFns.has_grad_rows = property(lambda self: False)
+    try:
+        yield
+    finally:
+        ProblemFns.has_grad_rows = saved
+        _solver_core.run_chunk.clear_cache()
+        _solver_core.run_init.clear_cache()
 
 
 def run_one(name: str, seed: int, *, backend: str, dtype: str, iters: int, chunk: int,
@@ -98,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling", default="blocks", choices=["blocks", "replacement"],
                     help="minibatch sampler (default blocks: the peer's, contiguous "
                          "blocks in a fresh order each epoch)")
+    ap.add_argument("--saba-autodiff", action="store_true",
+                    help="also run SABA without the per-sample hooks (row 'saba/autodiff')")
     args = ap.parse_args(argv)
     if not DATA.exists():
         print(f"benchmarks/solvers.py: {DATA} is absent", file=sys.stderr)
@@ -109,11 +134,16 @@ def main(argv=None) -> int:
             params = dict(SETTINGS[name])
             if "batch_size" in params:
                 params["sampling"] = args.sampling
-            row = run_one(name, seed, backend=args.backend, dtype=args.dtype,
-                          iters=args.iters, chunk=args.chunk, params=params)
-            rows.append(row)
-            print(f"  {name} seed {seed}: ‖∇h‖² {row['grad_norm_sq']:.3g}, "
-                  f"{row['us_per_iter']:.1f} µs/it", file=sys.stderr, flush=True)
+            modes = [name] + (["saba/autodiff"] if name == "saba" and args.saba_autodiff
+                              else [])
+            for mode in modes:
+                with autodiff_rows() if mode.endswith("/autodiff") else nullcontext():
+                    row = run_one(name, seed, backend=args.backend, dtype=args.dtype,
+                                  iters=args.iters, chunk=args.chunk, params=params)
+                row["solver"] = mode
+                rows.append(row)
+                print(f"  {mode} seed {seed}: ‖∇h‖² {row['grad_norm_sq']:.3g}, "
+                      f"{row['us_per_iter']:.1f} µs/it", file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=HERE).stdout.strip()
     print(f"\n{datetime.date.today()} · {machine()} · commit {commit} · "
@@ -122,7 +152,7 @@ def main(argv=None) -> int:
     print("| solver | ‖∇h‖² (ours) | peer | ours ÷ peer | µs / iteration | peer µs | "
           "oracle calls |")
     print("|---|---|---|---|---|---|---|")
-    for name in names:
+    for name in dict.fromkeys(r["solver"] for r in rows):
         mine = [r for r in rows if r["solver"] == name]
         g = statistics.median(r["grad_norm_sq"] for r in mine)
         us = statistics.median(r["us_per_iter"] for r in mine)
