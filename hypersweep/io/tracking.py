@@ -157,6 +157,53 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+# -- a sqlite store's journal ----------------------------------------------------------------
+#: ``0`` keeps a sqlite store in SQLite's default rollback-journal mode (a store on a network
+#: file system, where WAL's shared-memory index does not work); anything else: WAL
+SQLITE_WAL_ENV = "HYPERSWEEP_MLFLOW_SQLITE_WAL"
+_WAL_FILES: set[str] = set()  # the sqlite stores this process opens in WAL mode
+
+
+def enable_sqlite_wal(tracking_uri: str) -> bool:
+    """Open this process's connections to a sqlite store in WAL mode with
+    ``synchronous=NORMAL`` (unless ``$HYPERSWEEP_MLFLOW_SQLITE_WAL=0``); returns whether it
+    applies.
+
+    Each MLflow call is a transaction; in SQLite's default mode a commit syncs the journal
+    and the database file, in WAL mode with NORMAL it appends to the write-ahead log (still
+    crash-safe: a power cut can lose the last commits, never corrupt the file, and a lost
+    row is re-logged from Parquet by ``hypersweep sync``). Logging 60 child runs took 40 %
+    less time (docs/benchmarks.md §9b). WAL also lets ``mlflow ui`` read while a run
+    writes. The journal mode is stored in the database file; other processes opening it
+    (the UI) need no setting. Done by a SQLAlchemy ``connect`` listener, for the
+    connections to this store's file only (``PRAGMA database_list``)."""
+    if not tracking_uri.startswith(_SQLITE) or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
+        return False
+    if not _WAL_FILES:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "connect", _sqlite_wal_pragmas)
+    _WAL_FILES.add(os.path.realpath(tracking_uri[len(_SQLITE):]))
+    return True
+
+
+def _sqlite_wal_pragmas(dbapi_connection, connection_record) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        files = {os.path.realpath(row[2]) for row in cursor.execute("PRAGMA database_list")
+                 if row[2]}
+        if files & _WAL_FILES:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError as exc:  # e.g. locked by a reader: stay as it is
+        log.debug("sqlite WAL mode not set: %s", exc)
+    finally:
+        cursor.close()
+
+
 # -- where artifacts live -----------------------------------------------------------------
 def store_folder(tracking_uri: str) -> Path | None:
     """The folder of a sqlite store's database file; None for other stores."""
@@ -576,6 +623,7 @@ class MlflowLogger:
         self.artifact_root = artifact_root
         self.parent_start_ms = parent_start_ms  # None: now (a driver starting)
         self.client = None
+        self.sqlite_wal = False  # the store's connections in WAL mode (enable_sqlite_wal)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.parent_created = False
@@ -598,6 +646,7 @@ class MlflowLogger:
         from mlflow.entities import Metric, Param, RunTag
 
         self._Param, self._RunTag, self._Metric = Param, RunTag, Metric
+        self.sqlite_wal = enable_sqlite_wal(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
