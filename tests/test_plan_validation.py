@@ -126,6 +126,14 @@ BAD = [
     ("override_warm_start_v", _study(algorithms=[{"name": "itd", "pipeline_params": {
         "warm_start_v": True}}]), {},
      "pipeline_params.warm_start_v is true, but algorithm 'itd' has no adjoint warm start"),
+    # problem params with a fixed set of values (the modules' CHOICES)
+    ("logreg_penalty", _study(problems=[{"name": "logreg", "params": {"penalty": "l1"}}]), {},
+     "problems[0].params.penalty: 'l1' is not a penalty of problem 'logreg'. Valid "
+     "choices: per_feature, shared"),
+    ("data_cleaning_dataset", _study(problems=[{"name": "data_cleaning", "params": {
+        "dataset": "mnist"}}]), {},
+     "problems[0].params.dataset: 'mnist' is not a dataset of problem 'data_cleaning'. "
+     "Valid choices: digits, mnist_shaped"),
     # data files
     ("data_missing", _study(problems=[{"name": "ridge", "params": {"data": "nope.npz"}}]), {},
      "problems[0].params.data: data file 'nope.npz' of problem 'ridge' does not exist"),
@@ -275,3 +283,30 @@ def test_schemas_import_no_backend():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_choice_param_of_the_catalog_is_checked_at_plan():
+    """Each param a problem module lists in CHOICES: a value outside it fails the study's
+    validation naming the key and every valid value; each valid value passes that check."""
+    import importlib
+
+    from hypersweep import problems
+    from hypersweep.orchestrator import checks
+    from hypersweep.orchestrator.spec import StudySpec
+
+    checked = 0
+    for name in problems.names():
+        module = importlib.import_module(problems.spec(name).impl)
+        for key, valid in getattr(module, "CHOICES", {}).items():
+            study = StudySpec.model_construct(problems=[type("E", (), {
+                "name": name, "params": {key: "no-such-value"}})()])
+            with pytest.raises(Exception) as err:
+                checks.check_problem_choices(study)
+            text = str(err.value)
+            assert f"problems[0].params.{key}" in text and "\n" not in text
+            assert all(str(v) in text for v in valid), text
+            for value in valid:
+                study.problems[0].params[key] = value
+                checks.check_problem_choices(study)
+            checked += 1
+    assert checked >= 5  # logreg's dataset and penalty, three other datasets

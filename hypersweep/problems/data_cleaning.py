@@ -50,6 +50,8 @@ from hypersweep.registry import check_choice
 HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch"})
 
 DATASETS = ("digits", "mnist_shaped")
+#: the params with a fixed set of values (checked at ``plan``, before any cell runs)
+CHOICES = {"dataset": DATASETS}
 
 
 def _digits(seed, n_train, n_val, n_test):

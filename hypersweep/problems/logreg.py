@@ -52,6 +52,8 @@ HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch", "lipsch
 
 DATASETS = ("synthetic", "breast_cancer", "twenty_newsgroups")
 PENALTIES = ("per_feature", "shared")
+#: the params with a fixed set of values (checked at ``plan``, before any cell runs)
+CHOICES = {"dataset": DATASETS, "penalty": PENALTIES}
 LABEL_NOISE = 0.05  # fraction of flipped synthetic labels
 
 

@@ -77,6 +77,8 @@ logger = logging.getLogger(__name__)
 HOOKS = frozenset({"inner_grad", "inner_loss_batch", "outer_loss_batch", "lipschitz"})
 
 DATASETS = ("news20_shaped",)
+#: the params with a fixed set of values (checked at ``plan``, before any cell runs)
+CHOICES = {"dataset": DATASETS}
 SPLITS = ("train", "val", "test")
 #: the largest d for which the dense ``inner_hessian`` is built (4000² float64 = 128 MB)
 DENSE_HESSIAN_MAX_D = 4000
