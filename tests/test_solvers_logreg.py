@@ -23,7 +23,7 @@ defaults, and why (the same kinds as on quadratic_sum in the family tests):
   (tests/test_solvers_first_order.py) its stall level falls with the joint step; the
   defaults end at 0.25.
 
-JAX runs up to 5,000 iterations. PyTorch runs the first 50 and must sit on JAX's
+JAX runs up to 5,000 iterations. PyTorch runs the first 20 and must sit on JAX's
 trajectory there (rel ≤ 1e-8 on λ): the same computation, at eager PyTorch's cost (VRBO's
 100 full-batch iterations with 120 Neumann terms take 30 s in torch). Not longer: BOME's
 barrier (a max of two inner products) switches branch on a rounding difference, and from
@@ -48,8 +48,8 @@ from hypersweep.algorithms.solver_run import SolverRun  # noqa: E402
 INSTANCE = dict(seed=0, n_train=20, n_val=40, n_test=10, n_features=10, penalty="shared")
 BIASED = {"f2sa", "bome", "pzobo"}  # first / zeroth order: 5e-2
 MAX_STEPS = 5000
-CHUNK = 50
-TORCH_STEPS = 50
+CHUNK = 20  # also where torch is compared (TORCH_STEPS)
+TORCH_STEPS = 20
 OVERRIDES = {
     "stocbio_solver": {"n_neumann_steps": 120},
     "vrbo": {"n_neumann_steps": 120},

@@ -92,8 +92,10 @@ DETERMINISTIC = {
 
 def _deterministic_cases():
     for (prob, solver), params in DETERMINISTIC.items():
-        # quadratic_sum: JAX only; torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
-        for backend in (("jax",) if prob == "quadratic_sum" else BACKENDS):
+        # quadratic_sum, and the Neumann-sum methods (eager torch: 10 s a run): JAX only;
+        # torch follows the same trajectory (tests/test_solvers.py::test_full_batch_trajectories_agree_in_torch_and_jax)
+        only_jax = prob == "quadratic_sum" or solver in ("mrbo", "sustain")
+        for backend in (("jax",) if only_jax else BACKENDS):
             yield pytest.param(prob, solver, backend, params,
                                id=f"{prob}-{solver}-{backend}")
 
