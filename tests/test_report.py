@@ -329,3 +329,34 @@ def test_the_report_imports_neither_torch_nor_jax(study_dir, tmp_path):
                          check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
     assert (tmp_path / "r" / "rates.csv").exists()
+
+
+def test_the_mlflow_side_runs_in_another_process_and_a_dead_one_costs_a_warning(
+        study_dir, tmp_path, caplog):
+    """MlflowSide: its work is in a child process; when that process is gone, the links are
+    none and nothing is logged, each with a warning, and nothing raises."""
+    import logging
+    import os
+
+    side = report.MlflowSide([study_dir], ui_url="http://127.0.0.1:5000", tracking_uri=None,
+                             timeout=60)
+    assert side.process.pid != os.getpid()
+    side.process.kill()
+    side.process.join()
+    with caplog.at_level(logging.WARNING, logger=report.log.name):
+        assert side.links() == []
+        assert side.log([tmp_path / "report.html"]) == []
+    side.close()
+    assert "MLflow" in caplog.text
+
+
+def test_an_unreachable_tracking_server_still_writes_the_report(study_dir, tmp_path,
+                                                                monkeypatch):
+    """--mlflow-uri at a closed loopback port: the page is written without links and the
+    command succeeds (the child warns; MLflow is a view)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the child inherits it
+    out = tmp_path / "rep"
+    assert report.main([str(study_dir), "--out", str(out),
+                        "--mlflow-uri", "http://127.0.0.1:9"]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "(runs)" not in page and (out / "report_static.html").is_file()

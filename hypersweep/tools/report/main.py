@@ -36,14 +36,18 @@ directories and writes to ``DIR``:
     any method found (per seed), the solver table, and the summary table.
 
 The files are logged as artifacts of each study's MLflow parent run (tag
-``hypersweep.study``) when its tracking store is reachable; otherwise a warning.
+``hypersweep.study``) when its tracking store is reachable; otherwise a warning. That
+MLflow work (importing mlflow, finding the parent runs for the page's links, logging the
+files) runs in a child process while this one draws (:class:`MlflowSide`): about 4 s of
+the demo's report, which a thread could not overlap (the GIL).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hypersweep.io.parquet import STUDY_FILE
@@ -65,11 +69,13 @@ _SQLITE = "sqlite:///"
 
 def build_report(dirs: Sequence[str | Path], out: str | Path, *,
                  error: str = "hypergrad_rel_error",
-                 mlflow_links: Sequence[tuple[str, str]] = ()) -> dict:
+                 mlflow_links: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]]
+                 = ()) -> dict:
     """Read ``dirs``, write the figures, CSVs, ``report.html`` (interactive) and
     ``report_static.html`` (the PNGs) to ``out``; return ``{"files": [...], "figures":
     {name: Figure}, "spec", "rates", "comparison", "solver", "summary", "results",
-    "tutorial"}``."""
+    "tutorial"}``. ``mlflow_links`` may be a callable, called only when the page that
+    shows them is written (:class:`MlflowSide` finds them meanwhile)."""
     results, traces = read_outputs(dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +111,8 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *,
     (out / "report_static.html").write_text(page, encoding="utf-8")
     files.append(out / "report_static.html")
     spec = interactive.figure_spec(results, traces, error=error)
+    if callable(mlflow_links):
+        mlflow_links = mlflow_links()
     page = interactive.render_page(
         spec, prov=interactive.provenance(results, dirs), summary=summary,
         comparison=comparison, solver=solver, rates=rates, mlflow_links=mlflow_links)
@@ -221,6 +229,67 @@ def log_to_mlflow(dirs: Sequence[str | Path], files: Sequence[Path], *,
     return logged
 
 
+def _mlflow_side(conn, dirs: list[str], ui_url: str, tracking_uri: str | None) -> None:
+    """The child of :class:`MlflowSide`: send the links, then log the files it is sent
+    (None: nothing) and send the run ids logged to."""
+    try:
+        conn.send(mlflow_links(dirs, ui_url=ui_url, tracking_uri=tracking_uri))
+        files = conn.recv()
+        conn.send([] if files is None else
+                  log_to_mlflow(dirs, [Path(f) for f in files], tracking_uri=tracking_uri))
+    except (EOFError, BrokenPipeError):  # the parent gave up on us
+        pass
+    finally:
+        conn.close()
+
+
+class MlflowSide:
+    """The report's MLflow work in a child process (``spawn``: a fresh interpreter, no
+    state shared with this one): :func:`mlflow_links` starts at once, :meth:`links` waits
+    for them, :meth:`log` hands it the files for :func:`log_to_mlflow` and waits.
+    MLflow is a view of the results: a child that fails or hangs costs a warning and
+    leaves the report's files as they are (no links, nothing logged)."""
+
+    def __init__(self, dirs: Sequence[str | Path], *, ui_url: str,
+                 tracking_uri: str | None, timeout: float = 300.0):
+        self.timeout = timeout
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_mlflow_side, name="hypersweep-report-mlflow",
+                                   args=(child, [str(d) for d in dirs], ui_url,
+                                         tracking_uri), daemon=True)
+        self.process.start()
+        child.close()
+
+    def _receive(self, what: str):
+        try:
+            if self.conn.poll(self.timeout):
+                return self.conn.recv()
+            log.warning("MLflow: no answer for %s within %.0f s", what, self.timeout)
+        except (EOFError, OSError) as exc:
+            log.warning("MLflow: the report's MLflow process ended early (%s): %s", what,
+                        exc or "no answer")
+        return None
+
+    def links(self) -> list[tuple[str, str]]:
+        return [tuple(link) for link in self._receive("the links") or []]
+
+    def log(self, files: Sequence[Path]) -> list[str]:
+        try:
+            self.conn.send([str(f) for f in files])
+        except OSError as exc:
+            log.warning("MLflow: the report was not logged: %s", exc)
+            return []
+        return self._receive("logging the report") or []
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``hypersweep report RESULTS_DIR... [--out DIR] [--mlflow-uri URI] [--no-mlflow]``
     (``--out`` defaults to ``RESULTS_DIR/report`` for one directory)."""
@@ -251,13 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args.out = str(Path(args.results[0]) / "report")
     error = "hypergrad_rel_error" if args.error == "rel" else "hypergrad_abs_error"
-    links = [] if args.no_mlflow else mlflow_links(args.results, ui_url=args.mlflow_ui,
-                                                   tracking_uri=args.mlflow_uri)
-    report = build_report(args.results, args.out, error=error, mlflow_links=links)
-    if report["results"].empty:
-        log.warning("no result rows found in %s", ", ".join(args.results))
-    if not args.no_mlflow:
-        log_to_mlflow(args.results, report["files"], tracking_uri=args.mlflow_uri)
+    side = None if args.no_mlflow else MlflowSide(args.results, ui_url=args.mlflow_ui,
+                                                  tracking_uri=args.mlflow_uri)
+    try:
+        report = build_report(args.results, args.out, error=error,
+                              mlflow_links=side.links if side else ())
+        if report["results"].empty:
+            log.warning("no result rows found in %s", ", ".join(args.results))
+        if side is not None:
+            side.log(report["files"])
+    finally:
+        if side is not None:
+            side.close()
     if report.get("tutorial"):
         sys.stdout.write(report["tutorial"] + "\n")
     sys.stdout.write(f"report written to {Path(args.out) / 'report.html'}\n")
