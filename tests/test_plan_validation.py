@@ -285,28 +285,30 @@ def test_schemas_import_no_backend():
     assert result.stdout.strip() == "[]"
 
 
-def test_every_choice_param_of_the_catalog_is_checked_at_plan():
+def test_every_choice_param_of_the_catalog_is_checked_at_plan(tmp_path, monkeypatch):
     """Each param a problem module lists in CHOICES: a value outside it fails the study's
-    validation naming the key and every valid value; each valid value passes that check."""
-    import importlib
-
+    validation naming the key and every valid value; each valid value passes it (and the
+    registry's check, what ``problems.make`` runs)."""
     from hypersweep import problems
-    from hypersweep.orchestrator import checks
-    from hypersweep.orchestrator.spec import StudySpec
+    from hypersweep.orchestrator.spec import StudyError, parse_study
+
+    monkeypatch.chdir(tmp_path)  # the study's output is probed, relative to the cwd
+
+    def study(name, key, value):
+        return _study(problems=[{"name": name, "params": {key: value}}])
 
     checked = 0
     for name in problems.names():
-        module = importlib.import_module(problems.spec(name).impl)
-        for key, valid in getattr(module, "CHOICES", {}).items():
-            study = StudySpec.model_construct(problems=[type("E", (), {
-                "name": name, "params": {key: "no-such-value"}})()])
-            with pytest.raises(Exception) as err:
-                checks.check_problem_choices(study)
+        for key, valid in problems.param_choices(name).items():
+            with pytest.raises(StudyError) as err:
+                parse_study(study(name, key, "no-such-value"))
             text = str(err.value)
             assert f"problems[0].params.{key}" in text and "\n" not in text
             assert all(str(v) in text for v in valid), text
+            with pytest.raises(ValueError, match=f"{key}.*Valid choices"):
+                problems.check_params(name, {key: "no-such-value"})
             for value in valid:
-                study.problems[0].params[key] = value
-                checks.check_problem_choices(study)
+                parse_study(study(name, key, value))
+                problems.check_params(name, {key: value})
             checked += 1
     assert checked >= 5  # logreg's dataset and penalty, three other datasets

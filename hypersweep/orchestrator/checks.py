@@ -89,23 +89,6 @@ def check_params(study: "StudySpec") -> None:
         raise _fail("; ".join(dict.fromkeys(issues)))  # once each, in study order
 
 
-def check_problem_choices(study: "StudySpec") -> None:
-    """Each problem param its module lists in ``CHOICES`` (e.g. ``dataset``, ``penalty``)
-    against the valid values, so that a typo is one line now rather than an error row per
-    cell once Ray has started. Imports the problem modules (numpy only)."""
-    issues: list[str] = []
-    for index, entry in enumerate(study.problems):
-        module = importlib.import_module(problem_registry.spec(entry.name).impl)
-        merged = problem_registry.check_params(entry.name, entry.params)
-        for key, valid in getattr(module, "CHOICES", {}).items():
-            if key in merged and merged[key] not in valid:
-                issues.append(f"problems[{index}].params.{key}: {merged[key]!r} is not a "
-                              f"{key} of problem {entry.name!r}. Valid choices: "
-                              f"{', '.join(map(str, valid))}")
-    if issues:
-        raise _fail("; ".join(issues))
-
-
 def check_data_files(study: "StudySpec") -> None:
     """Build each problem that names a ``data:`` file once, in numpy, with the problem's own
     ``build`` (what every cell does before it runs), so that a missing, corrupt or

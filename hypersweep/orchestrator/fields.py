@@ -221,9 +221,13 @@ class _Entry(_Section):
     def _registry_check(self) -> None:
         raise NotImplementedError
 
+    def _value_choices(self) -> dict:
+        """The params that take one of a fixed set of values, with those values."""
+        return {}
+
     @model_validator(mode="after")
     def _params_known(self):
-        allowed = self._allowed()
+        allowed, fixed = self._allowed(), self._value_choices()
         for key, value in self.params.items():
             if key not in allowed:
                 raise _fail(f"unknown parameter for {self.kind} {self.name!r}. Valid choices: "
@@ -232,6 +236,9 @@ class _Entry(_Section):
             if not _check_param_type(allowed[key], value):
                 raise _fail(f"expected a value like the default {allowed[key]!r}, "
                             f"got {value!r}", f".params.{key}")
+            if key in fixed and value not in fixed[key]:
+                raise _fail(f"{value!r} is not a {key} of {self.kind} {self.name!r}. Valid "
+                            f"choices: {_choices(fixed[key])}", f".params.{key}")
         try:
             self._registry_check()
         except ValueError as exc:  # belt and braces: the registry has the last word
@@ -254,6 +261,9 @@ class ProblemEntry(_Entry):
 
     def _registry_check(self) -> None:
         problem_registry.check_params(self.name, self.params)
+
+    def _value_choices(self) -> dict:
+        return problem_registry.param_choices(self.name)
 
 
 class AlgorithmEntry(_Entry):

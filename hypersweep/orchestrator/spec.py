@@ -218,7 +218,6 @@ class StudySpec(_Section):
             skipped = "; ".join(f"{s.problem} × {s.algorithm}: {s.reason}"
                                 for s in skipped_combinations(self))
             raise _fail(f"the study expands to no cells ({skipped})", "algorithms")
-        checks.check_problem_choices(self)
         checks.check_data_files(self)
         output = Path(self.output).expanduser().absolute()
         checks.check_output(output)

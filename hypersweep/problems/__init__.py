@@ -28,9 +28,20 @@ def valid_params(name: str) -> dict[str, Any]:
     return {**PROBLEMS.spec(name).params, **COMMON_PARAMS}
 
 
+def param_choices(name: str) -> dict[str, tuple]:
+    """The params of ``name`` that take one of a fixed set of values (its module's
+    ``CHOICES``, e.g. ``dataset``), with those values. Imports the module (numpy only)."""
+    return dict(getattr(importlib.import_module(PROBLEMS.spec(name).impl), "CHOICES", {}))
+
+
 def check_params(name: str, params: dict) -> dict:
-    """Merge ``params`` over the defaults; unknown keys raise a ``ValueError``."""
-    return merge_params(f"problem {name!r}", valid_params(name), params)
+    """Merge ``params`` over the defaults; unknown keys, and values outside a param's
+    :func:`param_choices`, raise a ``ValueError``."""
+    merged = merge_params(f"problem {name!r}", valid_params(name), params)
+    for key, valid in param_choices(name).items():
+        if key in merged:
+            check_choice(f"problem {name!r} {key}", merged[key], valid)
+    return merged
 
 
 def build(name: str, *, seed: int = 0, **params: Any) -> tuple[Any, Any, ProblemData]:

@@ -14,9 +14,9 @@ defines its math once against an ``ops`` namespace:
 ``metrics(w, lam, arrays, static) -> dict``
     evaluation metrics in float64: ``test_loss`` and ``test_accuracy`` (None if undefined).
 ``CHOICES: dict[str, tuple]`` (optional)
-    the ``build`` params that take one of a fixed set of values (e.g. ``dataset``); a
-    study's other values are a one-line error at ``plan``, before Ray starts
-    (``orchestrator/checks.py``).
+    the ``build`` params that take one of a fixed set of values (e.g. ``dataset``);
+    :func:`hypersweep.problems.check_params` rejects other values, and a study's problem
+    entries name them at ``plan``, one line, before Ray starts.
 ``HOOKS: frozenset[str]``
     which of the optional functions (:data:`OPTIONAL_HOOKS`) the module defines; checked
     against the module when a problem is built (:func:`declared_hooks`), never probed:
