@@ -26,8 +26,9 @@ terms also transposed (``inner_cross_t`` Cᵢᵀ, ``outer_cross_t`` Kⱼᵀ), so
 per-sample hooks (:func:`inner_grad_rows`, :func:`outer_grad_rows`; SABA's memories) are
 plain matrix-vector products over the gathered rows: ∇_w ℓᵢ = Aᵢw + Cᵢᵀλ + aᵢ, Hᵢv = Aᵢv,
 (∂_λ∇_w ℓᵢ)ᵀv = Cᵢv; ∇_w fⱼ = Fⱼw + Kⱼᵀλ + fⱼ, ∇_λ fⱼ = Hⱼλ + Kⱼw + hⱼ. (A transpose of
-the gathered rows inside the compiled step was 3.5x slower than the autodiff route in
-XLA:CPU; the stored transposes make SABA's per-sample step 1.6x faster than it.)
+the gathered rows inside the compiled step was 2.3x slower than the autodiff route in
+XLA:CPU; the stored transposes make SABA 1.3–1.6x faster than it, docs/benchmarks.md §10c.)
+The means, and so the float64 oracle and ``inner_grad``, are symmetric too.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def build(seed: int, *, n_samples=1024, n_samples_outer=1024, dim_inner=10, dim_
         arrays[f"{side}_cross_t"] = np.ascontiguousarray(
             arrays[f"{side}_cross"].transpose(0, 2, 1))
     A = arrays["inner_hess_inner_mean"]
-    eig = np.linalg.eigvalsh(0.5 * (A + A.T))
+    eig = np.linalg.eigvalsh(A)  # symmetric: stored so (module docstring)
     if not eig[0] > 0:
         raise ValueError(f"data: the mean inner Hessian must be positive definite "
                          f"(min eigenvalue {eig[0]:.3g}); the inner problem has no unique "
@@ -153,8 +154,8 @@ def inner_loss(w, lam, arrays, static, ops):
 
 def inner_grad(w, lam, arrays, static, ops):
     A = arrays["inner_hess_inner_mean"]
-    # ½(A + Aᵀ)w as (A w + wᵀA): no transpose inside compiled loops
-    return 0.5 * (A @ w + w @ A) + lam @ arrays["inner_cross_mean"] \
+    # Ā is stored symmetric (module docstring): ∇_w of ½wᵀĀw is Āw
+    return A @ w + lam @ arrays["inner_cross_mean"] \
         + arrays["inner_linear_inner_mean"]
 
 
@@ -194,14 +195,13 @@ def outer_grad_rows(w, lam, arrays, static, ops, idx):
 
 
 def inner_hessian(w, lam, arrays, static):
-    A = arrays["inner_hess_inner_mean"]
-    return 0.5 * (A + A.T)
+    return np.array(arrays["inner_hess_inner_mean"])  # a copy: symmetric as stored
 
 
 def exact_inner_solution(lam, arrays, static):
     A, C, a = (arrays["inner_hess_inner_mean"], arrays["inner_cross_mean"],
                arrays["inner_linear_inner_mean"])
-    return -np.linalg.solve(0.5 * (A + A.T), C.T @ lam + a)
+    return -np.linalg.solve(A, C.T @ lam + a)
 
 
 def exact_hypergradient(lam, arrays, static):
@@ -209,10 +209,10 @@ def exact_hypergradient(lam, arrays, static):
     F, H, K, f, h = (arrays[f"outer_{t}_mean"] for t in _TERMS)
     w = exact_inner_solution(lam, arrays, static)
     # ∇_w L_out and ∇_λ L_out at (w*, λ) for the symmetrized quadratic forms
-    grad_w = 0.5 * (F + F.T) @ w + K.T @ lam + f
-    grad_lam = 0.5 * (H + H.T) @ lam + K @ w + h
-    # Jᵀ grad_w with J = −Ā⁻¹C̄ᵀ (Ā symmetric part)
-    return grad_lam - C @ np.linalg.solve(0.5 * (A + A.T), grad_w)
+    grad_w = F @ w + K.T @ lam + f
+    grad_lam = H @ lam + K @ w + h
+    # Jᵀ grad_w with J = −Ā⁻¹C̄ᵀ (Ā symmetric)
+    return grad_lam - C @ np.linalg.solve(A, grad_w)
 
 
 def metrics(w, lam, arrays, static):
