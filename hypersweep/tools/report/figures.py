@@ -105,14 +105,9 @@ def _method_styles(results: pd.DataFrame, methods) -> dict:
     """Each method's :class:`~.styles.Style`, the interactive page's (colour = algorithm,
     lighter for torch; dash = the variant: K, params, t), so that a method looks the same
     in the PNGs and on the page and no two methods of a panel share colour and dash."""
-    from hypersweep.tools.report.styles import MethodKey, Style, assign_styles, split_label
+    from hypersweep.tools.report.styles import method_styles
 
-    frame = method_frame(results).drop_duplicates("method").set_index("method")
-    keys = [split_label(m, str(frame.loc[m, "algorithm"]), str(frame.loc[m, "backend"]))
-            for m in methods if m in frame.index]
-    keys += [MethodKey(m, m, "", "") for m in methods if m not in frame.index]
-    return assign_styles(keys, algorithms=results["algorithm"].dropna().astype(str).unique(),
-                         backends=results["backend"].dropna().astype(str).unique())
+    return method_styles(method_frame(results), results, methods)
 
 
 def _cost_panels(plt, panels, by_time, by_evals, colors, *, ylabel: str,

@@ -125,14 +125,6 @@ def _q_reference(q: float | None, t: np.ndarray, start: float, floor: float) -> 
                 meta=dict(method="reference", role="reference"))
 
 
-def _everything(results: pd.DataFrame) -> dict:
-    """The report's algorithms and backends: one colour per algorithm in every panel."""
-    if results.empty:
-        return {}
-    return dict(algorithms=sorted(results["algorithm"].dropna().astype(str).unique()),
-                backends=sorted(results["backend"].dropna().astype(str).unique()))
-
-
 def _error_panels(results: pd.DataFrame, error: str) -> list[dict]:
     curves = error_curves(results, error=error)
     if curves.empty:
@@ -183,9 +175,7 @@ def _method_panels(results: pd.DataFrame, traces: pd.DataFrame) -> list[dict]:
     if curves.empty:
         return []
     first = methods.drop_duplicates("method").set_index("method")
-    keys = [st.split_label(m, str(first.loc[m, "algorithm"]),
-                           str(first.loc[m, "backend"])) for m in first.index]
-    styles = st.assign_styles(keys, **_everything(results))
+    styles = st.method_styles(methods, results)
     ylabels = {"best": "best val loss so far L_out(w_k, λ_k)", "grad_sq": "‖∇F(λ)‖²",
                "test_loss": "test loss", "test_accuracy": "test accuracy"}
     panels = []

@@ -127,7 +127,27 @@ def error_line_styles(curves, results=None) -> dict[str, Style]:
             ).itertuples(index=False):
         key = split_label(line, algo, backend if f"[{backend}]" in line else None)
         keys.append(MethodKey(key.label, key.algorithm, key.variant, backend))
-    everything = {} if results is None or results.empty else dict(
-        algorithms=results["algorithm"].dropna().astype(str).unique(),
-        backends=results["backend"].dropna().astype(str).unique())
-    return assign_styles(keys, **everything)
+    return assign_styles(keys, **report_palette(results))
+
+
+def report_palette(results) -> dict:
+    """:func:`assign_styles`' ``algorithms`` and ``backends`` from the whole report's rows
+    (``results``; None or empty: none), so that an algorithm has one colour in every
+    figure."""
+    if results is None or results.empty:
+        return {}
+    return dict(algorithms=sorted(results["algorithm"].dropna().astype(str).unique()),
+                backends=sorted(results["backend"].dropna().astype(str).unique()))
+
+
+def method_styles(frame, results, methods=None) -> dict[str, Style]:
+    """The style of each hpo / black-box method, for the page and the PNGs alike: ``frame``
+    (:func:`~.statistics.method_frame` of ``results``) gives a method's algorithm and
+    backend; ``methods`` (default: every method of ``frame``) are the labels to style, one
+    that ``frame`` lacks styled as an algorithm of its own."""
+    first = frame.drop_duplicates("method").set_index("method")
+    names = list(first.index) if methods is None else list(methods)
+    keys = [split_label(m, str(first.loc[m, "algorithm"]), str(first.loc[m, "backend"]))
+            for m in names if m in first.index]
+    keys += [MethodKey(m, m, "", "") for m in names if m not in first.index]
+    return assign_styles(keys, **report_palette(results))
