@@ -1,4 +1,4 @@
 """``python -m hypersweep`` is the ``hypersweep`` command."""
-from hypersweep.cli import main
+from hypersweep.cli import console
 
-raise SystemExit(main())
+console()

@@ -185,3 +185,30 @@ def test_importing_hypersweep_neither_imports_ray_nor_edits_the_environment(tmp_
 def test_python_api_after_the_user_imported_ray_still_binds_loopback(tmp_path):
     done = _bare_python(API_AFTER_IMPORT_RAY, tmp_path, 120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+STOP_EMBEDDED = """
+import psutil
+from hypersweep.orchestrator import ray_env
+assert ray_env.init_ray(None)
+me = psutil.Process()
+children = me.children(recursive=True)
+monitors = [p for p in me.children() if any(
+    part.endswith(ray_env.MONITOR_SCRIPT) for part in p.cmdline())]
+assert len(monitors) == 1, [p.cmdline() for p in me.children()]
+ray_env.shutdown_ray()
+gone, alive = psutil.wait_procs(children, timeout=10)
+assert not alive, [(p.pid, p.name()) for p in alive]
+assert not monitors[0].is_running()
+import ray
+assert not ray.is_initialized()
+print("stopped", len(children))
+"""
+
+
+def test_shutdown_of_the_embedded_ray_kills_its_monitor_and_leaves_no_process(tmp_path):
+    """``shutdown_ray`` SIGKILLs the embedded Ray's autoscaler monitor (Ray would wait 1 s
+    for it to ignore SIGTERM), then stops the rest: no process of the node survives."""
+    done = _bare_python(STOP_EMBEDDED, tmp_path, 120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stopped" in done.stdout

@@ -64,7 +64,7 @@ class MlflowWriter:
     _STOP = object()
 
     def __init__(self, logger: MlflowLogger, *, max_backlog: int = 20000,
-                 coalesce_s: float = 3.0):
+                 coalesce_s: float = 0.5):
         self.coalesce_s = coalesce_s
         self.logger = logger
         self.queue: queue.Queue = queue.Queue(maxsize=max_backlog)

@@ -25,7 +25,7 @@ from hypersweep.io import lock as lock_mod
 from hypersweep.io import tracking
 from hypersweep.orchestrator.cell import Cell
 from hypersweep.orchestrator.pool import ActorKeeper
-from hypersweep.orchestrator.ray_env import init_ray
+from hypersweep.orchestrator.ray_env import init_ray, shutdown_ray
 from hypersweep.orchestrator.signals import StopSignals
 from hypersweep.orchestrator.sweep import Sweep
 from hypersweep.registry import load_plugins
@@ -80,9 +80,7 @@ class _Session:
                 self.keeper.close()
         finally:
             if any(self.started):
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
 
     def sweep(self, study: "StudySpec", cells: Iterable[Cell], total: int | None, *,
               quiet: bool, retry_failed: bool, force: bool) -> dict:

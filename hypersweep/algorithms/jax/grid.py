@@ -61,6 +61,7 @@ from hypersweep.algorithms.common import (GRID_TRAJECTORY_CAP_BYTES, Hypergrad, 
 from hypersweep.algorithms.jax import _core
 from hypersweep.algorithms.jax import aid as _aid
 from hypersweep.algorithms.jax import itd as _itd
+from hypersweep.problems.jax import executables
 
 _LOG = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ def _grid_lanes(fns, method, bucket, shared, w0, lam, arrays, eta, ts, budgets, 
         w0, lam, arrays, eta, ts, budgets, lo, hi)
 
 
+# its executables kept on disk: a warm process loads them without tracing or lowering
+_grid_lanes_stored = executables.cached(_grid_lanes,
+                                        static_argnames=("fns", "method", "bucket", "shared"))
+
+
 # -- the host side ----------------------------------------------------------------------------
 def _rows(x) -> list[list]:
     """[runs, points, ...] array → per run, per point arrays (two levels of unstacking),
@@ -153,7 +159,7 @@ def _call(method: str, runs, budget, bucket: int = 0):
         return put(np.stack([np.asarray(jax.device_get(a)) for a in arrays]))
 
     # the problems' arrays already share one device (grid_runs checked it)
-    out = _grid_lanes(
+    out = _grid_lanes_stored(
         first.fns, method, bucket, shared, stacked([p.w_init for p in problems]),
         put(np.stack([np.asarray(jax.device_get(run.lam), first.w_init.dtype)
                       for run in runs])),

@@ -37,6 +37,7 @@ count then stays 0 and the run is as fast as without the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -97,6 +98,30 @@ def counts() -> tuple[int, int] | None:
     if _STATE["dir"] is None:
         return None
     return _STATE["hits"], _STATE["lookups"]
+
+
+def record_hit() -> None:
+    """Count an executable served without JAX's compile path (:mod:`.executables`) as a
+    cache lookup that hit."""
+    with _LOCK:
+        _STATE["hits"] += 1
+        _STATE["lookups"] += 1
+
+
+_FRESH = threading.local()
+
+
+@contextlib.contextmanager
+def fresh_reads_off():
+    """Within this block (this thread), the ``AtomicFileCache`` reads nothing: compiles
+    are fresh (and still written). :mod:`.executables` needs executables that XLA built,
+    not ones loaded from here: JAX 0.10 cannot serialize those again."""
+    previous = getattr(_FRESH, "on", False)
+    _FRESH.on = True
+    try:
+        yield
+    finally:
+        _FRESH.on = previous
 
 
 def _on_event(event: str, **_: object) -> None:
@@ -173,6 +198,8 @@ def _atomic_class() -> type:
         def get(self, key: str) -> bytes | None:
             if not key:
                 raise ValueError("key cannot be empty")
+            if getattr(_FRESH, "on", False):
+                return None
             try:
                 return (self.path / f"{key}{_SUFFIX}").read_bytes()
             except FileNotFoundError:

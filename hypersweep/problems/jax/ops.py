@@ -149,6 +149,12 @@ def _on_event_duration(event: str, duration: float, **_: object) -> None:
         _COMPILE["seconds"] += float(duration)
 
 
+def add_compile_seconds(seconds: float) -> None:
+    """Count ``seconds`` of obtaining an executable outside JAX's compile path (a load
+    from :mod:`.executables`) as compile time."""
+    _COMPILE["seconds"] += float(seconds)
+
+
 def compile_seconds() -> float:
     """Seconds this process has spent compiling (tracing, lowering, XLA compile), from
     JAX's own monitoring events. Differences around a call give the compile it paid;
