@@ -147,8 +147,10 @@ def test_library_imports_no_backend():
 
 def test_python_dash_m_plan_never_imports_ray(tmp_path):
     (tmp_path / "study.yaml").write_text(_yaml())
-    # the real `python -m hypersweep` entry point, then a look at sys.modules
-    code = ("import sys, runpy\nsys.argv = ['hypersweep', 'plan', 'study.yaml']\n"
+    # the real `python -m hypersweep` entry point, then a look at sys.modules (its fast
+    # exit, os._exit after the exit handlers, is turned into SystemExit to get there)
+    code = ("import os, sys, runpy\nsys.argv = ['hypersweep', 'plan', 'study.yaml']\n"
+            "def _exit(code):\n    raise SystemExit(code)\nos._exit = _exit\n"
             "try:\n    runpy.run_module('hypersweep', run_name='__main__')\n"
             "except SystemExit as exc:\n    rc = exc.code\n"
             "print('RC', rc, 'RAY', 'ray' in sys.modules)")
@@ -453,3 +455,22 @@ def test_run_refuses_two_studies_with_one_output_before_the_driver(tmp_path, mon
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "'multi-a' and 'multi-b' both write output" in err[0]
     assert called == [] and not (tmp_path / "same").exists()
+
+
+def test_console_script_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path):
+    """``cli.console`` (the installed command) ends with os._exit after main: the exit
+    status is main's, the atexit handlers ran and buffered output (a pipe) is complete."""
+    (tmp_path / "study.yaml").write_text(_yaml())
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('HANDLER RAN', flush=True))\n"
+            "sys.argv = ['hypersweep', 'plan', sys.argv[1]]\n"
+            "from hypersweep.cli import console\nconsole()\nprint('NOT REACHED')")
+    ok = subprocess.run([sys.executable, "-c", code, "study.yaml"], cwd=tmp_path,
+                        env=_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "12 cells" in ok.stdout and ok.stdout.rstrip().endswith("HANDLER RAN")
+    assert "NOT REACHED" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", code, "absent.yaml"], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "absent.yaml" in bad.stderr
+    assert "HANDLER RAN" in bad.stdout
