@@ -28,6 +28,11 @@ reader sees a whole entry or none, and of two writers one whole entry wins. When
 ``jax_compilation_cache_max_size`` is set, JAX's own cache (which then locks every read and
 write with ``filelock``) is kept instead.
 
+The folder also holds ``executables/`` (:mod:`.executables`): the t-grid functions'
+executables under a key computed before tracing, loaded without tracing or lowering.
+Their misses compile with this cache's reads off (:func:`fresh_reads_off`), and their
+loads count as hits here (:func:`record_hit`).
+
 CPU caveat. JAX 0.10 caches XLA:CPU executables too. They are compiled for the host CPU's
 features; XLA's CPU loader refuses an entry whose features the loading host lacks (the
 loss is a recompile, not a crash), so a cache shared by nodes with different CPUs gives
