@@ -217,8 +217,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         _error(exc)
         codes.append(exc.exit_code)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        # Stopped by a signal: the process is on its way out with 128 + signal. A further
+        # SIGTERM (a second `ray job stop`, a supervisor's retry) now ends it at once with
+        # 143 instead of the default action's bare kill during the exit (Ray's stop and
+        # the interpreter's exit take under a second since the monitor kill and
+        # ``console``'s fast exit, so a second signal 0.6 s later now lands here).
+        signal.signal(signal.SIGTERM, _exit_terminated if max(codes) >= 128
+                      else previous_term)
     return max(codes)
+
+
+def _exit_terminated(signum, frame) -> None:  # noqa: ARG001
+    """A SIGTERM after a run stopped by a signal: flush what is printed, exit 128 + signal
+    (the stop's message and the saved rows are already out)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(128 + signum)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -474,3 +474,17 @@ def test_console_script_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "absent.yaml" in bad.stderr
     assert "HANDLER RAN" in bad.stdout
+
+
+def test_a_sigterm_after_a_signal_stopped_run_exits_143_not_killed(tmp_path):
+    """What ``cmd_run`` leaves installed once a signal stopped the run: a further SIGTERM
+    during the exit ends the process with 143 and its output flushed (the default action
+    would kill it, status -15)."""
+    code = ("import os, signal, sys, time\nfrom hypersweep import cli\n"
+            "signal.signal(signal.SIGTERM, cli._exit_terminated)\n"
+            "sys.stdout.write('saved before the signal')\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\nprint('NOT REACHED')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stdout == "saved before the signal"

@@ -195,11 +195,11 @@ def test_a_damaged_entry_is_compiled_again_and_replaced(tmp_path):
 
 @pytest.mark.slow
 def test_many_entries_two_writers_at_once_then_every_one_loads(tmp_path):
-    """At scale: two processes store the same 12 grid executables (12 instance shapes)
-    into one empty folder at the same time; a third loads all 12 with the same results
+    """At scale: two processes store the same 8 grid executables (8 instance shapes)
+    into one empty folder at the same time; a third loads all 8 with the same results
     and no failure, and no temporary file is left."""
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen([sys.executable, "-c", _GRID, "logreg", "12"], env=_env(cache),
+    procs = [subprocess.Popen([sys.executable, "-c", _GRID, "logreg", "8"], env=_env(cache),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = []
@@ -208,9 +208,9 @@ def test_many_entries_two_writers_at_once_then_every_one_loads(tmp_path):
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert results[0]["grads"] == results[1]["grads"]
-    assert sum(r["stores"] + r["loads"] for r in results) == 24
+    assert sum(r["stores"] + r["loads"] for r in results) == 16
     entries = list((cache / executables.SUBDIR).iterdir())
-    assert len(entries) == 12 and all(p.suffix == ".xla" for p in entries), entries
-    third = _grid_process(cache, 12)
-    assert (third["loads"], third["stores"], third["failures"]) == (12, 0, 0)
+    assert len(entries) == 8 and all(p.suffix == ".xla" for p in entries), entries
+    third = _grid_process(cache, 8)
+    assert (third["loads"], third["stores"], third["failures"]) == (8, 0, 0)
     assert third["grads"] == results[0]["grads"]

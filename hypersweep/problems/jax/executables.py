@@ -32,7 +32,8 @@ Entries live in ``<cache dir>/executables/`` (the cache dir of :mod:`.compile_ca
 ``HYPERSWEEP_CACHE_DIR=off`` turns this off too), written to a temporary file and renamed
 into place (concurrent writers: one whole entry wins). An entry that cannot be read or
 loaded (truncated, another JAX) is logged, compiled again and replaced. Loads count as
-compile time (:func:`.ops.compile_seconds`) and as compile-cache hits
+compile time (:func:`.ops.compile_seconds` adds ``COUNTERS.load_seconds``) and as
+compile-cache hits
 (:func:`.compile_cache.counts`), so a row's ``compile_time_s`` and the summary's hit count
 stay true.
 """
@@ -262,9 +263,6 @@ def _load(path: Path) -> Any | None:
         COUNTERS.loads += 1
         COUNTERS.load_seconds += seconds
     compile_cache.record_hit()
-    from hypersweep.problems.jax import ops
-
-    ops.add_compile_seconds(seconds)
     return compiled
 
 

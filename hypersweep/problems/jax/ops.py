@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypersweep.problems import numpy_ops
-from hypersweep.problems.jax import compile_cache
+from hypersweep.problems.jax import compile_cache, executables
 
 name = "jax"
 
@@ -149,17 +149,12 @@ def _on_event_duration(event: str, duration: float, **_: object) -> None:
         _COMPILE["seconds"] += float(duration)
 
 
-def add_compile_seconds(seconds: float) -> None:
-    """Count ``seconds`` of obtaining an executable outside JAX's compile path (a load
-    from :mod:`.executables`) as compile time."""
-    _COMPILE["seconds"] += float(seconds)
-
-
 def compile_seconds() -> float:
     """Seconds this process has spent compiling (tracing, lowering, XLA compile), from
-    JAX's own monitoring events. Differences around a call give the compile it paid;
-    0 when it reused compiled functions. The listener is registered on first use."""
+    JAX's own monitoring events, plus loading stored executables (:mod:`.executables`).
+    Differences around a call give the compile it paid; 0 when it reused compiled
+    functions. The listener is registered on first use."""
     if not _COMPILE["listening"]:
         jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
         _COMPILE["listening"] = True
-    return _COMPILE["seconds"]
+    return _COMPILE["seconds"] + executables.COUNTERS.load_seconds
