@@ -152,7 +152,7 @@ _COMPILE = textwrap.dedent("""
 
 
 def _compile_processes(cache_dir, n: int) -> list[dict]:
-    start = time.time() + 8.0  # after both have imported jax and built their problems
+    start = time.time() + 6.0  # after both have imported jax and built their problems
     procs = [subprocess.Popen([sys.executable, "-c", _COMPILE, str(start)],
                               env=_env(cache_dir), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(n)]

@@ -159,12 +159,23 @@ assert not any(k.startswith("RAY_") for k in os.environ), "import-time environme
 
 API_AFTER_IMPORT_RAY = """
 import ray, psutil, ipaddress
+from hypersweep.orchestrator import ray_env
 from hypersweep.orchestrator.ray_env import init_ray
 assert init_ray(None)
 node = ray._private.worker.global_worker.node
-ips = {c.laddr.ip for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
+me = psutil.Process()
+children = me.children(recursive=True)
+ips = {c.laddr.ip for p in [me, *children]
        for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-ray.shutdown()
+# the driver's stop: the autoscaler monitor SIGKILLed first (Ray would wait 1 s for it
+# to ignore SIGTERM), then ray.shutdown(); no process of the node survives
+monitors = [p for p in me.children() if any(
+    part.endswith(ray_env.MONITOR_SCRIPT) for part in p.cmdline())]
+assert len(monitors) == 1, [p.cmdline() for p in me.children()]
+ray_env.shutdown_ray()
+gone, alive = psutil.wait_procs(children, timeout=10)
+assert not alive, [(p.pid, p.name()) for p in alive]
+assert not monitors[0].is_running() and not ray.is_initialized()
 print(node.node_ip_address, sorted(ips))
 assert node.node_ip_address == "127.0.0.1"
 assert ips and all(ip.startswith(("127.", "::ffff:127.")) or ip == "::1" for ip in ips), ips
@@ -183,32 +194,8 @@ def test_importing_hypersweep_neither_imports_ray_nor_edits_the_environment(tmp_
 
 
 def test_python_api_after_the_user_imported_ray_still_binds_loopback(tmp_path):
+    """A script that imported Ray before hypersweep still gets a loopback-only embedded
+    Ray, and ``shutdown_ray`` (the driver's stop) leaves no process of the node."""
     done = _bare_python(API_AFTER_IMPORT_RAY, tmp_path, 120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-
-STOP_EMBEDDED = """
-import psutil
-from hypersweep.orchestrator import ray_env
-assert ray_env.init_ray(None)
-me = psutil.Process()
-children = me.children(recursive=True)
-monitors = [p for p in me.children() if any(
-    part.endswith(ray_env.MONITOR_SCRIPT) for part in p.cmdline())]
-assert len(monitors) == 1, [p.cmdline() for p in me.children()]
-ray_env.shutdown_ray()
-gone, alive = psutil.wait_procs(children, timeout=10)
-assert not alive, [(p.pid, p.name()) for p in alive]
-assert not monitors[0].is_running()
-import ray
-assert not ray.is_initialized()
-print("stopped", len(children))
-"""
-
-
-def test_shutdown_of_the_embedded_ray_kills_its_monitor_and_leaves_no_process(tmp_path):
-    """``shutdown_ray`` SIGKILLs the embedded Ray's autoscaler monitor (Ray would wait 1 s
-    for it to ignore SIGTERM), then stops the rest: no process of the node survives."""
-    done = _bare_python(STOP_EMBEDDED, tmp_path, 120)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "stopped" in done.stdout
