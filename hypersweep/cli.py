@@ -230,12 +230,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _exit_terminated(signum, frame) -> None:  # noqa: ARG001
     """A SIGTERM after a run stopped by a signal: flush what is printed, exit 128 + signal
     (the stop's message and the saved rows are already out)."""
+    _flush_std()
+    os._exit(128 + signum)
+
+
+def _flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
             pass
-    os._exit(128 + signum)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -507,11 +511,7 @@ def console() -> None:
     the ordinary way, with its traceback."""
     code = main()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
-            pass
+    _flush_std()
     os._exit(code if isinstance(code, int) else 1)
 
 
