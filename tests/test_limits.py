@@ -226,11 +226,14 @@ def test_a_cell_past_memory_mb_is_stopped_recorded_and_the_sweep_goes_on(
 # SIGTERM
 
 
+# what the installed `hypersweep` command runs (cli.console: main, exit handlers, os._exit),
+# with the tests folder on the path for the sweep_test pipeline
 CLI = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from hypersweep.cli import main
-    sys.exit(main(["run", {study!r}, "--quiet"]))
+    from hypersweep.cli import console
+    sys.argv = ["hypersweep", "run", {study!r}, "--quiet"]
+    console()
 """)
 
 
