@@ -216,12 +216,19 @@ def _atomic_class() -> type:
             final = self.path / f"{key}{_SUFFIX}"
             if final.exists():
                 return
-            temporary = self.path / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                with open(temporary, "wb") as handle:
-                    handle.write(value)
-                os.replace(temporary, final)  # atomic on POSIX; of two writers one wins
-            finally:
-                temporary.unlink(missing_ok=True)
+            write_atomic(final, value)
 
     return AtomicFileCache
+
+
+def write_atomic(final: Path, value: bytes) -> None:
+    """Write ``value`` to a temporary file beside ``final`` (dot-prefixed, with this
+    process's id), then rename it onto ``final``: atomic on POSIX, so a reader sees a
+    whole file or none, and of two writers one whole file wins."""
+    temporary = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(value)
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -49,7 +49,6 @@ import platform
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -279,12 +278,7 @@ def _compile_and_store(jitted, args, path: Path) -> Any:
     try:
         blob = pickle.dumps(serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            temporary.write_bytes(blob)
-            os.replace(temporary, path)  # of two writers, one whole entry wins
-        finally:
-            temporary.unlink(missing_ok=True)
+        compile_cache.write_atomic(path, blob)  # replaces a damaged entry too
         with _LOCK:
             COUNTERS.stores += 1
     except Exception as exc:  # noqa: BLE001 - not stored costs the next process a compile
