@@ -131,3 +131,60 @@ def test_two_studies_writing_the_same_output_are_refused(tmp_path):
         assert len(err) == 1 and "both write output" in err[0], done.stderr
         assert "IMPORTED_RAY=False" in done.stdout
         assert not (tmp_path / "same").exists()
+
+
+# The last study of a session stops the session's own Ray as soon as its runners are
+# stopped, while its MLflow writer still drains; earlier studies hand their runners on.
+RELEASE_SCRIPT = textwrap.dedent("""
+    import json, sys, threading
+    import psutil
+    from hypersweep.orchestrator import driver
+    from hypersweep.orchestrator.spec import load_study
+
+    calls = []
+    real = driver.shutdown_ray
+
+    def recording_shutdown():
+        import ray
+        writers = [t for t in threading.enumerate() if t.name == "hypersweep-mlflow"]
+        calls.append({"writer_alive": any(t.is_alive() for t in writers),
+                      "ray_up": ray.is_initialized()})
+        real()
+
+    driver.shutdown_ray = recording_shutdown
+    summaries = driver.run_studies([load_study(p) for p in sys.argv[1:]], quiet=True)
+    import ray
+    left = [p for p in psutil.Process().children(recursive=True) if p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    print("RESULT=" + json.dumps({
+        "calls": calls, "ray_up_after": ray.is_initialized(),
+        "left": [p.name() for p in left],
+        "studies": [{"cells": s["cells_done"], "ok": s["counts"]["ok"],
+                     "reused": s["actors_reused"], "actors": s["actors"],
+                     "mlflow_cells": s["mlflow"]["cells_logged"],
+                     "dropped": s["mlflow"]["dropped"]} for s in summaries]}))
+""")
+
+
+def test_the_last_study_stops_ray_while_its_mlflow_writer_drains(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # b: 240 cells, more than a Parquet flush (50 rows) and several MLflow batches
+    a = _write(tmp_path, "a", _quadratic_yaml("release-a", output=tmp_path / "out-a")
+               .replace("mlflow: {enabled: false}", f'mlflow: {{tracking_uri: "{uri}"}}'))
+    b = _write(tmp_path, "b", _quadratic_yaml("release-b", output=tmp_path / "out-b",
+                                              t="[2, 3, 4, 5]", seeds=30)
+               .replace("mlflow: {enabled: false}", f'mlflow: {{tracking_uri: "{uri}"}}'))
+    done = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, a, b], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+    result = json.loads(done.stdout.split("RESULT=")[1])
+    # one stop, made by the last study while its writer thread was still alive (before
+    # the change it came from the session's exit, after the writer was joined)
+    assert result["calls"] == [{"writer_alive": True, "ray_up": True}], result
+    assert not result["ray_up_after"] and result["left"] == [], result
+    first, last = result["studies"]
+    assert (first["cells"], first["ok"], first["mlflow_cells"]) == (4, 4, 4), result
+    assert (last["cells"], last["ok"], last["mlflow_cells"]) == (240, 240, 240), result
+    assert last["reused"] == last["actors"] > 0, result  # a's runners, handed on
+    assert first["dropped"] == last["dropped"] == 0, result

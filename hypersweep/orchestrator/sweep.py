@@ -74,9 +74,13 @@ class Sweep:
     def __init__(self, study: "StudySpec", cells: Iterable[Cell], *, total: int | None,
                  quiet: bool, retry_failed: bool, stop_event: threading.Event,
                  ensure_ray: Callable[[], Any], address: str | None = None,
-                 force: bool = False, keeper: ActorKeeper | None = None):
+                 force: bool = False, keeper: ActorKeeper | None = None,
+                 release_ray: Callable[[], Any] | None = None):
         self.study = study
         self.keeper = keeper  # actors handed over between studies (run_studies)
+        # the session's last study: called once its runners are stopped after a normal
+        # end, so that the session's own Ray stops while the MLflow writer drains
+        self.release_ray = release_ray
         self.actor_key: str | None = None
         self.actors_reused = 0
         self.force = force  # take the output's lock even from a live holder
@@ -409,11 +413,13 @@ class Sweep:
                     write_error = exc
             self.progress.close()
             if (self.keeper is not None and self.actor_key is not None and completed
-                    and write_error is None):
+                    and write_error is None and self.release_ray is None):
                 self.keeper.keep(self.actor_key, self._preload(),
                                  [slot.actor for slot in self.pool.slots])
             else:
                 self.pool.stop()
+                if self.release_ray is not None and completed and write_error is None:
+                    self.release_ray()
             if write_error is not None:
                 completed = False
             status = "FINISHED" if completed else (
