@@ -9,7 +9,6 @@ are not part of this vocabulary: they live on :class:`hypersweep.problems.base.P
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, log_softmax as _log_softmax, logsumexp as _logsumexp
 
 name = "numpy"
 
@@ -18,15 +17,23 @@ def softplus(x):
     return np.logaddexp(0.0, x)
 
 
+# scipy.special is imported on first use: importing it costs 0.2–0.3 s, and the driver
+# imports the problem modules (hence this one) to validate a study before Ray starts
 def sigmoid(x):
+    from scipy.special import expit
+
     return expit(x)
 
 
 def log_softmax(x, axis=-1):
+    from scipy.special import log_softmax as _log_softmax
+
     return _log_softmax(x, axis=axis)
 
 
 def logsumexp(x, axis=-1):
+    from scipy.special import logsumexp as _logsumexp
+
     return _logsumexp(x, axis=axis)
 
 
