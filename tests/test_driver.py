@@ -193,28 +193,48 @@ def test_orchestrator_never_imports_torch_or_jax():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_validating_a_study_imports_no_scipy_special(tmp_path):
-    """Validation (before Ray starts, on the driver's critical path) loads the problem
-    modules, hence ``numpy_ops``, which imports ``scipy.special`` only on first use
-    (0.2–0.3 s); its functions still equal scipy's."""
+def test_nothing_heavy_is_imported_before_ray_starts(tmp_path):
+    """What a run into a new output does before Ray starts is the driver's critical path
+    (one core, nothing else running): it imports neither pandas (via pyarrow.dataset or
+    ``Schema.empty_table``), nor ``scipy.special`` (via the problem modules' numpy_ops),
+    nor mlflow (0.2–1.5 s each). numpy_ops' scipy functions, imported on first use, still
+    equal scipy's."""
     code = textwrap.dedent(f"""
-        import sys
-        from hypersweep.orchestrator.spec import load_study
-        study = load_study({str(ROOT / "configs" / "grazzi2020.yaml")!r})
-        assert {{e.name for e in study.problems}} >= {{"logreg", "kernel_ridge"}}
-        assert "scipy.special" not in sys.modules, "validation imported scipy.special"
+        import os, sys
+        from hypersweep import cli
+        from hypersweep.orchestrator import driver
+
+        def at_ray_start(*args, **kwargs):
+            heavy = [m for m in ("pandas", "scipy.special", "pyarrow.dataset", "mlflow",
+                                 "jax", "torch") if m in sys.modules]
+            print("HEAVY=" + ",".join(heavy), flush=True)
+            os._exit(0)
+
+        driver.init_ray = at_ray_start
+        cli.main(["run", "--quiet", {str(ROOT / "configs" / "grazzi2020.yaml")!r},
+                  "--set", "output={tmp_path / 'out'}", "--set", "mlflow.enabled=false"])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert "HEAVY=\n" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    check = textwrap.dedent("""
         import numpy as np
+        from scipy import special
         from hypersweep.problems import numpy_ops
         x = np.array([[-800.0, 0.0, 3.0], [1.0, 2.0, 700.0]])
-        from scipy import special
         assert np.array_equal(numpy_ops.sigmoid(x), special.expit(x))
         assert np.array_equal(numpy_ops.logsumexp(x, axis=1), special.logsumexp(x, axis=1))
         assert np.array_equal(numpy_ops.log_softmax(x, axis=0),
                               special.log_softmax(x, axis=0))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_empty_table_is_schema_empty_table():
+    for schema in (RESULT_SCHEMA, parquet.TRACE_SCHEMA):
+        table = parquet.empty_table(schema)
+        assert table.num_rows == 0 and table.equals(schema.empty_table())
+        assert table.schema.equals(schema, check_metadata=True)
 
 
 def test_format_summary_lists_statuses_and_medians():

@@ -63,7 +63,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from hypersweep.io.lock import OutputError
@@ -287,13 +286,21 @@ def _quarantined(part: Path) -> bool:
     return (_quarantine_dir(part) / part.name).exists()
 
 
+def empty_table(schema: pa.Schema) -> pa.Table:
+    """An empty table of ``schema`` (``schema.empty_table()`` imports pandas, 0.2–0.3 s,
+    which a run into a new output need not pay before Ray starts)."""
+    return pa.Table.from_batches([], schema=schema)
+
+
 def _dataset(directories: Iterable[Path], schema: pa.Schema) -> pa.Table:
     """Every row of ``directories``' parts in ``schema`` (a column a part lacks is null)."""
     directories = list(directories)
     for _ in range(READ_RELISTS):
         parts = [p for d in directories for p in _parts(d)]
         if not parts:
-            return schema.empty_table()
+            return empty_table(schema)
+        import pyarrow.dataset as ds  # here: it imports pandas (see empty_table)
+
         try:
             return ds.dataset([str(p) for p in parts], format="parquet",
                               schema=schema).to_table()
@@ -302,7 +309,7 @@ def _dataset(directories: Iterable[Path], schema: pa.Schema) -> pa.Table:
         except (pa.ArrowInvalid, OSError):
             break  # some part is unreadable: read them one by one, quarantining bad ones
     tables = [table for _, table in _read_parts(directories, schema)]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    return pa.concat_tables(tables) if tables else empty_table(schema)
 
 
 def _sorted_latest_first(table: pa.Table) -> pa.Table:
@@ -416,7 +423,7 @@ def read_traces(output_dir: str | Path, *, latest: bool = True) -> pa.Table:
         return _dataset([current, history], TRACE_SCHEMA)
     parts = [table for _, table in _read_parts([current], TRACE_SCHEMA)]
     if not parts:
-        return TRACE_SCHEMA.empty_table()
+        return empty_table(TRACE_SCHEMA)
     masks = _newest_part_rows(parts)
     return pa.concat_tables([part.filter(pa.array(mask))
                              for part, mask in zip(parts, masks)])
@@ -541,6 +548,9 @@ def _compact_kind(output: Path, kind: str, schema: pa.Schema) -> Compaction:
         sweep_stale_tmp(where)
     scans = [scan for scan in (_scan(p, schema) for p in _parts(directory)) if scan]
     stats.parts_scanned = len(scans)
+    if not scans:  # a new output (pyarrow's value_counts below imports pandas)
+        stats.seconds = time.perf_counter() - start
+        return stats
     # An interrupted compaction: sources next to the part that replaces them.
     present = {scan.part.name for scan in scans}
     leftovers = sorted({name for scan in scans for name in scan.replaces} & present)
