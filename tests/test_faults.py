@@ -251,3 +251,29 @@ def test_sigterm_flushes_finished_rows_and_exits_promptly(tmp_path, mlflow_sqlit
     parent = client.search_runs([experiment.experiment_id],
                                 "tags.`hypersweep.role` = 'parent'")[0]
     assert parent.info.status == "KILLED"
+
+
+def test_a_failing_ray_stop_costs_a_warning_not_the_summary_or_mlflow(
+        ray_session, tmp_path, mlflow_sqlite, caplog):
+    """The last study stops the session's Ray before its MLflow drain
+    (``driver._Session.release_ray``); if that stop raises, the study still ends with its
+    summary and every row in Parquet and MLflow."""
+    import threading
+
+    from hypersweep.orchestrator.sweep import Sweep
+
+    def failing_stop():
+        raise RuntimeError("ray.shutdown failed")
+
+    cells = _cells(range(60), {}, t=(1, 2))  # 120 cells: more than a Parquet flush
+    study = _study(tmp_path / "out", num_actors=2,
+                   mlflow={"enabled": True, "tracking_uri": mlflow_sqlite})
+    sweep = Sweep(study, cells, total=len(cells), quiet=True, retry_failed=False,
+                  stop_event=threading.Event(), ensure_ray=lambda: None,
+                  release_ray=failing_stop)
+    with caplog.at_level("WARNING"):
+        summary = sweep.run()
+    assert summary["counts"]["ok"] == 120 and not summary["interrupted"]
+    assert summary["mlflow"]["cells_logged"] == 120 and summary["mlflow"]["dropped"] == 0
+    assert parquet.read_results(tmp_path / "out").num_rows == 120
+    assert "stopping Ray failed (RuntimeError: ray.shutdown failed)" in caplog.text

@@ -419,7 +419,11 @@ class Sweep:
             else:
                 self.pool.stop()
                 if self.release_ray is not None and completed and write_error is None:
-                    self.release_ray()
+                    try:
+                        self.release_ray()
+                    except Exception as exc:  # noqa: BLE001 - the summary and MLflow go on
+                        log.warning("study %s: stopping Ray failed (%s: %s)", self.name,
+                                    type(exc).__name__, exc)
             if write_error is not None:
                 completed = False
             status = "FINISHED" if completed else (
