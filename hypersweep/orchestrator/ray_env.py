@@ -124,8 +124,9 @@ def shutdown_ray() -> None:
 
     Ray stops its processes one by one, each with SIGTERM and up to 1 s of waiting before
     SIGKILL; the monitor never exits on SIGTERM within that second, so every embedded
-    run's shutdown waited 1.0 s of its 1.4 s for it (docs/benchmarks.md §9c). Only direct children of this process whose command line runs Ray's
-    ``monitor.py`` are killed: a joined cluster's processes are not children of ours."""
+    run's shutdown waited 1.0 s of its 1.4 s for it (docs/benchmarks.md §9c). Only
+    direct children of this process whose command line runs Ray's ``monitor.py`` are
+    killed: a joined cluster's processes are not children of ours."""
     import ray
 
     _kill_own_monitor()

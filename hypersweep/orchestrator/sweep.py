@@ -412,20 +412,20 @@ class Sweep:
                 except parquet.SinkWriteError as exc:
                     write_error = exc
             self.progress.close()
+            if write_error is not None:
+                completed = False
             if (self.keeper is not None and self.actor_key is not None and completed
-                    and write_error is None and self.release_ray is None):
+                    and self.release_ray is None):
                 self.keeper.keep(self.actor_key, self._preload(),
                                  [slot.actor for slot in self.pool.slots])
             else:
                 self.pool.stop()
-                if self.release_ray is not None and completed and write_error is None:
+                if self.release_ray is not None and completed:
                     try:
                         self.release_ray()
                     except Exception as exc:  # noqa: BLE001 - the summary and MLflow go on
                         log.warning("study %s: stopping Ray failed (%s: %s)", self.name,
                                     type(exc).__name__, exc)
-            if write_error is not None:
-                completed = False
             status = "FINISHED" if completed else (
                 "FAILED" if crashed or write_error else "KILLED")
             summary = self._summary(interrupted)
