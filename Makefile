@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	# one Ray session and one actor pool for the three studies
-	$(BIN)/hypersweep run configs/demo.yaml configs/demo_hpo.yaml configs/demo_blackbox.yaml
-	$(BIN)/hypersweep report results/demo results/demo-hpo results/demo-blackbox --out results/demo-report
+	# one Ray session and one actor pool for the three studies, then their report (in the
+	# same process: `hypersweep report results/demo results/demo-hpo results/demo-blackbox
+	# --out results/demo-report` writes the same files)
+	$(BIN)/hypersweep run configs/demo.yaml configs/demo_hpo.yaml configs/demo_blackbox.yaml \
+	  --report results/demo-report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -176,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for output, first, second in driver.same_outputs(studies):
         raise UsageError(f"studies {first!r} and {second!r} both write output {output!r}; "
                          "give each study its own output")
+    report_out = _report_out(studies, args.report)
     # A SIGTERM that lands while run_study is not listening (before it installs its
     # handlers, or during Ray's shutdown after it restored them) still ends as 143
     # "terminated" rather than as a bare kill or a traceback.
@@ -216,6 +217,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SweepAborted as exc:  # a second signal: 128 + signal
         _error(exc)
         codes.append(exc.exit_code)
+    else:
+        if report_out is not None and max(codes) == 0:
+            codes.append(_report_after_run(studies, report_out, args.mlflow_ui))
     finally:
         # Stopped by a signal: the process is on its way out with 128 + signal. A further
         # SIGTERM (a second `ray job stop`, a supervisor's retry) now ends it at once with
@@ -225,6 +229,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _exit_terminated if max(codes) >= 128
                       else previous_term)
     return max(codes)
+
+
+def _report_out(studies, report: str | None) -> Path | None:
+    """Where ``run --report [DIR]`` writes the report (None: no report): DIR, else the
+    one study's ``OUTPUT/report``; checked before anything runs."""
+    if report is None:
+        return None
+    if not report:
+        if len(studies) > 1:
+            raise UsageError("--report needs a directory with several studies (one report "
+                             "for all of them), e.g. --report results/report")
+        return Path(studies[0].output) / "report"
+    if Path(report).exists() and not Path(report).is_dir():
+        raise UsageError(f"--report {report!r}: exists and is not a directory")
+    return Path(report)
+
+
+def _report_after_run(studies, out: Path, ui_url: str) -> int:
+    """``hypersweep report`` of the studies' outputs into ``out``, in this process: its
+    imports are warm, and the MLflow writer has imported mlflow (the report's MLflow side
+    then runs here instead of in a child that imports it again). Exit status 1 if the
+    report fails (the results are saved either way)."""
+    from hypersweep.tools.report import main as report_main
+
+    try:
+        report = report_main.write_report(
+            [study.output for study in studies], out, ui_url=ui_url,
+            mlflow_in_process="mlflow" in sys.modules)
+    except Exception as exc:  # noqa: BLE001 - the run's results stand; say why, exit 1
+        logging.getLogger(__name__).debug("the report was not written", exc_info=True)
+        _error(f"report not written to {out}: {type(exc).__name__}: {exc}")
+        return 1
+    _flush_std()
+    report_main.say_written(report, out)
+    return 0
 
 
 def _exit_terminated(signum, frame) -> None:  # noqa: ARG001
@@ -417,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="KEY=VALUE: set a study key before validation (dotted path, YAML value; "
                           "repeatable), e.g. --set pipeline_params.outer_lr=0.5 --set seeds=5")
+    run.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
+                     help="after the studies end, write `hypersweep report` of their "
+                          "outputs to DIR (default with one study: OUTPUT/report), in this "
+                          "process")
+    run.add_argument("--mlflow-ui", default="http://127.0.0.1:5000", metavar="URL",
+                     help="with --report: the MLflow UI the page links to (default: "
+                          "http://127.0.0.1:5000, where `mlflow ui` listens)")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="validate a study and show its cells; no Ray")

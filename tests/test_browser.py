@@ -57,18 +57,17 @@ def ui_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, ui_port) -> Path:
-    """``make demo`` in a fresh folder: the three studies in one run, then the report
-    (linked to the MLflow UI the module starts on ``ui_port``)."""
+    """``make demo`` in a fresh folder: the three studies in one run, then their report in
+    the same process (``--report``, linked to the MLflow UI the module starts on
+    ``ui_port``)."""
     _browser_binaries()
     root = tmp_path_factory.mktemp("demo")
     cli = [sys.executable, "-m", "hypersweep"]
-    run = subprocess.run([*cli, "run", *map(str, DEMO_CONFIGS)], cwd=root,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([*cli, "run", *map(str, DEMO_CONFIGS), "--report",
+                          "results/demo-report", "--mlflow-ui", f"http://127.0.0.1:{ui_port}"],
+                         cwd=root, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = subprocess.run([*cli, "report", *DEMO_OUTPUTS, "--out", "results/demo-report",
-                             "--mlflow-ui", f"http://127.0.0.1:{ui_port}"], cwd=root,
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert "report written to results/demo-report/report.html" in run.stdout
     return root
 
 
@@ -253,6 +252,14 @@ def test_mlflow_ui_shows_the_nested_runs_in_the_model_training_view(demo, mlflow
     children = {r.info.run_name for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert len(children) >= 20
+    # `run --report` logged the report beside each study's runs (in the run's process)
+    for study in ("demo", "demo-hpo", "demo-blackbox"):
+        found = client.search_runs(
+            [client.get_experiment_by_name(study).experiment_id],
+            filter_string="tags.`hypersweep.role` = 'parent'")
+        assert len(found) == 1, study
+        logged = {a.path for a in client.list_artifacts(found[0].info.run_id, "report")}
+        assert {"report/report.html", "report/error_vs_t.png"} <= logged, (study, logged)
 
     # the report's link to the demo's runs, clicked in the page
     browser.get((demo / "results" / "demo-report" / "report.html").as_uri())

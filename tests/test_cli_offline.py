@@ -457,6 +457,96 @@ def test_run_refuses_two_studies_with_one_output_before_the_driver(tmp_path, mon
     assert called == [] and not (tmp_path / "same").exists()
 
 
+def test_run_report_is_checked_before_the_driver(tmp_path, monkeypatch, capsys):
+    """``run --report`` with several studies needs a DIR, and DIR must not be a file:
+    exit 2, one line, before the driver runs or anything is written."""
+    called = []
+    monkeypatch.setattr(driver, "run_studies", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(driver, "run_study", lambda *a, **k: called.append(a))
+    monkeypatch.chdir(tmp_path)
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(_yaml(study="multi-a", output="out-a"))
+    second.write_text(_yaml(study="multi-b", output="out-b"))
+    (tmp_path / "afile").write_text("x")
+    for argv, expected in ((["run", str(first), str(second), "--report"],
+                            "--report needs a directory with several studies"),
+                           (["run", str(first), "--report", "afile"],
+                            "--report 'afile': exists and is not a directory")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert called == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.yaml", "afile", "b.yaml"]
+
+
+def test_run_report_follows_a_finished_run_only(tmp_path, monkeypatch, capsys):
+    """After the studies end, ``run --report [DIR]`` writes the report of their outputs
+    (default with one study: OUTPUT/report), in-process for MLflow when mlflow is
+    imported; not after an interrupted run; a failing report exits 1 with one line."""
+    from hypersweep.tools.report import main as report_main
+
+    written = []
+
+    def write_report(dirs, out, **options):
+        written.append((list(map(str, dirs)), str(out), options))
+        return {"tutorial": ""}
+
+    monkeypatch.setattr(report_main, "write_report", write_report)
+    monkeypatch.setattr(driver, "run_study", lambda study, **k: _summary(study))
+
+    def run_studies(studies, *, on_result, **options):
+        for study in studies:
+            on_result(study, _summary(study))
+
+    monkeypatch.setattr(driver, "run_studies", run_studies)
+    monkeypatch.chdir(tmp_path)
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(_yaml(study="multi-a", output="out-a"))
+    second.write_text(_yaml(study="multi-b", output="out-b"))
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)  # a run with MLflow off
+    assert cli.main(["run", str(first), "--report"]) == 0
+    out_a, out_b = str(tmp_path / "out-a"), str(tmp_path / "out-b")
+    assert written[-1][:2] == ([out_a], str(Path(out_a) / "report"))
+    assert written[-1][2] == {"ui_url": "http://127.0.0.1:5000", "mlflow_in_process": False}
+    assert f"report written to {out_a}/report/report.html" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "mlflow", types.ModuleType("mlflow"))  # the writer's
+    assert cli.main(["run", str(first), str(second), "--report", "rep",
+                     "--mlflow-ui", "http://127.0.0.1:5999"]) == 0
+    assert written[-1] == ([out_a, out_b], "rep", {"ui_url": "http://127.0.0.1:5999",
+                                                   "mlflow_in_process": True})
+    capsys.readouterr()
+
+    def interrupted(studies, *, on_result, **options):
+        on_result(studies[0], _summary(studies[0]))
+        raise SweepInterrupted(15, {"cells_done": 1, "results_dir": "out-b/results"})
+
+    monkeypatch.setattr(driver, "run_studies", interrupted)
+    count = len(written)
+    assert cli.main(["run", str(first), str(second), "--report", "rep"]) == 143
+    assert len(written) == count
+    from hypersweep.io.lock import OutputError
+
+    def one_refused(studies, *, on_result, **options):
+        on_result(studies[0], _summary(studies[0]))
+        on_result(studies[1], OutputError("output out-b/results refuses writes"))
+
+    monkeypatch.setattr(driver, "run_studies", one_refused)
+    assert cli.main(["run", str(first), str(second), "--report", "rep"]) == 2
+    assert len(written) == count  # a study without its results: no report of them
+    capsys.readouterr()
+
+    def failing(dirs, out, **options):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_main, "write_report", failing)
+    assert cli.main(["run", str(first), "--report"]) == 1
+    captured = capsys.readouterr()
+    assert "study multi-a: 2 cells run" in captured.out
+    assert captured.err.splitlines() == [
+        f"hypersweep: error: report not written to {Path(out_a) / 'report'}: "
+        "OSError: disk full"]
+
+
 def test_console_script_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path):
     """``cli.console`` (the installed command) ends with os._exit after main: the exit
     status is main's, the atexit handlers ran and buffered output (a pipe) is complete."""

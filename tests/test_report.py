@@ -273,6 +273,35 @@ def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_pat
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_write_report_in_process_logs_and_links_like_the_child(study_dir, tmp_path,
+                                                                mlflow_sqlite, monkeypatch):
+    """``mlflow_in_process`` (``run --report``): the same artifacts on the parent run and
+    the same links on the page as the child process gives, and no child is started."""
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=mlflow_sqlite)
+    exp = client.create_experiment("synth-here", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"hypersweep.study": "synth",
+                                          "hypersweep.role": "parent"}).info.run_id
+    (study_dir / "study.yaml").write_text(
+        f"study: synth\nmlflow:\n  tracking_uri: {mlflow_sqlite}\n  experiment: synth-here\n")
+    pages = {}
+    try:
+        for in_process in (False, True):
+            if in_process:
+                monkeypatch.setattr(report, "MlflowSide", None)  # a child would fail
+            out = tmp_path / f"rep-{in_process}"
+            built = report.write_report([study_dir], out, ui_url="http://127.0.0.1:5123",
+                                        mlflow_in_process=in_process)
+            assert (out / "report.html").is_file() and len(built["files"]) == 7
+            pages[in_process] = (out / "report.html").read_text(encoding="utf-8")
+            names = sorted(a.path for a in client.list_artifacts(parent, "report"))
+            assert names == sorted(f"report/{f.name}" for f in built["files"])
+    finally:
+        (study_dir / "study.yaml").unlink()
+    link = f"http://127.0.0.1:5123/#/experiments/{exp}/runs/{parent}"
+    assert link in pages[False] and link in pages[True]
+
+
 def test_out_defaults_to_the_results_folder_and_is_required_for_several(study_dir,
                                                                           tmp_path, capsys):
     import shutil

@@ -39,7 +39,10 @@ The files are logged as artifacts of each study's MLflow parent run (tag
 ``hypersweep.study``) when its tracking store is reachable; otherwise a warning. That
 MLflow work (importing mlflow, finding the parent runs for the page's links, logging the
 files) runs in a child process while this one draws (:class:`MlflowSide`): about 4 s of
-the demo's report, which a thread could not overlap (the GIL).
+the demo's report, which a thread could not overlap (the GIL). ``hypersweep run
+--report`` (what ``make demo`` runs) calls :func:`write_report` in its own process once
+the studies end, with its MLflow side there too (:class:`MlflowHere`): the run's writer
+has imported mlflow already.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ from hypersweep.tools.report.tables import (
 log = logging.getLogger(__name__)
 
 _SQLITE = "sqlite:///"
+#: where ``mlflow ui`` listens by default: the page's links point there
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def build_report(dirs: Sequence[str | Path], out: str | Path, *,
@@ -243,6 +248,25 @@ def _mlflow_side(conn, dirs: list[str], ui_url: str, tracking_uri: str | None) -
         conn.close()
 
 
+class MlflowHere:
+    """The report's MLflow work in this process, with :class:`MlflowSide`'s interface: for
+    ``hypersweep run --report``, whose MLflow writer has imported mlflow already (a child
+    would import it again: ~2.5 s of CPU)."""
+
+    def __init__(self, dirs: Sequence[str | Path], *, ui_url: str,
+                 tracking_uri: str | None):
+        self.dirs, self.ui_url, self.tracking_uri = list(dirs), ui_url, tracking_uri
+
+    def links(self) -> list[tuple[str, str]]:
+        return mlflow_links(self.dirs, ui_url=self.ui_url, tracking_uri=self.tracking_uri)
+
+    def log(self, files: Sequence[Path]) -> list[str]:
+        return log_to_mlflow(self.dirs, files, tracking_uri=self.tracking_uri)
+
+    def close(self) -> None:
+        pass
+
+
 class MlflowSide:
     """The report's MLflow work in a child process (``spawn``: a fresh interpreter, no
     state shared with this one): :func:`mlflow_links` starts at once, :meth:`links` waits
@@ -305,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking URI (default: each study's study.yaml)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--mlflow-ui", default="http://127.0.0.1:5000",
+    parser.add_argument("--mlflow-ui", default=DEFAULT_MLFLOW_UI,
                         help="the MLflow UI the page links to (default: "
                              "http://127.0.0.1:5000, where `mlflow ui` listens)")
     args = parser.parse_args(argv)
@@ -320,19 +344,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args.out = str(Path(args.results[0]) / "report")
     error = "hypergrad_rel_error" if args.error == "rel" else "hypergrad_abs_error"
-    side = None if args.no_mlflow else MlflowSide(args.results, ui_url=args.mlflow_ui,
-                                                  tracking_uri=args.mlflow_uri)
+    report = write_report(args.results, args.out, error=error, mlflow=not args.no_mlflow,
+                          ui_url=args.mlflow_ui, tracking_uri=args.mlflow_uri)
+    say_written(report, args.out)
+    return 0
+
+
+def write_report(dirs: Sequence[str | Path], out: str | Path, *,
+                 error: str = "hypergrad_rel_error", mlflow: bool = True,
+                 ui_url: str = DEFAULT_MLFLOW_UI, tracking_uri: str | None = None,
+                 mlflow_in_process: bool = False) -> dict:
+    """:func:`build_report` with its MLflow side (links on the page, the files logged to
+    each study's parent run; ``mlflow=False``: neither): in a child process
+    (:class:`MlflowSide`), or here (:class:`MlflowHere`) with ``mlflow_in_process``, for
+    a caller that has imported mlflow already."""
+    side = None
+    if mlflow:
+        side = (MlflowHere if mlflow_in_process else MlflowSide)(
+            dirs, ui_url=ui_url, tracking_uri=tracking_uri)
     try:
-        report = build_report(args.results, args.out, error=error,
+        report = build_report(dirs, out, error=error,
                               mlflow_links=side.links if side else ())
         if report["results"].empty:
-            log.warning("no result rows found in %s", ", ".join(args.results))
+            log.warning("no result rows found in %s", ", ".join(map(str, dirs)))
         if side is not None:
             side.log(report["files"])
     finally:
         if side is not None:
             side.close()
+    return report
+
+
+def say_written(report: dict, out: str | Path) -> None:
+    """What ``hypersweep report`` prints once the files are written."""
     if report.get("tutorial"):
         sys.stdout.write(report["tutorial"] + "\n")
-    sys.stdout.write(f"report written to {Path(args.out) / 'report.html'}\n")
-    return 0
+    sys.stdout.write(f"report written to {Path(out) / 'report.html'}\n")
