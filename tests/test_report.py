@@ -249,16 +249,23 @@ def test_rerun_keeps_the_latest_row(built):
     assert len(hpo) == 1 and int(hpo["attempt"].iloc[0]) == 2
 
 
-def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_path,
-                                                              mlflow_sqlite):
+def _parent_run(study_dir, tmp_path, uri: str, experiment: str):
+    """(client, experiment id, parent run id) of a study "synth" whose ``study.yaml`` in
+    ``study_dir`` (removed by the caller) names ``experiment`` at ``uri``."""
     from mlflow import MlflowClient
-    (tmp_path / "mlflow").mkdir()
-    client = MlflowClient(tracking_uri=mlflow_sqlite)
-    exp = client.create_experiment("synth-exp", artifact_location=(tmp_path / "art").as_uri())
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"hypersweep.study": "synth",
                                           "hypersweep.role": "parent"}).info.run_id
     (study_dir / "study.yaml").write_text(
-        f"study: synth\nmlflow:\n  tracking_uri: {mlflow_sqlite}\n  experiment: synth-exp\n")
+        f"study: synth\nmlflow:\n  tracking_uri: {uri}\n  experiment: {experiment}\n")
+    return client, exp, parent
+
+
+def test_main_writes_the_report_and_logs_it_to_the_parent_run(study_dir, tmp_path,
+                                                              mlflow_sqlite):
+    (tmp_path / "mlflow").mkdir()
+    client, _, parent = _parent_run(study_dir, tmp_path, mlflow_sqlite, "synth-exp")
     try:
         out = tmp_path / "rep"
         assert report.main([str(study_dir), "--out", str(out)]) == 0
@@ -277,13 +284,7 @@ def test_write_report_in_process_logs_and_links_like_the_child(study_dir, tmp_pa
                                                                 mlflow_sqlite, monkeypatch):
     """``mlflow_in_process`` (``run --report``): the same artifacts on the parent run and
     the same links on the page as the child process gives, and no child is started."""
-    from mlflow import MlflowClient
-    client = MlflowClient(tracking_uri=mlflow_sqlite)
-    exp = client.create_experiment("synth-here", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"hypersweep.study": "synth",
-                                          "hypersweep.role": "parent"}).info.run_id
-    (study_dir / "study.yaml").write_text(
-        f"study: synth\nmlflow:\n  tracking_uri: {mlflow_sqlite}\n  experiment: synth-here\n")
+    client, exp, parent = _parent_run(study_dir, tmp_path, mlflow_sqlite, "synth-here")
     pages = {}
     try:
         for in_process in (False, True):
