@@ -152,12 +152,20 @@ RELEASE_SCRIPT = textwrap.dedent("""
         real()
 
     driver.shutdown_ray = recording_shutdown
+    from hypersweep.io import tracking_sync
+    events = []
+    for name in ("last_rows_sent", "close"):
+        def recording(self, *args, _real=getattr(tracking_sync.MlflowWriter, name),
+                      _name=name, **kwargs):
+            events.append(_name)
+            return _real(self, *args, **kwargs)
+        setattr(tracking_sync.MlflowWriter, name, recording)
     summaries = driver.run_studies([load_study(p) for p in sys.argv[1:]], quiet=True)
     import ray
     left = [p for p in psutil.Process().children(recursive=True) if p.is_running()
             and p.status() != psutil.STATUS_ZOMBIE]
     print("RESULT=" + json.dumps({
-        "calls": calls, "ray_up_after": ray.is_initialized(),
+        "calls": calls, "ray_up_after": ray.is_initialized(), "writer_events": events,
         "left": [p.name() for p in left],
         "studies": [{"cells": s["cells_done"], "ok": s["counts"]["ok"],
                      "reused": s["actors_reused"], "actors": s["actors"],
@@ -183,6 +191,8 @@ def test_the_last_study_stops_ray_while_its_mlflow_writer_drains(tmp_path):
     # the change it came from the session's exit, after the writer was joined)
     assert result["calls"] == [{"writer_alive": True, "ray_up": True}], result
     assert not result["ray_up_after"] and result["left"] == [], result
+    # each study tells its writer that its last rows are in before it closes it
+    assert result["writer_events"] == ["last_rows_sent", "close"] * 2, result
     first, last = result["studies"]
     assert (first["cells"], first["ok"], first["mlflow_cells"]) == (4, 4, 4), result
     assert (last["cells"], last["ok"], last["mlflow_cells"]) == (240, 240, 240), result

@@ -57,3 +57,42 @@ def test_sinks_write_the_study_then_parquet_and_leave_mlflow_off(tmp_path):
     assert parquet.read_results(tmp_path / "out").num_rows == 3
     sinks.close(status="FINISHED", summary=None, timeout=None)
     assert sinks.drain_wait_s == 0.0
+
+
+class _RecordingLogger:
+    """An MlflowLogger stand-in: records each log_rows batch and when it came."""
+    tracking_uri, experiment_name = "fake://", "fake"
+
+    def __init__(self):
+        import threading
+        self.batches, self.logged = [], threading.Event()
+
+    def connect(self):
+        pass
+
+    def log_rows(self, rows, traces):
+        self.batches.append([row["cell_id"] for row in rows])
+        self.logged.set()
+
+    def finish(self, status, summary):
+        self.batches.append(status)
+
+
+def test_the_writer_logs_the_last_rows_without_waiting_to_coalesce():
+    """Rows coalesce for ``coalesce_s`` (a group's cells go out together); once the sweep
+    says its last rows are sent, the writer logs what it has at once instead of waiting
+    out the window (or for close()), so the drain starts while the driver stops its pool
+    and writes its summary."""
+    from hypersweep.io.tracking_sync import MlflowWriter
+
+    logger = _RecordingLogger()
+    writer = MlflowWriter(logger, coalesce_s=600.0).start()  # a window no test waits out
+    writer.submit([{"cell_id": "a"}, {"cell_id": "b"}])
+    writer.submit([{"cell_id": "c"}])
+    assert not logger.logged.wait(0.3)  # still coalescing
+    writer.last_rows_sent()
+    assert logger.logged.wait(30.0), "the last rows waited for the coalescing window"
+    assert logger.batches == [["a", "b", "c"]]
+    writer.close(status="FINISHED")
+    assert logger.batches == [["a", "b", "c"], "FINISHED"]
+    assert writer.dropped == 0 and writer.error is None

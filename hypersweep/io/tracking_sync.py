@@ -62,6 +62,7 @@ class MlflowWriter:
     """
 
     _STOP = object()
+    _WAKE = object()  # "no more rows": ends a coalescing wait at once
 
     def __init__(self, logger: MlflowLogger, *, max_backlog: int = 20000,
                  coalesce_s: float = 0.5):
@@ -72,6 +73,7 @@ class MlflowWriter:
         self.error: str | None = None
         self.dropped = 0
         self._abort = threading.Event()
+        self._last_sent = threading.Event()
         self._final_status = "FINISHED"
         self._summary: dict | None = None
         self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
@@ -95,6 +97,16 @@ class MlflowWriter:
             self.dropped += len(rows)
             self._warn_once(RuntimeError(f"backlog above {self.queue.maxsize} batches"),
                             what="is too slow")
+
+    def last_rows_sent(self) -> None:
+        """No more rows will be submitted (the sweep's last cell is in): log what is
+        queued now instead of waiting ``coalesce_s`` for more, while the driver stops its
+        pool and writes the summary before :meth:`close`."""
+        self._last_sent.set()
+        try:
+            self.queue.put_nowait(self._WAKE)
+        except queue.Full:  # a full backlog keeps the writer busy anyway
+            pass
 
     def _warn_once(self, exc: BaseException, what: str = "is unreachable") -> None:
         if self.error is None:
@@ -125,6 +137,8 @@ class MlflowWriter:
             if more is self._STOP:
                 self.queue.put(self._STOP)
                 return
+            if more is self._WAKE:
+                return
             batch.extend(more[0])
             traces.update(more[1])
 
@@ -143,10 +157,14 @@ class MlflowWriter:
             item = self.queue.get()
             if item is self._STOP:
                 break
+            if item is self._WAKE:
+                continue
             batch, traces = list(item[0]), dict(item[1])
             # Coalesce what arrives within ``coalesce_s``: a group's cells (one per t) then
-            # tend to go out in one log_batch instead of one per Parquet flush.
-            self._collect(batch, traces, time.monotonic() + self.coalesce_s)  # wait for more
+            # tend to go out in one log_batch instead of one per Parquet flush; once the
+            # last rows are in, there is nothing to wait for.
+            if not self._last_sent.is_set():
+                self._collect(batch, traces, time.monotonic() + self.coalesce_s)
             self._collect(batch, traces, None)  # then take what is already queued
             if self.dead or self._abort.is_set():
                 self.dropped += len(batch)

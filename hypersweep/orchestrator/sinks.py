@@ -67,14 +67,17 @@ class Sinks:
     def due(self) -> bool:
         return self.parquet.due()
 
-    def flush(self) -> None:
+    def flush(self, *, last: bool = False) -> None:
         """Write the buffered rows to Parquet, then queue them (and their cells' trace rows)
-        for MLflow."""
+        for MLflow; ``last``: no row follows (MLflow logs them without waiting for more)."""
         rows = self.parquet.flush()
-        if rows and self.writer is not None:
-            traces = {row["cell_id"]: self._traces.pop(row["cell_id"]) for row in rows
-                      if row.get("cell_id") in self._traces}
-            self.writer.submit(rows, traces)
+        if self.writer is not None:
+            if rows:
+                traces = {row["cell_id"]: self._traces.pop(row["cell_id"]) for row in rows
+                          if row.get("cell_id") in self._traces}
+                self.writer.submit(rows, traces)
+            if last:
+                self.writer.last_rows_sent()
 
     def close(self, *, status: str, summary: dict | None, timeout: float | None) -> None:
         """End the MLflow runs with ``status`` (Parquet is flushed by the caller)."""

@@ -408,7 +408,7 @@ class Sweep:
         finally:
             if write_error is None:
                 try:
-                    self.sinks.flush()
+                    self.sinks.flush(last=True)
                 except parquet.SinkWriteError as exc:
                     write_error = exc
             self.progress.close()
