@@ -261,7 +261,6 @@ def _report_after_run(studies, out: Path, ui_url: str) -> int:
         logging.getLogger(__name__).debug("the report was not written", exc_info=True)
         _error(f"report not written to {out}: {type(exc).__name__}: {exc}")
         return 1
-    _flush_std()
     report_main.say_written(report, out)
     return 0
 
